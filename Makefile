@@ -1,0 +1,38 @@
+# DeepSports: `make install`, `make test`, `make demo`, `make bench`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+TORCHSORT_PIN := torchsort==0.1.10
+PYTEST_ARGS ?=
+# The demo's tracking store and caches live in the working tree unless the user says otherwise.
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+
+.PHONY: install test demo bench ui clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install $(TORCH_PIN)
+	# torchsort ships no wheel and its isolated build cannot see torch: build it against ours.
+	$(BIN)/python -m pip show torchsort >/dev/null 2>&1 || $(BIN)/python -m pip install --no-build-isolation $(TORCHSORT_PIN)
+	$(BIN)/python -m pip install -e '.[test,dashboard]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	@$(BIN)/python -m deepsports.demo
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
