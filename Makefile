@@ -13,10 +13,10 @@ export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel ninja
 	$(BIN)/python -m pip install $(TORCH_PIN)
 	# torchsort ships no wheel and its isolated build cannot see torch: build it against ours.
-	$(BIN)/python -m pip show torchsort >/dev/null 2>&1 || $(BIN)/python -m pip install --no-build-isolation $(TORCHSORT_PIN)
+	bash scripts/install-torchsort.sh $(BIN)/python 0.1.10
 	$(BIN)/python -m pip install -e '.[test,dashboard]'
 	touch $@
 

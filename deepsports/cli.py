@@ -1,0 +1,146 @@
+"""The ``deepsports`` command line.
+
+Each subcommand parses its arguments, builds the config, calls one library function and maps the
+project's exception types to exit codes. Every config key is accepted as ``key=value`` and as the
+original ``train.py`` flag ``--key value`` (lists as ``--topology 512 256``), so old job scripts port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from deepsports.config import Config, config_fields, format_value, load_config
+from deepsports.errors import DeepSportsError, PreemptedError
+
+log = logging.getLogger("deepsports")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None,
+                        help="experiment YAML: a path or a name under experiments/ (e.g. seed_best)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 topology=512,256")
+    group = parser.add_argument_group("config keys (the original train.py flags keep their names)")
+    for name, spec in config_fields().items():
+        multi = spec.kind in ("int_list", "float_list", "videos")
+        default = format_value(spec.default)
+        group.add_argument(f"--{name}", dest=f"cfg_{name}", default=None, nargs="+" if multi else None,
+                           metavar=name.upper(), help=f"{spec.help} [{default}; {spec.describe_allowed()}]")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Experiment file, then ``key=value`` overrides, then ``--key value`` flags (later wins)."""
+    from deepsports.config import parse_overrides
+
+    overrides = list(args.overrides or [])
+    flags: dict[str, Any] = {}
+    for name in config_fields():
+        raw = getattr(args, f"cfg_{name}", None)
+        if isinstance(raw, list):
+            # `--videos 01 02 epochs=3`: a list flag swallows the key=value overrides after it.
+            overrides += [item for item in raw if "=" in item]
+            raw = [item for item in raw if "=" not in item] or None
+            raw = " ".join(raw) if raw else None
+        if raw is not None:
+            flags[name] = raw
+    return load_config(args.config, {**parse_overrides(overrides), **flags})
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from deepsports.preemption import PreemptionFlag
+    from deepsports.train import train
+
+    config = config_from_args(args)
+    with PreemptionFlag() as flag:
+        result = train(config, stop_requested=flag.requested)
+    summary = {"run_id": result.run_id, "best_val_spearman": result.best_val_spearman, "best_epoch": result.best_epoch,
+               **{f"test_{k}": v for k, v in result.test_metrics.items()}}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from deepsports.data import prepare_from_config
+
+    config = config_from_args(args)
+    index = prepare_from_config(config, progress=not args.quiet, skip_bad=args.skip_bad)
+    print(index.summary() if hasattr(index, "summary") else index)
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from deepsports.data.synth import generate_synthetic_dataset
+
+    out = generate_synthetic_dataset(Path(args.out), n_clips=args.clips, seed=args.seed, progress=not args.quiet)
+    print(f"synthetic MTL-AQA-layout dataset in {out.root}\n  annotations: {out.annotation_path}\n"
+          f"  train split: {out.train_path}\n  test split:  {out.test_path}\n"
+          f"train on it with: deepsports train dataset=mtl_aqa root_dir={out.root} annotation_path={out.annotation_path} "
+          f"train_path={out.train_path} test_path={out.test_path}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    print(config.to_yaml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepsports", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
+    _add_config_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("prepare", help="decode the videos once into the clip cache (resumable)")
+    _add_config_arguments(p)
+    p.add_argument("--skip-bad", action="store_true", help="record corrupt videos/clips and go on")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("synth", help="write the synthetic diving dataset in the MTL-AQA layout")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--clips", type=int, default=600, help="number of clips [600]")
+    p.add_argument("--seed", type=int, default=0, help="seed [0]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _add_config_arguments(p)
+    p.set_defaults(func=_cmd_config)
+
+    for register in _extension_registrars():
+        register(sub)
+    return parser
+
+
+def _extension_registrars():
+    """Subcommands owned by the study and SLURM modules (each module adds its own parser)."""
+    from deepsports import cli_studies
+
+    return [cli_studies.register]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PreemptedError as exc:
+        print(f"deepsports: interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except DeepSportsError as exc:
+        print(f"deepsports: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("deepsports: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

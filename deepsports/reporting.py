@@ -1,0 +1,61 @@
+"""End-of-run reporting: test evaluation with the best checkpoint, plots, predictions and the model."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from deepsports import plots, tracking
+from deepsports.checkpointing import CheckpointManager
+from deepsports.config import Config
+from deepsports.evaluation import make_loader, predict
+from deepsports.runtime import Runtime
+
+log = logging.getLogger("deepsports.train")
+
+
+def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: torch.nn.Module,
+                        manager: CheckpointManager, data, runtime: Runtime, loss_fn,
+                        history: list[dict[str, float]]) -> dict[str, float]:
+    """Evaluate the best checkpoint (val, and test when ``evaluate``) and log every artifact of the run.
+
+    Returns the test metrics (empty without ``evaluate``).
+    """
+    best = manager.best()
+    if best is not None:
+        model.load_state_dict(best["model"])
+    with tempfile.TemporaryDirectory(prefix="deepsports-report-") as tmp:
+        tmp_dir = Path(tmp)
+        curves = tmp_dir / Path(config.output).name
+        plots.plot_curves(history, curves)
+        tracker.log_artifact(curves, "plots")
+        splits = {"val": data.val}
+        if config.evaluate:
+            splits["test"] = data.test
+        test_metrics: dict[str, float] = {}
+        for name, dataset in splits.items():
+            preds = predict(model, make_loader(dataset, config.batch_size, config.num_workers), runtime, loss_fn)
+            metrics = preds.metrics()
+            csv_path = tmp_dir / f"predictions_{name}.csv"
+            plots.write_predictions_csv(preds.rows(), csv_path)
+            tracker.log_artifact(csv_path, "predictions")
+            scatter = tmp_dir / f"scatter_{name}.png"
+            plots.plot_scatter(preds.true_score, preds.pred_score, scatter,
+                               title=f"{name}: Spearman {metrics['spearman']:.3f} (best epoch)")
+            tracker.log_artifact(scatter, "plots")
+            if name == "test":
+                test_metrics = metrics
+                tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=config.epochs)
+                log.info("test: spearman %.4f rel_l2 %.4f mse %.3f difficulty_mae %.4f", metrics["spearman"],
+                         metrics["rel_l2"], metrics["mse"], metrics["difficulty_mae"])
+        if manager.best_path.exists():
+            tracker.log_artifact(manager.best_path, "checkpoints")
+        if config.log_model:
+            example = next(iter(make_loader(data.val, 1, 0)))["video"][:1]
+            model_cpu = model.to("cpu").eval()
+            tracker.log_model(model_cpu, example)
+            model.to(runtime.device)
+    return test_metrics
