@@ -56,18 +56,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     with PreemptionFlag() as flag:
-        result = train(config, stop_requested=flag.requested)
+        try:
+            result = train(config, stop_requested=flag.requested)
+        except PreemptedError:
+            _requeue_if_slurm()
+            raise
     summary = {"run_id": result.run_id, "best_val_spearman": result.best_val_spearman, "best_epoch": result.best_epoch,
+               "resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(result.checkpoint_dir),
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}
     print(json.dumps(summary, indent=2))
     return 0
 
 
+def _requeue_if_slurm() -> None:
+    # Inside the PreemptionFlag block: SLURM's SIGTERM after the requeue must find our handler.
+    from deepsports.slurm import requeue_self, slurm_env
+
+    if slurm_env().get("SLURM_JOB_ID"):
+        requeued = requeue_self()
+        print(f"deepsports: requeued SLURM task {requeued}", file=sys.stderr)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from deepsports.data import prepare_from_config
+    from deepsports.preemption import PreemptionFlag
 
     config = config_from_args(args)
-    index = prepare_from_config(config, progress=not args.quiet, skip_bad=args.skip_bad)
+    # prepare is resumable: on SIGUSR1/SIGTERM it is simply stopped and requeued (finished clips stay cached).
+    with PreemptionFlag() as flag:
+        try:
+            index = prepare_from_config(config, progress=not args.quiet, skip_bad=args.skip_bad)
+        except KeyboardInterrupt:
+            if flag.requested():
+                _requeue_if_slurm()
+            raise
     print(index.summary() if hasattr(index, "summary") else index)
     return 0
 
@@ -90,7 +112,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepsports", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
