@@ -78,18 +78,28 @@ def _requeue_if_slurm() -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    import signal
+
     from deepsports.data import prepare_from_config
-    from deepsports.preemption import PreemptionFlag
 
     config = config_from_args(args)
-    # prepare is resumable: on SIGUSR1/SIGTERM it is simply stopped and requeued (finished clips stay cached).
-    with PreemptionFlag() as flag:
-        try:
-            index = prepare_from_config(config, progress=not args.quiet, skip_bad=args.skip_bad)
-        except KeyboardInterrupt:
-            if flag.requested():
-                _requeue_if_slurm()
-            raise
+
+    # prepare is resumable (every clip is written to a temporary name, then renamed), so on
+    # SIGUSR1/SIGTERM it may stop at once; under SLURM it requeues itself and continues later.
+    def stop(signum, _frame):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # the requeue's own SIGTERM must not interrupt us again
+        raise PreemptedError(f"prepare stopped by {signal.Signals(signum).name}; finished clips stay cached")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        index = prepare_from_config(config, progress=not args.quiet, skip_bad=args.skip_bad)
+    except PreemptedError:
+        _requeue_if_slurm()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(index.summary() if hasattr(index, "summary") else index)
     return 0
 

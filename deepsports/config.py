@@ -116,8 +116,8 @@ class Config:
     cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live ($DEEPSPORTS_CACHE_DIR overrides the default).")
     cache_height: int = _platform(0, "Height of cached frames (0 = spatial_size * 256/224, as the original's 256 px for 224).", min=0)
     cache_width: int = _platform(0, "Width of cached frames (0 = 16:9 of the height).", min=0)
-    checkpoint_dir: str = _platform("", "Checkpoint directory ('' = checkpoints/<mlflow run id>). With resume=auto an existing "
-                                    "last.pt there is resumed into its MLflow run.")
+    checkpoint_dir: str = _platform("", "Checkpoint directory ('' = checkpoints/<mlflow run id>). With resume=auto the newest "
+                                    "valid checkpoint there (epoch-NNNN[-partial].pt) is resumed into its MLflow run.")
     resume: str = _platform("auto", "auto: resume from checkpoint_dir when it holds a checkpoint; never: start fresh.",
                             choices=RESUME_MODES)
     experiment_name: str = _platform("deepsports", "MLflow experiment.")

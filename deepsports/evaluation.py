@@ -10,11 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from deepsports.losses import SCORE_SCALE
 from deepsports.metrics import regression_metrics
 from deepsports.runtime import Runtime
-
-#: Scores are normalised by 30 = 3 judges x 10 points (the original's target normalisation).
-SCORE_SCALE = 30.0
 
 
 class EpochSampler(Sampler[int]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+import deepsports
 from deepsports import plots, tracking
 from deepsports.checkpointing import CheckpointManager
 from deepsports.config import Config
@@ -56,6 +57,7 @@ def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: t
         if config.log_model:
             example = next(iter(make_loader(data.val, 1, 0)))["video"][:1]
             model_cpu = model.to("cpu").eval()
-            tracker.log_model(model_cpu, example)
+            # Ship the package with the pickled model so it loads where deepsports is not installed.
+            tracker.log_model(model_cpu, example, code_paths=[str(Path(deepsports.__file__).parent)])
             model.to(runtime.device)
     return test_metrics

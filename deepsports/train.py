@@ -38,6 +38,12 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
                  "learning_rate", "epoch_seconds", "clips_per_s")
 
 
+#: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
+#: of the epochs already done): more epochs, other workers, logging and the final evaluation.
+RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "loglevel", "log_every_steps", "gpu", "evaluate", "log_model",
+                               "run_name", "resume", "checkpoint_dir", "cache_dir"})
+
+
 @dataclass
 class EpochReport:
     """What the epoch callback sees after each epoch (``metrics`` holds :data:`EPOCH_METRICS`)."""
@@ -111,11 +117,11 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
         if found is not None:
             resume_path, resume_state = found
             log.info("resuming from %s", resume_path)
-            saved = build_config(resume_state["config"])
-            if saved.to_dict() != {**config.to_dict(), "epochs": saved.epochs}:
-                diff = {k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v} - {"epochs"}
+            saved = build_config(resume_state["config"]).to_dict()
+            diff = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
+            if diff:
                 raise CheckpointError(f"{resume_path}: the checkpoint was written with a different config "
-                                      f"({', '.join(sorted(diff))} differ); use another checkpoint_dir or resume=never")
+                                      f"({', '.join(diff)} differ); use another checkpoint_dir or resume=never")
     tracker = tracking.RunTracker()
     run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
                            parent_run_id=parent_run_id,

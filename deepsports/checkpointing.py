@@ -1,0 +1,239 @@
+"""Atomic, weights-only checkpoints and the RNG state that makes a resumed run repeat itself.
+
+Every checkpoint is written to a temporary file in the target directory, flushed and fsynced, then
+moved over the final name with ``os.replace`` and the directory fsynced: a reader (or a process
+resumed after SIGKILL) sees either the previous complete file or the new complete file, never half
+of one. Checkpoints are read only with ``torch.load(weights_only=True)``: a pickle that asks for
+any callable (``os.system``, a class with ``__reduce__``, ...) is refused before anything runs.
+
+The state dicts written here therefore hold only tensors and plain containers of str/int/float/
+bool/None; :func:`capture_rng_state` converts numpy's and Python's RNG states to such values.
+
+Layout of a :class:`CheckpointManager` directory (one writer per directory)::
+
+    epoch-0007.pt          end of epoch 7 (the newest ``keep_last`` are kept)
+    epoch-0008-partial.pt  mid-epoch save of epoch 8 (preemption); removed once epoch 8 completes
+    best.pt                an independent copy of the best epoch's checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepsports.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_EPOCH_FILE = re.compile(r"^epoch-(\d{4,})(-partial)?\.pt$")
+_TMP_PREFIX = ".tmp-"
+_CORRUPT_ERRORS = (RuntimeError, EOFError, ValueError, IndexError, KeyError, AssertionError, struct.error,
+                   zipfile.BadZipFile, OSError)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself lives in the directory entry; without this a power loss can undo it.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave a half-written temp file behind.
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` (tensors and plain containers only) to ``path`` atomically."""
+    return _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated, corrupt, not a
+    dict, or holds anything but tensors and plain values (such a pickle is refused unexecuted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {_first_line(exc)}") from exc
+        raise CheckpointError(f"checkpoint {str(path)!r} was refused: it holds objects other than tensors and plain "
+                              f"values, which are never unpickled (weights_only=True): {_refusal(exc)}") from exc
+    # A damaged file fails in whichever layer meets the damage first (zip directory, pickle opcodes,
+    # storage records); these are the types a fuzz of truncations and byte flips produced.
+    except _CORRUPT_ERRORS as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {type(exc).__name__}: "
+                              f"{_first_line(exc)}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a dict of states")
+    return state
+
+
+def _refusal(exc: BaseException) -> str:
+    # torch's message opens with advice to retry with weights_only=False; keep only what it refused.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+    return named[0] if named else (lines[-1] if lines else type(exc).__name__)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _copy_file_atomic(source: Path, target: Path) -> Path:
+    def write(handle) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, handle, length=16 * 1024 * 1024)
+
+    return _atomic_write(target, write)
+
+
+class CheckpointManager:
+    """End-of-epoch, mid-epoch and best checkpoints of one run in one directory (one writer at a time)."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last} must be >= 1")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.pt"
+
+    def epoch_path(self, epoch: int, partial: bool = False) -> Path:
+        return self.directory / f"epoch-{epoch:04d}{'-partial' if partial else ''}.pt"
+
+    def checkpoints(self) -> list[tuple[int, bool, Path]]:
+        """``(epoch, complete, path)`` of every epoch checkpoint, oldest first (a partial one sorts
+        before the complete checkpoint of the same epoch)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            match = _EPOCH_FILE.match(path.name)
+            if match:
+                found.append((int(match.group(1)), match.group(2) is None, path))
+        return sorted(found)
+
+    def save(self, epoch: int, state: dict[str, Any], is_best: bool = False) -> Path:
+        """Write ``epoch-NNNN.pt`` (and ``best.pt`` when ``is_best``), then prune.
+
+        Pruning keeps the newest ``keep_last`` complete checkpoints, drops partial checkpoints of
+        epochs up to this one, and drops checkpoints of *later* epochs: they belong to an abandoned
+        attempt (we resumed from an older one) and must not shadow this one in :meth:`latest_valid`.
+        """
+        self._remove_stale_temp_files()
+        path = save_checkpoint(self.epoch_path(epoch), state)
+        if is_best:
+            _copy_file_atomic(path, self.best_path)
+        complete = [p for e, done, p in self.checkpoints() if done and e <= epoch]
+        doomed = complete[:-self.keep_last]
+        doomed += [p for e, done, p in self.checkpoints() if (not done and e <= epoch) or e > epoch]
+        for old in doomed:
+            old.unlink(missing_ok=True)
+        return path
+
+    def save_partial(self, epoch: int, state: dict[str, Any]) -> Path:
+        """Write a mid-epoch checkpoint ``epoch-NNNN-partial.pt`` (replaced by the next save of that epoch)."""
+        self._remove_stale_temp_files()
+        return save_checkpoint(self.epoch_path(epoch, partial=True), state)
+
+    def latest_valid(self) -> tuple[Path, dict[str, Any]] | None:
+        """``(path, state)`` of the newest checkpoint that loads, skipping truncated/corrupt ones; None if none."""
+        for _epoch, _complete, path in reversed(self.checkpoints()):
+            try:
+                return path, load_checkpoint(path)
+            except CheckpointError as exc:
+                log.warning("skipping unusable checkpoint: %s", exc)
+        return None
+
+    def best(self) -> dict[str, Any] | None:
+        """State of ``best.pt``, or None when no epoch has been saved as best (CheckpointError if corrupt)."""
+        return load_checkpoint(self.best_path) if self.best_path.exists() else None
+
+    def _remove_stale_temp_files(self) -> None:
+        # Temp files of a writer killed mid-write; safe because a directory has one writer.
+        if self.directory.is_dir():
+            for path in self.directory.glob(f"{_TMP_PREFIX}*"):
+                path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict[str, Any]:
+    """torch (CPU and every CUDA device), numpy-global and Python ``random`` states as weights-only-loadable values.
+
+    ``{"torch": ByteTensor, "cuda": [ByteTensor per device], "numpy": {"kind": "MT19937", "keys": int64
+    tensor (624,), "pos": int, "has_gauss": int, "cached_gaussian": float}, "python": [version, [625 ints],
+    gauss_next]}`` -- numpy arrays are not weights-only-loadable, so the key array travels as a tensor.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(v) for v in internal], gauss_next],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`. CUDA states are restored when this process sees as many devices."""
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            log.warning("checkpoint holds %d CUDA RNG state(s) but this process sees %d CUDA device(s); "
+                        "CUDA random streams are not restored", len(cuda_states),
+                        torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    np_state = state["numpy"]
+    keys = np.asarray(np_state["keys"].numpy() if hasattr(np_state["keys"], "numpy") else np_state["keys"],
+                      dtype=np.uint32)
+    np.random.set_state((np_state["kind"], keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
