@@ -1,0 +1,87 @@
+"""The AQA model: TimeSformer backbone + scoring head, built from a :class:`~deepsports.config.Config`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepsports.config import Config
+from deepsports.model.checkpoint import load_pretrained
+from deepsports.model.heads import DecoderHead, MLPHead
+from deepsports.model.presets import get_preset
+from deepsports.model.timesformer import TimeSformer
+
+log = logging.getLogger(__name__)
+
+#: ``pretrained_model`` values meaning "start from random weights".
+NO_PRETRAINED = ("scratch", "none", "")
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements of ``module`` (only those with ``requires_grad`` if asked)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """Number of parameter elements that receive gradients."""
+    return count_parameters(model, trainable_only=True)
+
+
+class AQAModel(nn.Module):
+    """Clip -> [normalised execution score, difficulty]: ``(B, C, T, H, W) -> (B, 2)``.
+
+    The first output is ``final_score / difficulty / 30`` (30 = 3 judges x 10); the predicted final
+    score is ``out[:, 0] * out[:, 1] * 30``.
+    """
+
+    def __init__(self, backbone: TimeSformer, head: MLPHead | DecoderHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def uses_decoder(self) -> bool:
+        return isinstance(self.head, DecoderHead)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, C, T, H, W) -> (B, 2)``."""
+        if self.uses_decoder:
+            _, tokens = self.backbone.forward_features(video)
+            return self.head(tokens)
+        return self.head(self.backbone(video))
+
+    def freeze_backbone(self) -> None:
+        """Stop gradients to the backbone except its output projection (the original's ``freeze``)."""
+        for parameter in self.backbone.body_parameters():
+            parameter.requires_grad_(False)
+
+    @property
+    def trainable_parameters(self) -> int:
+        return trainable_parameter_count(self)
+
+
+def build_model(config: Config) -> AQAModel:
+    """The model ``config`` describes, with ``config.pretrained_model`` loaded when it is a path.
+
+    Uses the global torch RNG for initialisation (seed it first). Raises
+    :class:`~deepsports.errors.CheckpointError` when the checkpoint cannot be read or does not fit.
+    """
+    backbone = TimeSformer(get_preset(config.backbone), patch_size=config.patch_size, num_frames=config.frame_num,
+                           img_size=config.spatial_size, attention_type=config.attention_type,
+                           embed_dim=config.embed_dim, drop_path_rate=config.drop_path_rate)
+    if config.use_decoder:
+        head: MLPHead | DecoderHead = DecoderHead(config.embed_dim, dropout=config.dropout[-1])
+    else:
+        head = MLPHead(config.embed_dim, config.topology, config.dropout, config.activation)
+    model = AQAModel(backbone, head)
+    if config.pretrained_model.strip().lower() not in NO_PRETRAINED:
+        load_pretrained(model, Path(config.pretrained_model).expanduser())
+    if config.freeze:
+        model.freeze_backbone()
+    log.info("model: %s backbone (%s), %s head, %s of %s parameters trainable", config.backbone,
+             config.attention_type, "decoder" if config.use_decoder else "MLP",
+             f"{trainable_parameter_count(model):,}", f"{count_parameters(model):,}")
+    return model
