@@ -1,0 +1,28 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def mtl_aqa_dir() -> Path:
+    """The real MTL-AQA annotation pickles: ``$DEEPSPORTS_SHARED_DIR/mtl_aqa``, else ``<repo>/../shared/mtl_aqa``."""
+    shared = os.environ.get("DEEPSPORTS_SHARED_DIR")
+    path = (Path(shared) if shared else REPO.parent / "shared") / "mtl_aqa"
+    if not (path / "final_annotations_dict.pkl").is_file():
+        pytest.fail(f"MTL-AQA annotations not found in {path}: set DEEPSPORTS_SHARED_DIR to the folder holding mtl_aqa/")
+    return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory):
+    """A small synthetic dataset (48 clips, seed 0) in the MTL-AQA layout, generated once per session."""
+    from deepsports.data.synth import generate_synthetic_dataset
+
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synth") / "n48_s0", n_clips=48, seed=0, progress=False)
