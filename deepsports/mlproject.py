@@ -6,7 +6,6 @@ committed file equals the rendered one.
 
 from __future__ import annotations
 
-import shlex
 
 from deepsports.config import config_fields, format_value
 
