@@ -160,7 +160,16 @@ def _extension_registrars():
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    all_args = list(sys.argv[1:] if argv is None else argv)
+    # `deepsports submit KIND [options] -- ARGS...`: argparse mishandles `--` below a subparser.
+    passthrough: list[str] | None = None
+    if all_args[:1] == ["submit"] and "--" in all_args:
+        cut = all_args.index("--")
+        all_args, passthrough = all_args[:cut], all_args[cut + 1:]
+    args = parser.parse_args(all_args)
+    if passthrough is not None:
+        args.args = list(args.args) + passthrough
+    args.argv = all_args
     try:
         return int(args.func(args) or 0)
     except PreemptedError as exc:
