@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 TORCHSORT_PIN := torchsort==0.1.10
 PYTEST_ARGS ?=
-# The demo's tracking store and caches live in the working tree unless the user says otherwise.
+# The tracking store is mlflow.db in the working tree unless the user says otherwise.
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .PHONY: install test demo bench ui clean
@@ -26,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
-	@$(BIN)/python -m deepsports.demo
+	@$(BIN)/deepsports demo
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

@@ -121,6 +121,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from deepsports.demo import run_demo
+
+    return run_demo(epochs=args.epochs, params=args.params)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -145,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_arguments(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("demo", help="train through the MLflow Project on synthetic data and say where to look")
+    p.add_argument("--epochs", type=int, default=10, help="epochs [10]")
+    p.add_argument("-P", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra MLproject parameters, e.g. -P synth_clips=300")
+    p.set_defaults(func=_cmd_demo)
 
     for register in _extension_registrars():
         register(sub)

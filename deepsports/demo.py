@@ -7,7 +7,6 @@ Spearman and how to open ``mlflow ui``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -15,13 +14,8 @@ import time
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepsports.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("-P", dest="params", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra MLproject parameters")
-    args = parser.parse_args(argv)
-
+def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
+    """Run the demo; returns the exit code of ``mlflow run`` (0 on success)."""
     from mlflow.tracking import MlflowClient
 
     from deepsports.tracking import redact_uri, tracking_uri
@@ -33,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "run", str(project_dir), "--env-manager", "local",
-           "--experiment-name", "deepsports", "-P", f"epochs={args.epochs}"]
-    for item in args.params:
+           "--experiment-name", "deepsports", "-P", f"epochs={epochs}"]
+    for item in params or []:
         cmd += ["-P", item]
     print("$", " ".join(cmd), flush=True)
     started = time.time()
@@ -57,7 +51,3 @@ def main(argv: list[str] | None = None) -> int:
           "--host 127.0.0.1 --port 5000   then open http://127.0.0.1:5000")
     print("=" * 72)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
