@@ -14,10 +14,12 @@ Layout of a :class:`CheckpointManager` directory (one writer per directory)::
     epoch-0007.pt          end of epoch 7 (the newest ``keep_last`` are kept)
     epoch-0008-partial.pt  mid-epoch save of epoch 8 (preemption); removed once epoch 8 completes
     best.pt                an independent copy of the best epoch's checkpoint
+    run.json               MLflow run id and config, written before the first epoch
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -190,6 +192,30 @@ class CheckpointManager:
     def best(self) -> dict[str, Any] | None:
         """State of ``best.pt``, or None when no epoch has been saved as best (CheckpointError if corrupt)."""
         return load_checkpoint(self.best_path) if self.best_path.exists() else None
+
+    @property
+    def run_record_path(self) -> Path:
+        return self.directory / "run.json"
+
+    def record_run(self, run_id: str, config: dict[str, Any]) -> Path:
+        """Write ``run.json`` (MLflow run id and config) atomically before the first epoch: a run killed
+        before its first checkpoint is then resumed as the same MLflow run instead of left RUNNING."""
+        text = json.dumps({"mlflow_run_id": run_id, "config": config}, indent=1, sort_keys=True, default=str)
+        return _atomic_write(self.run_record_path, lambda handle: handle.write(text.encode()))
+
+    def recorded_run(self) -> dict[str, Any] | None:
+        """``{"mlflow_run_id", "config"}`` from :meth:`record_run`, or None when absent or unreadable."""
+        try:
+            record = json.loads(self.run_record_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # atomic writes make this a foreign or damaged file
+            log.warning("ignoring unreadable run record %s: %s", self.run_record_path, exc)
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("mlflow_run_id"), str):
+            log.warning("ignoring run record %s without an mlflow_run_id", self.run_record_path)
+            return None
+        return record
 
     def _remove_stale_temp_files(self) -> None:
         # Temp files of a writer killed mid-write; safe because a directory has one writer.

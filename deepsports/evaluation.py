@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from deepsports.errors import TrainingError
 from deepsports.losses import SCORE_SCALE
 from deepsports.metrics import regression_metrics
 from deepsports.runtime import Runtime
@@ -38,11 +39,45 @@ class EpochSampler(Sampler[int]):
         return max(0, self.size - self.start)
 
 
+class _WorkerCheckedLoader(DataLoader):
+    """A DataLoader whose worker failures surface as one :class:`TrainingError` (see :func:`_checked`)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        return _checked(iterator) if self.num_workers else iterator
+
+
+#: How torch words an exception re-raised from a worker, and a worker that died (segfault, OOM killer).
+_WORKER_MARKERS = ("in DataLoader worker process", "DataLoader worker (pid")
+
+
+def _checked(iterator: Iterator[Any]) -> Iterator[Any]:
+    """Yield from ``iterator``; an error from a worker process becomes a :class:`TrainingError` with the
+    worker's own last line (torch re-raises it with the worker's whole traceback as its message, and
+    as the worker's exception type, e.g. a DataError that would stop a whole study instead of a trial)."""
+    batches = 0
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        # The type is whatever the worker raised; only errors worded as coming from a worker are
+        # converted, everything else propagates unchanged.
+        except Exception as exc:  # noqa: BLE001
+            text = str(exc)
+            if not any(marker in text for marker in _WORKER_MARKERS):
+                raise
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            raise TrainingError(f"a DataLoader worker failed loading batch {batches + 1}: {lines[-1]}") from exc
+        batches += 1
+        yield batch
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: Sampler | None = None,
                 drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+    return _WorkerCheckedLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+                                num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+                                prefetch_factor=4 if num_workers else None)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int) -> int:

@@ -42,13 +42,14 @@ _default_tracking_uri = tracking_uri  # log_model's parameter of the same name s
 
 
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^/\s]*)@")
-_SECRET_PARAM = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|sslpassword|token|secret|api_key|access_key)=)"
+# Query parameters (``?password=``) and libpq keyword DSNs (``host=db password=x``) alike.
+_SECRET_PARAM = re.compile(r"(?P<key>(?:^|[?&;\s])(?:password|passwd|pwd|sslpassword|token|secret|api_key|access_key)=)"
                            r"(?P<value>[^&;#\s]*)", re.IGNORECASE)
 
 
 def redact_uri(text: str) -> str:
     """Hide credentials in a URI (or any text holding URIs): ``user:pass@`` -> ``user:***@``,
-    ``?password=x`` -> ``?password=***`` (also token/secret/api_key/access_key)."""
+    ``?password=x`` and ``password=x`` -> ``password=***`` (also token/secret/api_key/access_key)."""
     text = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", str(text))
     return _SECRET_PARAM.sub(lambda m: f"{m.group('key')}***", text)
 

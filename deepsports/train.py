@@ -111,23 +111,27 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
     """
     setup_logging(config.loglevel)
     ckpt_dir = _resolve_checkpoint_dir(config)
-    resume_state = None
+    resume_state, resume_run_id = None, None
     if ckpt_dir is not None and config.resume == "auto":
-        found = CheckpointManager(ckpt_dir).latest_valid()
+        manager = CheckpointManager(ckpt_dir)
+        found = manager.latest_valid()
         if found is not None:
             resume_path, resume_state = found
             log.info("resuming from %s", resume_path)
-            saved = build_config(resume_state["config"]).to_dict()
-            diff = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
-            if diff:
-                raise CheckpointError(f"{resume_path}: the checkpoint was written with a different config "
-                                      f"({', '.join(diff)} differ); use another checkpoint_dir or resume=never")
+            _check_same_config(resume_path, resume_state["config"], config)
+            resume_run_id = resume_state.get("mlflow_run_id")
+        elif (record := manager.recorded_run()) is not None:
+            # Killed before the first checkpoint: continue its MLflow run from epoch 1, not a second run.
+            _check_same_config(manager.run_record_path, record.get("config") or {}, config)
+            resume_run_id = record["mlflow_run_id"]
+            log.info("restarting MLflow run %s from epoch 1 (no checkpoint yet)", resume_run_id)
     tracker = tracking.RunTracker()
     run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
-                           parent_run_id=parent_run_id,
-                           run_id=resume_state.get("mlflow_run_id") if resume_state else None, tags=tags)
+                           parent_run_id=parent_run_id, run_id=resume_run_id, tags=tags)
     if ckpt_dir is None:
         ckpt_dir = Path("checkpoints") / run_id
+    if resume_state is None:
+        CheckpointManager(ckpt_dir).record_run(run_id, config.to_dict())
     try:
         result = _train_tracked(config, tracker, run_id, ckpt_dir, resume_state, epoch_callback, stop_requested,
                                 fault_hook)
@@ -270,6 +274,14 @@ def _train_tracked(config: Config, tracker: "tracking.RunTracker", run_id: str, 
     return TrainResult(run_id=run_id, best_val_spearman=best["val_spearman"], best_epoch=best["epoch"],
                        test_metrics=test_metrics, history=history, checkpoint_dir=ckpt_dir,
                        resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
+
+
+def _check_same_config(path: Path, saved_values: dict, config: Config) -> None:
+    saved = build_config(saved_values).to_dict()
+    diff = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
+    if diff:
+        raise CheckpointError(f"{path}: the checkpoint was written with a different config "
+                              f"({', '.join(diff)} differ); use another checkpoint_dir or resume=never")
 
 
 def _log_missing_epochs(tracker: "tracking.RunTracker", history: list[dict[str, float]]) -> None:

@@ -1,0 +1,158 @@
+"""SIGKILL at random moments of `deepsports train`, restarted each time, against one uninterrupted run.
+
+Kills land during a checkpoint write (a ``.tmp-`` file is in the checkpoint directory), right after
+an epoch checkpoint appears (while that epoch's metrics are being logged) and at seeded random
+moments. After every kill the checkpoint directory holds a loadable checkpoint (or none yet) and
+never hands out a temp file; at the end there is one FINISHED MLflow run with every epoch logged
+once, and its metrics are bit-identical to an uninterrupted run with the same seed (CPU, one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from deepsports.checkpointing import CheckpointManager, load_checkpoint
+from deepsports.train import EPOCH_METRICS
+from tests.e2e_helpers import as_args, deepsports_cmd, run_checked, subprocess_env, tiny_overrides, wait_for
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 6
+#: Wall-clock figures; everything else must repeat exactly.
+TIMING_METRICS = {"epoch_seconds", "clips_per_s"}
+#: (moment, seeded extra delay range in s): what each restart waits for before its SIGKILL.
+KILL_PLAN = (("checkpoint-write", 0.0), ("after-checkpoint", 0.0), ("random", 2.5))
+
+
+def _train_args(tmp_path: Path, ckpt: Path, experiment: str) -> list[str]:
+    return as_args(tiny_overrides(tmp_path, epochs=EPOCHS, checkpoint_dir=str(ckpt), evaluate="false",
+                                  experiment_name=experiment, seed=3))
+
+
+def _epoch_files(ckpt: Path) -> set[str]:
+    return {p.name for p in ckpt.glob("epoch-*.pt")} if ckpt.is_dir() else set()
+
+
+def _temp_files(ckpt: Path) -> list[str]:
+    return [p.name for p in ckpt.glob(".tmp-*")] if ckpt.is_dir() else []
+
+
+def _kill_at(proc: subprocess.Popen, ckpt: Path, moment: str, delay: float, timeout: float = 240) -> str:
+    """Wait for ``moment`` (then ``delay`` s) and SIGKILL; returns what was seen, or 'exited'."""
+    start_files = _epoch_files(ckpt)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if moment == "checkpoint-write" and _temp_files(ckpt):
+            break
+        if moment in ("after-checkpoint", "random") and _epoch_files(ckpt) - start_files:
+            # random: the first kill of the pair lands after a new epoch began, the delay moves it anywhere
+            break
+        time.sleep(0.002)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return "exited"
+    seen = "tmp file present" if _temp_files(ckpt) else "no tmp file"
+    proc.kill()
+    proc.wait()
+    return seen
+
+
+def _assert_checkpoint_dir_is_usable(ckpt: Path, run_id: str | None) -> int:
+    """The newest usable checkpoint loads, is a final epoch file and belongs to the run; returns its epoch."""
+    found = CheckpointManager(ckpt).latest_valid()
+    if found is None:
+        return 0
+    path, state = found
+    assert not path.name.startswith(".tmp-") and path.parent == ckpt, path
+    assert load_checkpoint(path)["epoch"] == state["epoch"]
+    if run_id is not None:
+        assert state["mlflow_run_id"] == run_id
+    return int(state["epoch"]) - 1  # the checkpoint of epoch N resumes at epoch N + 1
+
+
+def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = subprocess_env(uri, OMP_NUM_THREADS="1")
+    rng = random.Random(7)
+
+    reference = run_checked(deepsports_cmd("train", *_train_args(tmp_path, tmp_path / "ref-ckpt", "reference")),
+                            env, cwd=tmp_path)
+    reference_run = json.loads(reference.stdout[reference.stdout.index("{"):])["run_id"]
+
+    ckpt = tmp_path / "ckpt"
+    args = _train_args(tmp_path, ckpt, "killed")
+    # The first kill waits for the first checkpoint: a run killed before it has no checkpoint to
+    # resume from (see test below for what happens to its MLflow run).
+    first = subprocess.Popen(deepsports_cmd("train", *args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    seen = [_kill_at(first, ckpt, "after-checkpoint", 0.0)]
+    assert seen[0] != "exited"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("killed").experiment_id
+    run_id = client.search_runs([experiment])[0].info.run_id
+    done = [_assert_checkpoint_dir_is_usable(ckpt, run_id)]
+    for moment, spread in KILL_PLAN:
+        proc = subprocess.Popen(deepsports_cmd("train", *args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        seen.append(f"{moment}: {_kill_at(proc, ckpt, moment, rng.uniform(0, spread))}")
+        done.append(_assert_checkpoint_dir_is_usable(ckpt, run_id))
+        assert done[-1] >= done[-2]  # a restart never loses a finished epoch
+    kills = [s for s in seen if not s.endswith("exited")]
+    assert len(kills) >= 3, seen
+    assert any("tmp file present" in s for s in seen), seen  # at least one kill during a checkpoint write
+
+    final = run_checked(deepsports_cmd("train", *args), env, cwd=tmp_path)
+    summary = json.loads(final.stdout[final.stdout.index("{"):])
+    assert summary["run_id"] == run_id
+    assert not _temp_files(ckpt)  # the next save removed what the killed writers left
+
+    runs = client.search_runs([experiment])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    assert int(runs[0].data.tags["deepsports.resumes"]) >= 1
+    for key in EPOCH_METRICS:
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1)), (key, seen)  # each epoch exactly once
+        if key in TIMING_METRICS:
+            continue
+        expected = sorted(client.get_metric_history(reference_run, key), key=lambda m: m.step)
+        assert [m.value for m in history] == [m.value for m in expected], (key, seen)  # bit-identical
+    assert client.get_run(run_id).data.metrics["best_val_spearman"] == \
+        client.get_run(reference_run).data.metrics["best_val_spearman"]
+    print(f"\n[reliability] crash/resume: kills={len(kills)} ({'; '.join(seen)}), epochs done after each kill "
+          f"{done}, final metrics bit-identical to the uninterrupted run")
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_continued_not_duplicated(tmp_path):
+    """An epoch on real data takes hours: a kill inside epoch 1 must not leave a RUNNING orphan run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = subprocess_env(uri, OMP_NUM_THREADS="1")
+    ckpt = tmp_path / "ckpt"
+    args = as_args(tiny_overrides(tmp_path, epochs=1, checkpoint_dir=str(ckpt), evaluate="false",
+                                  experiment_name="early"))
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log_file:
+        first = subprocess.Popen(deepsports_cmd("train", *args), env=env, cwd=tmp_path, stdout=log_file,
+                                 stderr=subprocess.STDOUT)
+        try:  # the run exists and its data is loaded, but epoch 1 has no checkpoint yet
+            wait_for(lambda: " train / " in log_path.read_text() or first.poll() is not None, timeout=240,
+                     interval=0.02, what="training to start")
+        finally:
+            first.kill()
+            first.wait()
+    assert first.returncode == -9 and not _epoch_files(ckpt), log_path.read_text()[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("early").experiment_id
+    [killed] = client.search_runs([experiment])
+
+    final = run_checked(deepsports_cmd("train", *args), env, cwd=tmp_path)
+    assert json.loads(final.stdout[final.stdout.index("{"):])["run_id"] == killed.info.run_id
+    runs = client.search_runs([experiment])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(killed.info.run_id, "FINISHED")]
+    assert [m.step for m in client.get_metric_history(killed.info.run_id, "val_spearman")] == [1]
