@@ -45,11 +45,13 @@ def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes on this machine, all on the same study (without SLURM) [1]")
     p.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--heartbeat", type=int, default=60, help="RDB storages: heartbeat interval in seconds [60]")
+    p.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between the heartbeats of a running trial (every storage) [60]")
     p.add_argument("--grace-period", type=int, default=None,
-                   help="RDB storages: a RUNNING trial without heartbeat for this long is failed and retried "
-                        "[2 x heartbeat]")
-    p.add_argument("--max-retry", type=int, default=3, help="re-runs of a stale or interrupted trial [3]")
+                   help="a RUNNING trial without heartbeat for this long is failed and retried with the same "
+                        "params, resuming its checkpoint (a paused, preempted trial is WAITING and never "
+                        "expires) [2 x heartbeat]")
+    p.add_argument("--max-retry", type=int, default=3, help="re-runs of a dead worker's trial [3]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every trial (e.g. --set epochs=3 --set cache_dir=/scratch/x)")
 
@@ -101,33 +103,64 @@ def _tag_project_run(parent_run_id: str) -> None:
 
 
 def _run_local_workers(args: argparse.Namespace) -> int:
-    """``--workers N``: N processes of this same command, each one worker (worker ids 0..N-1)."""
+    """``--workers N``: N processes of this same command, each one worker (worker ids 0..N-1).
+
+    This process plays the scheduler's part: a worker that was stopped alone (SIGUSR1/SIGTERM sent to
+    its pid; it paused its trial and exited 75) is started again with the same worker id, as SLURM
+    requeues a task, and resumes the paused trial. A signal sent to this process goes to every worker
+    and nobody restarts.
+    """
+    import time
+
     base = _strip_option(list(args.argv), "--workers")
     cores = os.cpu_count() or 1
     threads = str(max(1, cores // args.workers))
-    procs = []
-    for worker_id in range(args.workers):
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
-        env.pop("MLFLOW_RUN_ID", None)  # the project run belongs to this parent process
-        procs.append(subprocess.Popen([sys.executable, "-m", "deepsports.cli", *base, "--worker-id", str(worker_id)],
-                                      env=env))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
+    env.pop("MLFLOW_RUN_ID", None)  # the project run belongs to this parent process
+
+    def start(worker_id: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "deepsports.cli", *base, "--worker-id", str(worker_id)], env=env)
+
+    running = {worker_id: start(worker_id) for worker_id in range(args.workers)}
+    restarts = dict.fromkeys(running, 0)
+    codes: dict[int, int] = {}
+    stopping = []
 
     def forward(signum, _frame):
-        for proc in procs:
+        stopping.append(signum)
+        for proc in running.values():
             if proc.poll() is None:
                 proc.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = [proc.wait() for proc in procs]
+        while running:
+            for worker_id, proc in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                if code == PreemptedError.exit_code and not stopping and restarts[worker_id] < _MAX_LOCAL_RESTARTS:
+                    restarts[worker_id] += 1
+                    print(f"deepsports: tune worker {worker_id} was stopped (exit {code}); restarting it "
+                          f"(restart {restarts[worker_id]})", file=sys.stderr)
+                    running[worker_id] = start(worker_id)
+                    continue
+                codes[worker_id] = code
+                del running[worker_id]
+            time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    failed = [code for code in codes if code != 0]
+    failed = [code for code in codes.values() if code != 0]
     if failed:
-        print(f"deepsports: {len(failed)} of {len(codes)} tune workers failed (exit codes {codes})", file=sys.stderr)
+        print(f"deepsports: {len(failed)} of {len(codes)} tune workers failed (exit codes "
+              f"{[codes[w] for w in sorted(codes)]})", file=sys.stderr)
         return 75 if all(code == 75 for code in failed) else max(failed)
     return 0
+
+
+#: How often ``--workers N`` restarts one stopped worker (a worker stopped more often stays stopped).
+_MAX_LOCAL_RESTARTS = 10
 
 
 def _strip_option(argv: list[str], name: str) -> list[str]:

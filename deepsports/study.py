@@ -6,8 +6,9 @@ Storages (:func:`open_storage`), given as a path or URL:
   append-only log with a symlink lock, safe on NFS where SQLite locking is not;
 * ``sqlite:///file.db``, ``postgresql://...``, ``mysql://...``: ``RDBStorage`` with a heartbeat; a
   trial whose worker stops beating (killed, node lost) is failed by the next worker and queued again
-  with the same params (``RetryHeartbeatStaleTrialCallback``). Optuna's journal storage has no
-  heartbeat: there a hard-killed worker's trial stays RUNNING.
+  with the same params (:class:`deepsports.recovery.StaleTrialRetry`, a
+  ``RetryHeartbeatStaleTrialCallback``). Optuna's journal storage has no heartbeat: DeepSports keeps
+  one in a trial user attribute and sweeps stale trials itself (:mod:`deepsports.recovery`).
 
 The parent run. Study creation is atomic in every storage, so exactly one process creates the
 study; that process creates the MLflow parent run and stores its id in the study's user attributes.
@@ -82,8 +83,9 @@ def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, gr
         engine_kwargs = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else None
         with warnings.catch_warnings():  # heartbeat and the retry callback are flagged experimental
             warnings.simplefilter("ignore", ExperimentalWarning)
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry,
-                                                                    inherit_intermediate_values=True)
+            from deepsports.recovery import StaleTrialRetry  # recovery imports this module
+
+            retry = StaleTrialRetry(max_retry=max_retry, grace_period=grace_period)
             for attempt in range(_SCHEMA_ATTEMPTS):
                 try:
                     return optuna.storages.RDBStorage(text, engine_kwargs=engine_kwargs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,16 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory):
     from deepsports.data.synth import generate_synthetic_dataset
 
     return generate_synthetic_dataset(tmp_path_factory.mktemp("synth") / "n48_s0", n_clips=48, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """A running local SLURM cluster (slurm/local-cluster.sh start; idempotent: a running one is used as it is).
+
+    Installs slurm-wlm and munge when they are missing (needs root and apt, as in CI) and leaves the
+    cluster running; `.ci/run` stops it at the end.
+    """
+    script = REPO / "slurm" / "local-cluster.sh"
+    proc = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"{script} start failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -21,15 +21,6 @@ from deepsports.slurm import build_profile, render_script, submit
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parent.parent
-CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    """A running local cluster (idempotent: an already running one is used as it is)."""
-    proc = subprocess.run([str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"{CLUSTER_SCRIPT} start failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
 
 def _tasks(job_id: str) -> dict[str, dict[str, str]]:

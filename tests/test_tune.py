@@ -17,11 +17,12 @@ from optuna.trial import TrialState
 from deepsports.config import build_config, load_config
 from deepsports.data import build_datasets
 from deepsports.errors import PreemptedError, SearchSpaceError, StorageError
+from deepsports.recovery import PAUSED_BY_ATTR, RESUMED_ATTR, StaleTrialRetry, task_identity
 from deepsports.search_space import load_search_space
 from deepsports.study import (CKPT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, make_pruner, make_sampler,
-                              open_storage, open_study, retried_from, worker_seed)
+                              open_storage, open_study, worker_seed)
 from deepsports.study_report import best_trial, export_best, load_existing_study, log_study_plots
-from deepsports.train import train
+from deepsports.train import load_training_checkpoint, train
 from deepsports.tune import TuneSettings, tune
 from tests.e2e_helpers import TINY, subprocess_env
 
@@ -82,6 +83,7 @@ def test_storages_from_paths_and_urls(tmp_path):
     assert isinstance(rdb, optuna.storages.RDBStorage)
     assert rdb.get_heartbeat_interval() == 5
     assert isinstance(rdb.get_heartbeat_stale_trial_callback(), optuna.storages.RetryHeartbeatStaleTrialCallback)
+    assert isinstance(rdb.get_heartbeat_stale_trial_callback(), StaleTrialRetry)
     with pytest.raises(StorageError, match=r"unsupported scheme 'redis'.*journal file path"):
         open_storage("redis://localhost:6379")
 
@@ -167,7 +169,7 @@ def test_a_trial_below_the_median_is_pruned_and_its_run_killed(tmp_path, trackin
 
 
 @pytest.mark.slow
-def test_a_preempted_trial_is_requeued_and_resumed_in_the_same_run(tmp_path, tracking_uri, cache_dir):
+def test_a_preempted_trial_is_paused_and_resumed_as_the_same_trial_and_run(tmp_path, tracking_uri, cache_dir):
     settings = _settings(tmp_path, cache_dir, n_trials=1, pruner="none")
     polls = {"n": 0}
 
@@ -177,18 +179,28 @@ def test_a_preempted_trial_is_requeued_and_resumed_in_the_same_run(tmp_path, tra
 
     with pytest.raises(PreemptedError):
         tune(settings, stop_requested=stop_after_a_few_steps)
+    study = optuna.load_study(study_name="s", storage=open_storage(settings.storage))
+    (paused,) = study.trials
+    assert paused.state == TrialState.WAITING and REASON_ATTR not in paused.user_attrs
+    assert paused.user_attrs[PAUSED_BY_ATTR] == task_identity(None) and paused.user_attrs[RUN_ATTR]
+    partial = sorted(Path(paused.user_attrs[CKPT_ATTR]).glob("epoch-*-partial.pt"))
+    assert [p.name for p in partial] == ["epoch-0002-partial.pt"] and list(paused.intermediate_values) == [1]
+    saved_step = load_training_checkpoint(partial[0])["step"]
+    assert saved_step >= 1
+
     summary = tune(settings)  # the requeued job
     study = optuna.load_study(study_name="s", storage=open_storage(settings.storage))
-    first, retry = study.trials
-    assert first.state == TrialState.FAIL and first.user_attrs[REASON_ATTR].startswith("interrupted (PreemptedError)")
-    assert retry.state == TrialState.COMPLETE and retried_from(retry) == 0 and retry.params == first.params
-    assert retry.user_attrs[RUN_ATTR] == first.user_attrs[RUN_ATTR] and retry.user_attrs[CKPT_ATTR] == first.user_attrs[CKPT_ATTR]
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and trial.number == 0 and trial.params == paused.params
+    assert trial.user_attrs[RUN_ATTR] == paused.user_attrs[RUN_ATTR] and list(trial.intermediate_values) == [1, 2]
+    assert trial.user_attrs[RESUMED_ATTR] == {"checkpoint": str(partial[0]), "epoch": 2, "step": saved_step}
     client = MlflowClient(tracking_uri)
-    run = client.get_run(retry.user_attrs[RUN_ATTR])
+    run = client.get_run(trial.user_attrs[RUN_ATTR])
     assert run.info.status == "FINISHED" and run.data.tags["deepsports.resumes"] == "1"
+    assert run.data.tags["deepsports.resumed_from"] == f"epoch-0002-partial.pt (epoch 2, step {saved_step})"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_spearman")) == [1, 2]
     assert [r.info.run_id for r in _children(client, summary.parent_run_id)] == [run.info.run_id]
-    assert summary.best_value == retry.value
+    assert summary.best_value == trial.value and summary.states["COMPLETE"] == 1
 
 
 _WORKER = """\
