@@ -46,7 +46,10 @@ class BestTrial:
 
 
 def load_existing_study(name: str, storage: str | os.PathLike) -> optuna.Study:
-    """A study that must already exist (``deepsports best`` never creates one)."""
+    """A study that must already exist (``deepsports best`` never creates one, nor an empty journal file)."""
+    if "://" not in str(storage) and not Path(storage).expanduser().is_file():
+        raise StorageError(f"no study storage at {str(storage)!r}: the journal file does not exist "
+                           "(give --storage as used by `deepsports tune`)")
     backend = open_storage(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)]
     if name not in names:
