@@ -73,7 +73,7 @@ __all__ = ["SynthDataset", "generate_synthetic_dataset", "ensure_synthetic_datas
            "difficulty", "judge_marks", "SYNTH_VERSION", "DEFAULT_SIZE", "DEFAULT_FPS", "MARKER"]
 
 #: Bump when the rule or the drawing changes: cached datasets of another version are regenerated.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 DEFAULT_SIZE = (128, 228)  # (height, width): 16:9, the cache size for 112-px model input
 DEFAULT_FPS = 25
 MARKER = ".complete"
