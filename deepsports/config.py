@@ -33,6 +33,7 @@ DATASETS = ("synthetic", "mtl_aqa")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("none", "cosine")
 RESUME_MODES = ("auto", "never")
+FEATURE_NORMS = ("batchnorm", "none")
 
 #: Keys whose allowed values are matched case-insensitively and stored in their canonical case.
 _CANONICAL_CASE = {"optimizer": OPTIMIZERS, "activation": ACTIVATIONS, "loglevel": LOGLEVELS}
@@ -104,6 +105,8 @@ class Config:
     synth_clips: int = _platform(600, "Number of synthetic clips (dataset=synthetic).", min=8)
     synth_seed: int = _platform(0, "Seed of the synthetic dataset (dataset=synthetic).", min=0)
     backbone: str = _platform("tiny", "Backbone size preset (base = published TimeSformer-B).", choices=BACKBONES)
+    feature_norm: str = _platform("batchnorm", "Standardise the backbone feature before the MLP head: batchnorm keeps a "
+                                  "from-scratch head well conditioned; none is the original.", choices=FEATURE_NORMS)
     drop_path_rate: float = _platform(0.0, "Stochastic depth rate of the backbone.", min=0.0, max=1.0, max_exclusive=True)
     seed: int = _platform(0, "Seed of model init, data split, sampling and augmentation.", min=0)
     deterministic: bool = _platform(False, "Use deterministic algorithms (slower; for debugging).")
@@ -139,6 +142,9 @@ class Config:
                 if getattr(self, key) != _FIELDS[key].default:
                     raise ConfigError(f"{key}={getattr(self, key)!r} is only used with dataset=mtl_aqa "
                                       f"(dataset is 'synthetic'); set dataset=mtl_aqa or drop {key}")
+        if self.feature_norm == "batchnorm" and self.batch_size == 1 and not self.use_decoder:
+            raise ConfigError("feature_norm=batchnorm needs batch_size >= 2 (batch statistics of one clip are "
+                              "undefined); use feature_norm=none with batch_size=1")
         if self.spatial_size % self.patch_size:
             raise ConfigError(f"spatial_size={self.spatial_size} is not a multiple of patch_size={self.patch_size}: "
                               "the frame must split into whole patches")

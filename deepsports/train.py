@@ -158,7 +158,10 @@ def _train_tracked(config: Config, tracker: "tracking.RunTracker", run_id: str, 
     seed_everything(config.seed, config.deterministic)
     runtime = select_runtime(config)
     data = build_datasets(config, progress=True)
-    model = build_model(config).to(runtime.device)
+    model = build_model(config)
+    if resume_state is None and getattr(model, "fresh_head", False):
+        model.init_output_bias(_mean_target(data.train))
+    model = model.to(runtime.device)
     optimizer = build_optimizer(config, model.parameters())
     n_steps = steps_per_epoch(len(data.train), config.batch_size)
     scheduler = build_scheduler(config, optimizer, n_steps)
@@ -274,6 +277,13 @@ def _train_tracked(config: Config, tracker: "tracking.RunTracker", run_id: str, 
     return TrainResult(run_id=run_id, best_val_spearman=best["val_spearman"], best_epoch=best["epoch"],
                        test_metrics=test_metrics, history=history, checkpoint_dir=ckpt_dir,
                        resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
+
+
+def _mean_target(dataset) -> torch.Tensor:
+    """Mean of the training targets ``[final/difficulty/30, difficulty]`` (from the annotations, no video)."""
+    from deepsports.data.dataset import clip_target
+
+    return torch.stack([clip_target(c.final_score, c.difficulty) for c in dataset.clips]).mean(0)
 
 
 def _check_same_config(path: Path, saved_values: dict, config: Config) -> None:

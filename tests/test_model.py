@@ -119,10 +119,12 @@ def test_freeze_leaves_only_the_projection_and_head_trainable(use_decoder):
     model = build_model(_config(freeze=True, use_decoder=use_decoder))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {"backbone.feature_proj.weight", "backbone.feature_proj.bias"} | {
-        f"head.{n}" for n, _ in model.head.named_parameters()}
+        f"head.{n}" for n, _ in model.head.named_parameters()} | {
+        f"feature_norm.{n}" for n, _ in model.feature_norm.named_parameters()}
     assert trainable == expected
     assert trainable_parameter_count(model) == model.trainable_parameters == (
-        count_parameters(model.backbone.feature_proj) + count_parameters(model.head))
+        count_parameters(model.backbone.feature_proj) + count_parameters(model.head)
+        + count_parameters(model.feature_norm))
     assert count_parameters(model, trainable_only=True) < count_parameters(model)
     model(_video()).sum().backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == expected
