@@ -40,3 +40,18 @@ def slurm_cluster() -> None:
     proc = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"{script} start failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny synthetic set and clip cache (tests.e2e_helpers.TINY) shared by the study tests, made
+    before any worker starts (concurrent workers would otherwise race to make it). Read-only: a test
+    that damages cached clips makes its own."""
+    from deepsports.config import build_config
+    from deepsports.data import build_datasets
+    from tests.e2e_helpers import TINY
+
+    path = tmp_path_factory.mktemp("tiny-cache")
+    build_datasets(build_config({**TINY, "cache_dir": str(path)}), progress=False)
+    return path
+

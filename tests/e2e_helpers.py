@@ -29,6 +29,14 @@ TINY = {
 }
 
 
+#: A two-parameter search space for study tests (trials differ, every config is valid).
+TUNE_SPACE = """\
+params:
+  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  activation: {type: categorical, choices: [none, relu, gelu]}
+"""
+
+
 def tiny_overrides(tmp_path: Path, **changes) -> dict[str, str]:
     values = {**TINY, "cache_dir": str(tmp_path / "cache"), **changes}
     return {k: str(v) for k, v in values.items()}

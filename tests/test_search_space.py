@@ -317,6 +317,8 @@ def _float_spec(draw, key):
 @st.composite
 def _int_spec(draw, key):
     low_bound, _ = _bounds(key, 0)
+    if key == "batch_size":  # the default feature_norm=batchnorm needs two clips per batch
+        low_bound = max(low_bound, 2)
     low = draw(st.integers(int(low_bound), int(low_bound) + 50))
     if draw(st.booleans()):
         step = draw(st.integers(1, 5))

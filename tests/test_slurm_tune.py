@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,30 +20,22 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.checkpointing import CheckpointManager
-from deepsports.config import build_config
-from deepsports.data import build_datasets
 from deepsports.recovery import RESUMED_ATTR, RETRIED_FROM_ATTR, TASK_ATTR
 from deepsports.study import CKPT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, open_storage, retried_from
 from deepsports.train import EPOCH_METRICS
-from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, deepsports_cmd, run_checked, subprocess_env
+from tests.e2e_helpers import TUNE_SPACE, PYTHON_BIN, REPO, TINY, deepsports_cmd, run_checked, subprocess_env
 
 pytestmark = pytest.mark.slurm
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SPACE = """\
-params:
-  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
-  activation: {type: categorical, choices: [none, relu, gelu]}
-"""
+SPACE = TUNE_SPACE
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
+
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """The synthetic set and clip cache, made once before any task starts (tasks would race to make it)."""
-    path = tmp_path_factory.mktemp("slurm-tune-cache")
-    build_datasets(build_config({**TINY, "cache_dir": str(path)}), progress=False)
-    return path
+def cache_dir(tiny_cache_dir) -> Path:
+    return tiny_cache_dir
 
 
 def _submit(tmp_path: Path, cache_dir: Path, storage: str, *, array_size: int, concurrency: int, max_trials: int,
@@ -171,7 +162,9 @@ def test_usr1_pauses_the_trial_requeues_the_task_and_it_resumes_the_same_trial_a
     paused = _study(storage).trials[0]
     assert paused.state == TrialState.WAITING and paused.user_attrs["deepsports.paused_by"] == task
     partial, _ = CheckpointManager(paused.user_attrs[CKPT_ATTR]).latest_valid()  # what the pause wrote
-    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+    # No `StartTime=now` here: released within SLURM's credential window (AuthInfo cred_expire, 30 s on
+    # the local cluster) the relaunch is killed with "Job credential revoked". The requeued task's own
+    # BeginTime (cred_expire + 1 s) is the earliest safe start.
     _wait(lambda: not _active(job), 180, "the requeued task to finish", job, logs)
 
     info = _tasks(job)["0"]

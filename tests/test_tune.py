@@ -14,8 +14,7 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from deepsports.config import build_config, load_config
-from deepsports.data import build_datasets
+from deepsports.config import load_config
 from deepsports.errors import PreemptedError, SearchSpaceError, StorageError
 from deepsports.recovery import PAUSED_BY_ATTR, RESUMED_ATTR, StaleTrialRetry, task_identity
 from deepsports.search_space import load_search_space
@@ -37,12 +36,10 @@ params:
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
+
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    """One synthetic dataset and clip cache for every study of this module, made before any worker starts."""
-    path = tmp_path_factory.mktemp("tune-cache")
-    build_datasets(build_config({**TINY, "cache_dir": str(path)}), progress=False)
-    return path
+def cache_dir(tiny_cache_dir) -> Path:
+    return tiny_cache_dir
 
 
 @pytest.fixture

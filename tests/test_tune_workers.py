@@ -18,27 +18,20 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.config import build_config
-from deepsports.data import build_datasets
 from deepsports.recovery import PAUSED_BY_ATTR, RESUMED_ATTR, RETRIED_FROM_ATTR, TASK_ATTR
 from deepsports.study import PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR, open_storage, retried_from
-from tests.e2e_helpers import TINY, deepsports_cmd, subprocess_env
+from tests.e2e_helpers import TUNE_SPACE, TINY, deepsports_cmd, subprocess_env
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SPACE = """\
-params:
-  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
-  activation: {type: categorical, choices: [none, relu, gelu]}
-"""
+SPACE = TUNE_SPACE
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
+
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("workers-cache")
-    build_datasets(build_config({**TINY, "cache_dir": str(path)}), progress=False)
-    return path
+def cache_dir(tiny_cache_dir) -> Path:
+    return tiny_cache_dir
 
 
 def _start(tmp_path: Path, cache_dir: Path, storage: str, *, max_trials: int, epochs: int,
