@@ -55,3 +55,12 @@ def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_datasets(build_config({**TINY, "cache_dir": str(path)}), progress=False)
     return path
 
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow store; the working directory moves too (MLflow puts artifacts in ./mlruns)."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return uri

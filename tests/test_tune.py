@@ -42,16 +42,6 @@ def cache_dir(tiny_cache_dir) -> Path:
     return tiny_cache_dir
 
 
-@pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh MLflow store; the working directory moves too (MLflow puts artifacts in ./mlruns)."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    return uri
-
-
 def _settings(tmp_path: Path, cache_dir: Path, space_text: str = SPACE, **changes) -> TuneSettings:
     space = tmp_path / "space.yaml"
     space.write_text(textwrap.dedent(space_text))

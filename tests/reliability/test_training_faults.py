@@ -37,15 +37,6 @@ def cache_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    return uri
-
-
 def _oom_at_step_1(where: str, step: int) -> None:
     if where == "step" and step == 1:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
