@@ -54,13 +54,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from deepsports.preemption import PreemptionFlag
     from deepsports.train import train
 
+    from deepsports.distributed import detect
+
     config = config_from_args(args)
+    main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
     with PreemptionFlag() as flag:
         try:
             result = train(config, stop_requested=flag.requested)
         except PreemptedError:
-            _requeue_if_slurm()
+            if main_rank:
+                _requeue_if_slurm()
             raise
+    if not main_rank:
+        return 0
     summary = {"run_id": result.run_id, "best_val_spearman": result.best_val_spearman, "best_epoch": result.best_epoch,
                "resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(result.checkpoint_dir),
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}

@@ -30,6 +30,7 @@ OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSProp")
 LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKBONES = ("tiny", "small", "base")
 DATASETS = ("synthetic", "mtl_aqa")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("none", "cosine")
 RESUME_MODES = ("auto", "never")
@@ -111,6 +112,8 @@ class Config:
     seed: int = _platform(0, "Seed of model init, data split, sampling and augmentation.", min=0)
     deterministic: bool = _platform(False, "Use deterministic algorithms (slower; for debugging).")
     num_workers: int = _platform(2, "DataLoader worker processes.", min=0)
+    dist_backend: str = _platform("auto", "Process-group backend under torchrun/srun: auto (nccl on CUDA, else gloo), "
+                                  "nccl, gloo. batch_size stays the global batch.", choices=DIST_BACKENDS)
     precision: str = _platform("auto", "Mixed precision: auto (bf16 on CUDA where supported, else fp32), fp32, bf16, fp16.",
                                choices=PRECISIONS)
     lr_scheduler: str = _platform("cosine", "Learning-rate schedule over the epochs.", choices=LR_SCHEDULERS)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from deepsports.distributed import SINGLE, DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows
+from deepsports.distributed import steps_per_epoch  # noqa: F401  (re-exported)
 from deepsports.errors import TrainingError
 from deepsports.losses import SCORE_SCALE
 from deepsports.metrics import regression_metrics
@@ -74,16 +76,24 @@ def _checked(iterator: Iterator[Any]) -> Iterator[Any]:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: Sampler | None = None,
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+                drop_last: bool = False, pin_memory: bool = False,
+                batch_sampler: Sampler[list[int]] | None = None) -> DataLoader:
+    """A DataLoader over ``dataset``; with ``batch_sampler`` (e.g. :class:`ShardedBatchSampler`) the
+    batches are its index lists and ``batch_size``/``sampler``/``drop_last`` are not used."""
+    prefetch = 4 if num_workers else None
+    if batch_sampler is not None:
+        return _WorkerCheckedLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                                    pin_memory=pin_memory, persistent_workers=False, prefetch_factor=prefetch)
     return _WorkerCheckedLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
                                 num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-                                prefetch_factor=4 if num_workers else None)
+                                prefetch_factor=prefetch)
 
 
-def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
-    # The last, smaller batch is kept unless it would hold a single clip (a batch Spearman needs two).
-    full, rest = divmod(dataset_size, batch_size)
-    return full + (1 if rest > 1 else 0)
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, env: DistEnv = SINGLE,
+                pin_memory: bool = False) -> DataLoader:
+    """Batches of ``dataset`` in order; under DDP each rank loads its shard of every batch."""
+    sampler = ShardedBatchSampler(range(len(dataset)), batch_size, env, train=False)
+    return make_loader(dataset, batch_size, num_workers, batch_sampler=sampler, pin_memory=pin_memory)
 
 
 @dataclass
@@ -109,31 +119,41 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_fn) -> Predictions:
-    """Run ``model`` over ``loader`` in eval mode; final score = out0 * out1 * 30."""
-    was_training = model.training
-    model.eval()
-    cols: dict[str, list] = {k: [] for k in ("video", "clip", "ts", "ps", "td", "pd")}
+def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_fn, env: DistEnv = SINGLE) -> Predictions:
+    """Run ``model`` over ``loader`` in eval mode; final score = out0 * out1 * 30.
+
+    The loss is computed per batch (its Spearman term spans the batch) and averaged over clips. Under
+    DDP ``loader`` holds this rank's shards (:func:`eval_loader`) and every rank returns the
+    predictions of the whole split, the same as one process would.
+    """
+    gmodel = model if isinstance(model, GlobalBatchModel) else GlobalBatchModel(model, env)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    all_sizes = batch_sampler.global_sizes if isinstance(batch_sampler, ShardedBatchSampler) else None
+    was_training = gmodel.training
+    gmodel.eval()
+    cols: dict[str, list] = {k: [] for k in ("meta", "ps", "pd")}
     loss_sum, count = 0.0, 0
     try:
-        for batch in loader:
+        for i, batch in enumerate(loader):
             video = batch["video"].to(runtime.device, non_blocking=True)
-            target = batch["target"].to(runtime.device, non_blocking=True)
+            sizes = all_sizes[i] if all_sizes is not None else [len(video)]
             with runtime.autocast():
-                out = model(video)
+                out = gmodel(video, sizes)
             out = out.float()
+            target = gather_rows(batch["target"].to(runtime.device), sizes, env)
+            meta = torch.stack([batch[k].double() for k in ("video_id", "clip_id", "final_score", "difficulty")], 1)
+            meta = gather_rows(meta.to(runtime.device), sizes, env)
             loss, _ = loss_fn(out, target)
-            loss_sum += float(loss) * len(video)
-            count += len(video)
-            cols["video"].append(batch["video_id"].numpy())
-            cols["clip"].append(batch["clip_id"].numpy())
-            cols["ts"].append(batch["final_score"].double().numpy())
-            cols["td"].append(batch["difficulty"].double().numpy())
+            loss_sum += float(loss) * len(out)
+            count += len(out)
+            cols["meta"].append(meta.cpu().numpy())
             cols["ps"].append((out[:, 0] * out[:, 1] * SCORE_SCALE).double().cpu().numpy())
             cols["pd"].append(out[:, 1].double().cpu().numpy())
     finally:
-        model.train(was_training)
-    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
-    return Predictions(video=cat["video"], clip=cat["clip"], true_score=cat["ts"], pred_score=cat["ps"],
-                       true_difficulty=cat["td"], pred_difficulty=cat["pd"],
+        gmodel.train(was_training)
+    meta_all = np.concatenate(cols["meta"]) if cols["meta"] else np.zeros((0, 4))
+    return Predictions(video=meta_all[:, 0].astype(np.int64), clip=meta_all[:, 1].astype(np.int64),
+                       true_score=meta_all[:, 2], pred_score=np.concatenate(cols["ps"]) if cols["ps"] else np.zeros(0),
+                       true_difficulty=meta_all[:, 3],
+                       pred_difficulty=np.concatenate(cols["pd"]) if cols["pd"] else np.zeros(0),
                        loss=loss_sum / count if count else math.nan)

@@ -12,7 +12,8 @@ import deepsports
 from deepsports import plots, tracking
 from deepsports.checkpointing import CheckpointManager
 from deepsports.config import Config
-from deepsports.evaluation import make_loader, predict
+from deepsports.distributed import SINGLE, DistEnv
+from deepsports.evaluation import eval_loader, make_loader, predict
 from deepsports.runtime import Runtime
 
 log = logging.getLogger("deepsports.train")
@@ -20,10 +21,11 @@ log = logging.getLogger("deepsports.train")
 
 def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: torch.nn.Module,
                         manager: CheckpointManager, data, runtime: Runtime, loss_fn,
-                        history: list[dict[str, float]]) -> dict[str, float]:
+                        history: list[dict[str, float]], env: DistEnv = SINGLE) -> dict[str, float]:
     """Evaluate the best checkpoint (val, and test when ``evaluate``) and log every artifact of the run.
 
-    Returns the test metrics (empty without ``evaluate``).
+    Returns the test metrics (empty without ``evaluate``). Under DDP every rank predicts its shards;
+    rank 0 writes and logs the files (the other ranks' ``tracker`` logs nothing).
     """
     best = manager.best()
     if best is not None:
@@ -31,15 +33,20 @@ def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: t
     with tempfile.TemporaryDirectory(prefix="deepsports-report-") as tmp:
         tmp_dir = Path(tmp)
         curves = tmp_dir / Path(config.output).name
-        plots.plot_curves(history, curves)
-        tracker.log_artifact(curves, "plots")
+        if env.is_main:
+            plots.plot_curves(history, curves)
+            tracker.log_artifact(curves, "plots")
         splits = {"val": data.val}
         if config.evaluate:
             splits["test"] = data.test
         test_metrics: dict[str, float] = {}
         for name, dataset in splits.items():
-            preds = predict(model, make_loader(dataset, config.batch_size, config.num_workers), runtime, loss_fn)
+            loader = eval_loader(dataset, config.batch_size, config.num_workers, env, runtime.device.type == "cuda")
+            preds = predict(model, loader, runtime, loss_fn, env)
             metrics = preds.metrics()
+            if not env.is_main:
+                test_metrics = metrics if name == "test" else test_metrics
+                continue
             csv_path = tmp_dir / f"predictions_{name}.csv"
             plots.write_predictions_csv(preds.rows(), csv_path)
             tracker.log_artifact(csv_path, "predictions")
@@ -54,7 +61,7 @@ def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: t
                          metrics["rel_l2"], metrics["mse"], metrics["difficulty_mae"])
         if manager.best_path.exists():
             tracker.log_artifact(manager.best_path, "checkpoints")
-        if config.log_model:
+        if config.log_model and env.is_main:
             example = next(iter(make_loader(data.val, 1, 0)))["video"][:1]
             model_cpu = model.to("cpu").eval()
             # Ship the package with the pickled model so it loads where deepsports is not installed.

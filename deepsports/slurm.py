@@ -48,7 +48,9 @@ class SlurmProfile:
     time: str | None = None  # SLURM time limit ("04:00:00", "1-12:00:00", minutes); None = partition default
     cpus_per_task: int = 1
     mem: str | None = None  # "8G", "500M", or megabytes; None = cluster default
-    gpus: str | None = None  # "1" or "a100:1", requested as --gres=gpu:<gpus>
+    gpus: str | None = None  # "1" or "a100:1" per node, requested as --gres=gpu:<gpus>
+    nodes: int = 1  # train only: nodes of a multi-process (DDP) run
+    tasks_per_node: int = 1  # train only: processes per node (one per GPU); > 1 task in all = DDP via srun
     array_size: int = 1
     array_concurrency: int = 1
     grace_seconds: int = 120  # SIGUSR1 this long before the time limit
@@ -231,6 +233,8 @@ def build_profile(values: Mapping[str, Any], source: str = "<mapping>") -> Slurm
         cpus_per_task=_int(source, "cpus_per_task", v.get("cpus_per_task", d.cpus_per_task), 1),
         mem=_mem(source, v.get("mem")),
         gpus=_gpus(source, v.get("gpus")),
+        nodes=_int(source, "nodes", v.get("nodes", d.nodes), 1),
+        tasks_per_node=_int(source, "tasks_per_node", v.get("tasks_per_node", d.tasks_per_node), 1),
         array_size=array_size,
         array_concurrency=_int(source, "array_concurrency", v.get("array_concurrency", d.array_concurrency), 1),
         grace_seconds=grace,
@@ -286,7 +290,11 @@ def _fill(template: str, values: Mapping[str, str], name: str) -> str:
 
 
 def _resources(kind: str, profile: SlurmProfile) -> list[str]:
-    lines = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={profile.cpus_per_task}"]
+    if kind == "train":  # one task per GPU (or CPU slot) on each node; tune/prepare tasks are single processes
+        lines = [f"--nodes={profile.nodes}", f"--ntasks-per-node={profile.tasks_per_node}"]
+    else:
+        lines = ["--nodes=1", "--ntasks=1"]
+    lines.append(f"--cpus-per-task={profile.cpus_per_task}")
     for opt, value in (("partition", profile.partition), ("account", profile.account), ("qos", profile.qos),
                        ("time", profile.time), ("mem", profile.mem)):
         if value is not None:
@@ -343,6 +351,7 @@ def render_script(kind: str, profile: SlurmProfile, command_args: Sequence[str],
         "setup": setup,
         "environment": "\n".join(env_lines),
         "command": " ".join(shlex.quote(a) for a in args),
+        "distributed": _distributed_block(kind, profile),
     }
     path = Path(template_dir or TEMPLATE_DIR) / f"{kind}.sbatch"
     try:
@@ -350,6 +359,19 @@ def render_script(kind: str, profile: SlurmProfile, command_args: Sequence[str],
     except OSError as exc:
         raise ConfigError(f"cannot read the SLURM template {str(path)!r}: {exc}") from exc
     return _fill(template, values, str(path))
+
+
+def _distributed_block(kind: str, profile: SlurmProfile) -> str:
+    """Lines that start a multi-process train run with srun (empty for a single process)."""
+    if kind != "train" or profile.nodes * profile.tasks_per_node == 1:
+        return ""
+    return "\n".join([
+        f"# DDP: {profile.nodes} node(s) x {profile.tasks_per_node} task(s), one process per task; rank 0's node hosts",
+        "# the rendezvous. srun passes SIGUSR1/SIGTERM on to every task; rank 0 checkpoints and requeues.",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"',
+        "launch=(srun --kill-on-bad-exit=1 --cpus-per-task=\"$SLURM_CPUS_PER_TASK\")",
+    ])
 
 
 def _log_dirs(script_text: str) -> list[str]:

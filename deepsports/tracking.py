@@ -324,6 +324,36 @@ class RunTracker:
         return uri
 
 
+class NullTracker:
+    """:class:`RunTracker`'s interface, logging nothing: the tracker of DDP ranks other than 0 (which
+    only learn the run id from rank 0) and of benchmarks that measure what tracking costs."""
+
+    def __init__(self, run_id: str | None = None):
+        self.uri = "none"
+        self.run_id = run_id
+        self.ended_status: str | None = None
+
+    def start(self, *args: Any, run_id: str | None = None, **kwargs: Any) -> str:
+        import uuid
+
+        self.run_id = run_id or self.run_id or uuid.uuid4().hex
+        return self.run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.ended_status = status
+
+    def logged_steps(self, metric_key: str) -> set[int]:
+        return set()
+
+    def log_model(self, model, example_input, **kwargs: Any) -> str:
+        return ""
+
+    def _ignore(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    log_params = log_metrics = set_tags = log_artifact = log_artifacts = log_text = log_dict = _ignore
+
+
 @contextlib.contextmanager
 def _global_tracking_uri(uri: str):
     """MLflow's model logging reads the process-wide tracking URI; point it at ``uri``, then restore.

@@ -19,12 +19,13 @@ from typing import Any, Callable
 
 import torch
 
-from deepsports import tracking
+from deepsports import distributed, tracking
 from deepsports.checkpointing import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from deepsports.config import Config, build_config
 from deepsports.data import build_datasets
-from deepsports.errors import CheckpointError, NonFiniteLossError, PreemptedError, TrainingError
-from deepsports.evaluation import EpochSampler, make_loader, predict, steps_per_epoch
+from deepsports.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, wrap_ddp
+from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
+from deepsports.evaluation import EpochSampler, eval_loader, make_loader, predict, steps_per_epoch
 from deepsports.losses import aqa_loss
 from deepsports.model import build_model
 from deepsports.optim import build_optimizer, build_scheduler
@@ -41,7 +42,7 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
 #: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
 RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "loglevel", "log_every_steps", "gpu", "evaluate", "log_model",
-                               "run_name", "resume", "checkpoint_dir", "cache_dir"})
+                               "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
 
 
 @dataclass
@@ -110,9 +111,27 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
     step)`` is called at named points of the loop; tests use it to inject faults.
     """
     setup_logging(config.loglevel)
+    use_cuda = config.gpu and torch.cuda.is_available()
+    layout = distributed.detect()
+    if config.batch_size < layout.world_size:  # checked before waiting for the other processes
+        raise ConfigError(f"batch_size={config.batch_size} is the global batch and must be at least the number of "
+                          f"processes ({layout.world_size})")
+    if not layout.is_main:  # the other ranks only warn: rank 0 reports for all
+        logging.getLogger("deepsports").setLevel(max(logging.WARNING, logging.getLogger("deepsports").level))
+    owns_group = not torch.distributed.is_available() or not torch.distributed.is_initialized()
+    env = distributed.setup(use_cuda, config.dist_backend)
+    try:
+        return _train_process(config, env, parent_run_id, tags, epoch_callback, stop_requested, fault_hook)
+    finally:
+        if owns_group:
+            distributed.teardown(env)
+
+
+def _train_process(config: Config, env: DistEnv, parent_run_id, tags, epoch_callback, stop_requested,
+                   fault_hook) -> TrainResult:
     ckpt_dir = _resolve_checkpoint_dir(config)
-    resume_state, resume_run_id = None, None
-    if ckpt_dir is not None and config.resume == "auto":
+    resume_path, resume_state, resume_run_id = None, None, None
+    if env.is_main and ckpt_dir is not None and config.resume == "auto":
         manager = CheckpointManager(ckpt_dir)
         found = manager.latest_valid()
         if found is not None:
@@ -125,16 +144,25 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
             _check_same_config(manager.run_record_path, record.get("config") or {}, config)
             resume_run_id = record["mlflow_run_id"]
             log.info("restarting MLflow run %s from epoch 1 (no checkpoint yet)", resume_run_id)
-    tracker = tracking.RunTracker()
-    run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
-                           parent_run_id=parent_run_id, run_id=resume_run_id, tags=tags)
+    if env.is_main:
+        tracker = tracking.RunTracker()
+        run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
+                               parent_run_id=parent_run_id, run_id=resume_run_id,
+                               tags={**(tags or {}), **({"deepsports.world_size": str(env.world_size)}
+                                                         if env.enabled else {})})
+    # Every rank learns the run id and the checkpoint to resume from rank 0, and reads it itself.
+    run_id, resume_path = distributed.broadcast_object(env, (run_id if env.is_main else None, resume_path))
+    if not env.is_main:
+        tracker = tracking.NullTracker(run_id)
+    if not env.is_main and resume_path is not None:
+        resume_state = load_checkpoint(resume_path)
     if ckpt_dir is None:
         ckpt_dir = Path("checkpoints") / run_id
-    if resume_state is None:
+    if resume_state is None and env.is_main:
         CheckpointManager(ckpt_dir).record_run(run_id, config.to_dict())
     try:
-        result = _train_tracked(config, tracker, run_id, ckpt_dir, resume_state, epoch_callback, stop_requested,
-                                fault_hook)
+        result = _train_tracked(config, env, tracker, run_id, ckpt_dir, resume_state, epoch_callback,
+                                stop_requested, fault_hook)
     except PreemptedError:
         tracker.set_tags({"deepsports.interrupted": "true"})
         tracker.end("KILLED")
@@ -152,18 +180,26 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
     return result
 
 
-def _train_tracked(config: Config, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
+def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
                    resume_state: dict | None, epoch_callback, stop_requested, fault_hook) -> TrainResult:
     fault = fault_hook or (lambda where, step: None)
-    seed_everything(config.seed, config.deterministic)
-    runtime = select_runtime(config)
-    data = build_datasets(config, progress=True)
+    seed_everything(config.seed, config.deterministic)  # the same seed on every rank: identical init
+    device = torch.device("cuda", env.local_rank) if env.enabled and config.gpu and torch.cuda.is_available() else None
+    runtime = select_runtime(config, device)
+    if env.is_main:
+        data = build_datasets(config, progress=True)  # rank 0 generates/caches; the others then only read
+    distributed.barrier(env)
+    if not env.is_main:
+        data = build_datasets(config, progress=False)
     model = build_model(config)
     if resume_state is None and getattr(model, "fresh_head", False):
         model.init_output_bias(_mean_target(data.train))
     model = model.to(runtime.device)
     optimizer = build_optimizer(config, model.parameters())
-    n_steps = steps_per_epoch(len(data.train), config.batch_size)
+    global_model = GlobalBatchModel(model, env)
+    net = wrap_ddp(global_model, env, runtime.device, find_unused_parameters=config.use_decoder)
+    n_steps = steps_per_epoch(len(data.train), config.batch_size, env.world_size)
+    pin = runtime.device.type == "cuda"
     scheduler = build_scheduler(config, optimizer, n_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
     loss_fn = _loss_fn(config)
@@ -207,21 +243,21 @@ def _train_tracked(config: Config, tracker: "tracking.RunTracker", run_id: str, 
         first_step = start_step if epoch == start_epoch else 0
         acc = partial if epoch == start_epoch and first_step else {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
         data.train.set_epoch(epoch)
-        sampler = EpochSampler(len(data.train), config.seed, epoch, start=first_step * config.batch_size)
-        loader = make_loader(data.train, config.batch_size, config.num_workers, sampler,
-                             drop_last=len(data.train) % config.batch_size == 1,
-                             pin_memory=runtime.device.type == "cuda")
-        model.train()
+        order = EpochSampler(len(data.train), config.seed, epoch, start=first_step * config.batch_size)
+        batches = ShardedBatchSampler(list(order), config.batch_size, env, train=True)
+        loader = make_loader(data.train, config.batch_size, config.num_workers, batch_sampler=batches,
+                             pin_memory=pin)
+        net.train()
         progress = _Progress(n_steps, f"epoch {epoch}/{config.epochs}", config.log_every_steps)
         tick = time.perf_counter()
         step = first_step
         try:
-            for batch in loader:
+            for batch, sizes in zip(loader, batches.global_sizes):
                 video = batch["video"].to(runtime.device, non_blocking=True)
-                target = batch["target"].to(runtime.device, non_blocking=True)
+                target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
                 fault("step", step)
                 with runtime.autocast():
-                    out = model(video)
+                    out = net(video, sizes)  # the whole global batch's outputs, on every rank
                 loss, _ = loss_fn(out.float(), target)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"loss became {float(loss)} at epoch {epoch} step {step + 1} "
@@ -235,12 +271,13 @@ def _train_tracked(config: Config, tracker: "tracking.RunTracker", run_id: str, 
                 scaler.update()
                 scheduler.step()
                 step += 1
-                acc["loss_sum"] += float(loss.detach()) * len(video)
-                acc["clips"] += len(video)
-                progress.update(float(loss.detach()), first_step)
-                if stop_requested is not None and stop_requested() and step < n_steps:
+                acc["loss_sum"] += float(loss.detach()) * len(target)
+                acc["clips"] += len(target)
+                if env.is_main:
+                    progress.update(float(loss.detach()), first_step)
+                if _stop(env, stop_requested, runtime.device) and step < n_steps:
                     acc_now = {**acc, "seconds": acc["seconds"] + time.perf_counter() - tick}
-                    path = manager.save_partial(epoch, state(epoch, step, acc_now))
+                    path = manager.save_partial(epoch, state(epoch, step, acc_now)) if env.is_main else ckpt_dir
                     raise PreemptedError(f"stop requested at epoch {epoch} step {step}/{n_steps}; checkpoint {path}")
         except torch.OutOfMemoryError as exc:
             raise TrainingError(f"out of memory at epoch {epoch} step {step + 1} (batch_size={config.batch_size}, "
@@ -248,7 +285,8 @@ def _train_tracked(config: Config, tracker: "tracking.RunTracker", run_id: str, 
         finally:
             progress.close()
         train_seconds = acc["seconds"] + time.perf_counter() - tick
-        val = predict(model, make_loader(data.val, config.batch_size, config.num_workers), runtime, loss_fn)
+        val = predict(global_model, eval_loader(data.val, config.batch_size, config.num_workers, env, pin), runtime,
+                      loss_fn, env)
         val_metrics = val.metrics()
         epoch_seconds = time.perf_counter() - tick + acc["seconds"]
         row = {"epoch": epoch, "train_loss": acc["loss_sum"] / max(1, acc["clips"]), "val_loss": val_metrics["loss"],
@@ -260,23 +298,31 @@ def _train_tracked(config: Config, tracker: "tracking.RunTracker", run_id: str, 
         if is_best:
             best = {"val_spearman": row["val_spearman"], "epoch": epoch}
         fault("checkpoint", epoch)
-        manager.save(epoch, state(epoch + 1, 0, None), is_best=is_best)
+        if env.is_main:
+            manager.save(epoch, state(epoch + 1, 0, None), is_best=is_best)
         fault("log", epoch)
         tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
         log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s)", epoch,
                  config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"], row["clips_per_s"],
                  epoch_seconds)
-        if stop_requested is not None and stop_requested() and epoch < config.epochs:
+        if _stop(env, stop_requested, runtime.device) and epoch < config.epochs:
             raise PreemptedError(f"stop requested after epoch {epoch}; checkpoint in {ckpt_dir}")
         if epoch_callback is not None:
             epoch_callback(EpochReport(epoch=epoch, metrics={k: row[k] for k in EPOCH_METRICS}, run_id=run_id))
 
     tracker.set_tags({"deepsports.best_epoch": str(best["epoch"])})
     tracker.log_metrics({"best_val_spearman": best["val_spearman"]}, step=config.epochs)
-    test_metrics = log_final_artifacts(config, tracker, model, manager, data, runtime, loss_fn, history)
+    distributed.barrier(env)  # best.pt is on disk before every rank reads it
+    test_metrics = log_final_artifacts(config, tracker, model, manager, data, runtime, loss_fn, history, env)
     return TrainResult(run_id=run_id, best_val_spearman=best["val_spearman"], best_epoch=best["epoch"],
                        test_metrics=test_metrics, history=history, checkpoint_dir=ckpt_dir,
                        resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
+
+
+def _stop(env: DistEnv, stop_requested: Callable[[], bool] | None, device: torch.device) -> bool:
+    """Whether to stop now; under DDP every rank stops at the same step when any rank was asked to."""
+    asked = stop_requested is not None and stop_requested()
+    return distributed.any_rank(env, asked, device) if env.enabled else asked
 
 
 def _mean_target(dataset) -> torch.Tensor:

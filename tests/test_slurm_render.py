@@ -112,7 +112,9 @@ def test_rendered_scripts_carry_signal_requeue_exec(tmp_path, profile_path, kind
     assert lines[0] == "#!/usr/bin/env bash"
     assert f"#SBATCH --signal=B:USR1@{profile.grace_seconds}" in lines
     assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines
-    assert lines[-1] == f"exec python -m deepsports.cli {kind} epochs=1"
+    launcher = '"${launch[@]}" ' if kind == "train" else ""  # empty unless the profile asks for several tasks
+    assert lines[-1] == f"exec {launcher}python -m deepsports.cli {kind} epochs=1"
+    assert "launch=(srun" not in script and ("#SBATCH --ntasks-per-node=1" if kind == "train" else "#SBATCH --ntasks=1") in lines
     assert "set -euo pipefail" in lines
     # sbatch reads #SBATCH lines only before the first command.
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
@@ -137,7 +139,28 @@ def test_templates_hold_no_user_paths():
     for template in TEMPLATE_DIR.glob("*.sbatch"):
         text = template.read_text()
         assert not re.search(r"/home|/Users/|/scratch|/work/|~/", text), template
-        assert "exec {{command}}" in text and "--signal=B:USR1@{{grace_seconds}}" in text
+        assert "{{command}}" in text and "--signal=B:USR1@{{grace_seconds}}" in text
+        assert re.search(r"^exec .*\{\{command\}\}$", text, re.M), template
+
+
+def test_a_multi_task_train_profile_launches_ddp_through_srun(tmp_path):
+    profile = build_profile({"nodes": 2, "tasks_per_node": 4, "gpus": "a100:4", "cpus_per_task": 8}, "test")
+    script = render_script("train", profile, worker_command("train", "epochs=1"))
+    lines = script.splitlines()
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=4" in lines
+    assert "#SBATCH --gres=gpu:a100:4" in lines
+    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
+    assert any(line.startswith("launch=(srun --kill-on-bad-exit=1") for line in lines)
+    assert lines[-1] == 'exec "${launch[@]}" python -m deepsports.cli train epochs=1'
+    path = tmp_path / "train.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    # tune and prepare tasks stay single processes whatever the profile says.
+    for kind in ("tune", "prepare"):
+        other = render_script(kind, profile, worker_command(kind))
+        assert "#SBATCH --ntasks=1" in other and "launch=(srun" not in other
+    with pytest.raises(ConfigError, match="tasks_per_node"):
+        build_profile({"tasks_per_node": 0}, "test")
 
 
 def test_render_overrides_and_storage_env():

@@ -53,10 +53,20 @@ class AQAModel(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, C, T, H, W) -> (B, 2)``."""
+        return self.score(self.features(video))
+
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """What the backbone hands the head: ``(B, D)`` pooled features, or ``(B, N, D)`` tokens for the
+        decoder head. Per clip: no statistic crosses the batch."""
         if self.uses_decoder:
-            _, tokens = self.backbone.forward_features(video)
-            return self.head(tokens)
-        return self.head(self.feature_norm(self.backbone(video)))
+            return self.backbone.forward_features(video)[1]
+        return self.backbone(video)
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """Head (and feature normalisation, whose training statistics span the batch) -> ``(B, 2)``."""
+        if self.uses_decoder:
+            return self.head(features)
+        return self.head(self.feature_norm(features))
 
     @torch.no_grad()
     def init_output_bias(self, target_mean: torch.Tensor) -> None:
