@@ -1,4 +1,5 @@
-"""Studies with real training on a tiny synthetic set: storages, workers, parent/child runs, pruning, failures."""
+"""Studies with real training on a tiny synthetic set: storages, workers, parent/child runs, failures
+(pruning: tests/test_pruning.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from deepsports.config import load_config
@@ -127,32 +127,6 @@ def test_failing_trials_are_recorded_fail_and_the_study_goes_on(tmp_path, tracki
     assert {r.info.status for r in children} == {"FAILED"}
     assert {r.data.tags["optuna.trial_state"] for r in children} == {"FAIL"}
     assert client.get_run(summary.parent_run_id).info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_a_trial_below_the_median_is_pruned_and_its_run_killed(tmp_path, tracking_uri, cache_dir):
-    settings = _settings(tmp_path, cache_dir, n_trials=2, pruner_startup_trials=3, pruner_warmup_epochs=0)
-    space = load_search_space(settings.search_space)
-    study, parent = open_study("s", settings.storage, space, sampler=make_sampler(0), pruner=make_pruner("median", 2))
-    # Three earlier trials that ranked the validation clips perfectly: a real trial (Spearman < 1 on
-    # random-ish tiny data) is below their median after its first epoch.
-    for _ in range(3):
-        study.add_trial(optuna.trial.create_trial(
-            value=1.0, params={"learning_rate": 1e-3, "activation": "relu"}, intermediate_values={1: 1.0, 2: 1.0},
-            distributions={"learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
-                           "activation": optuna.distributions.CategoricalDistribution(["none", "relu", "gelu"])}))
-    summary = tune(settings)
-    assert summary.parent_run_id == parent and summary.trials_run == 2
-    ours = [t for t in optuna.load_study(study_name="s", storage=open_storage(settings.storage)).trials if t.number >= 3]
-    pruned = [t for t in ours if t.state == TrialState.PRUNED]
-    assert pruned, [(t.state, t.intermediate_values) for t in ours]
-    client = MlflowClient(tracking_uri)
-    for trial in pruned:
-        run = client.get_run(trial.user_attrs[RUN_ATTR])
-        assert run.info.status == "KILLED" and run.data.tags["optuna.trial_state"] == "PRUNED"
-        assert run.data.tags["mlflow.parentRunId"] == parent
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_spearman")] == [1]  # stopped at once
-        assert list(trial.intermediate_values) == [1]
 
 
 @pytest.mark.slow
