@@ -68,15 +68,15 @@ def _tune_settings(args: argparse.Namespace):
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigError(f"--workers={args.workers}: expected 1 or more")
+    if args.workers > 1:
+        return _run_local_workers(args)  # before any heavy import: the workers start at once
     from deepsports.distributed import detect
 
     if detect().enabled:
         raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
                           "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-    if args.workers < 1:
-        raise ConfigError(f"--workers={args.workers}: expected 1 or more")
-    if args.workers > 1:
-        return _run_local_workers(args)
     from deepsports.cli import _requeue_if_slurm
     from deepsports.preemption import PreemptionFlag
     from deepsports.tune import tune

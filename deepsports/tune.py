@@ -267,7 +267,7 @@ class _Worker:
             if seen and all(seen.get(tid, -1.0) != beat for tid, beat in beats.items()):
                 return False  # every running trial beat since we looked: their workers are alive
             seen = {**beats, **seen}
-            time.sleep(min(5.0, max(0.5, self.settings.heartbeat_interval / 4)))
+            time.sleep(min(1.0, max(0.2, self.settings.heartbeat_interval / 8)))
         return False
 
     # -- one trial --------------------------------------------------------------------------
