@@ -5,8 +5,7 @@ One run, the same clips for both:
 1. Generate a synthetic dataset (``deepsports.data.synth``, ``--clips`` clips) and re-encode its whole
    videos at a broadcast-like source size (``--source-size``, default 640x360) so the original-style
    loader reads full-size JPEGs as it did on MTL-AQA.
-2. Time ``prepare_cache`` (PyAV decode + resize + atomic .npy writes): frames/s, 1 worker and all CPUs.
-   ffmpeg CLI to JPEG is timed too when ``ffmpeg`` is on PATH.
+2. (Prepare throughput, PyAV vs the ffmpeg CLI, is ``bench_prepare.py``'s.)
 3. Extract every frame as ``<frames>/NN/%06d.jpg`` (the original's whole_videos_frames layout, numbered
    from 1; PyAV + PIL, not timed).
 4. For each ``FRAMESxSIZE`` setting, with and without ``data_aug``: median clips/s over ``--passes``
@@ -31,7 +30,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -148,27 +146,6 @@ def compare(cached: Dataset, original: Dataset, passes: int, batched: bool) -> t
     return fast, slow
 
 
-def time_prepare(root: Path, annotations: dict, cache: Path, frame_size: tuple[int, int], workers: int) -> float:
-    shutil.rmtree(cache, ignore_errors=True)
-    started = time.perf_counter()
-    index = prepare_cache(root, annotations, sorted(annotations), cache, frame_size, workers=workers, progress=False)
-    elapsed = time.perf_counter() - started
-    frames = sum(entry.num_frames for entry in index.clips.values())
-    return frames / elapsed
-
-
-def time_ffmpeg(videos: Path, out: Path) -> float | None:
-    if shutil.which("ffmpeg") is None:
-        return None
-    total, started = 0, time.perf_counter()
-    for video in sorted(videos.glob("*.mp4")):
-        target = out / video.stem
-        target.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(video), str(target / "%06d.jpg")], check=True)
-        total += len(list(target.glob("*.jpg")))
-    return total / (time.perf_counter() - started)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=64)
@@ -191,13 +168,6 @@ def main() -> None:
         clip_frames = sum(a.num_frames for a in annotations.values())
         print(f"data: {len(annotations)} clips ({clip_frames} frames) in {num_frames} frames of "
               f"{width}x{height} H.264 video")
-
-        print("\n| prepare (decode + resize + cache) | frames/s |\n|---|---|")
-        for workers in sorted({1, os.cpu_count() or 1}):
-            rate = time_prepare(root, annotations, work / "cache_timing", intermediate_size(112), workers)
-            print(f"| PyAV clip cache 128x228, {workers} worker(s) | {rate:.0f} |")
-        ffmpeg_rate = time_ffmpeg(root / "whole_videos", work / "ffmpeg_frames")
-        print(f"| ffmpeg CLI to JPEG (all frames) | {f'{ffmpeg_rate:.0f}' if ffmpeg_rate else 'not available (no ffmpeg on PATH)'} |")
 
         started = time.perf_counter()
         jpegs = extract_jpegs(root / "whole_videos", work / "whole_videos_frames")

@@ -13,7 +13,7 @@ a plot is written next to the JSON file (same name, ``.png``).
 (b) **Study**: ``deepsports tune --workers N`` (the CLI, a subprocess) on the same tiny study with
 N = 1 and then 2: a journal-storage study of ``--trials`` trials (``--max-trials``, pruner none), tiny
 single-threaded trials (``OMP_NUM_THREADS=1``; ``bench_slurm.py``'s settings — 40 synthetic clips,
-embed 32, no evaluation — at ``--trial-frames`` x ``--trial-size`` px, 8 x 64 by default, so that
+embed 32, no evaluation — at ``--trial-frames`` x ``--trial-size`` px, 8 x 112 by default, so that
 training rather than the fixed per-trial cost of run set-up, checkpoints and logging, about 1 s,
 dominates a trial) on a cache prepared beforehand. Trials/hour are given over the trials' own span
 (first trial start to last trial end, from the study) and end to end (the command's wall time, which
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=positive_int, default=6, help="trials of each study")
     parser.add_argument("--epochs", type=positive_int, default=3, help="epochs of each trial")
     parser.add_argument("--trial-frames", type=positive_int, default=8, help="frame_num of the study's trials")
-    parser.add_argument("--trial-size", type=positive_int, default=64, help="spatial_size of the study's trials")
+    parser.add_argument("--trial-size", type=positive_int, default=112, help="spatial_size of the study's trials")
     parser.add_argument("--skip-model", action="store_true", help="only the study part")
     parser.add_argument("--skip-study", action="store_true", help="only the model part")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 frames x 112/160, batch 2, 1 round; "

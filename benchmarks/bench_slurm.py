@@ -1,10 +1,12 @@
 """Trials per hour of one study run by a SLURM tuning array with 1 vs 2 tasks at once (the local cluster).
 
-    python benchmarks/bench_slurm.py [--trials 8] [--epochs 3] [--quick] [--keep DIR]
+    python benchmarks/bench_slurm.py [--trials 8] [--epochs 3] [--trial-frames 8] [--trial-size 112] [--quick] [--keep DIR]
 
 Both arrays have two tasks (``--array=0-1%1`` and ``--array=0-1%2``), each a ``deepsports tune``
-worker of one journal-storage study with ``--max-trials``; trials are tiny, single-threaded
-(``cpus_per_task: 1`` exports OMP_NUM_THREADS=1), on a synthetic set prepared beforehand. Two rates
+worker of one journal-storage study with ``--max-trials``; trials are tiny (``TINY`` at 8 frames x
+112 px, the demo's clip size, so that training rather than the fixed per-trial cost of run set-up,
+checkpoints and logging dominates a trial), single-threaded (``cpus_per_task: 1`` exports
+OMP_NUM_THREADS=1), on a synthetic set prepared beforehand. Two rates
 are printed: over the trials' own span (first trial start to last trial end, from the study) and end
 to end (``sbatch`` until the array left the queue, which adds worker start-up and scheduling). Needs
 a running cluster (``slurm/local-cluster.sh start``); without ``sbatch`` it says so and exits 0.
@@ -35,7 +37,7 @@ SPACE = """params:
 """
 
 
-def run_array(work: Path, cache: Path, concurrency: int, trials: int, epochs: int) -> dict:
+def run_array(work: Path, cache: Path, concurrency: int, trials: int, settings: dict) -> dict:
     import optuna
     from optuna.trial import TrialState
 
@@ -49,7 +51,7 @@ def run_array(work: Path, cache: Path, concurrency: int, trials: int, epochs: in
                              "logdir": str(work / "logs"),
                              "env": {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}},
                             "bench")
-    sets = [a for k, v in {**TINY, "cache_dir": str(cache), "epochs": epochs}.items() for a in ("--set", f"{k}={v}")]
+    sets = [a for k, v in {**settings, "cache_dir": str(cache)}.items() for a in ("--set", f"{k}={v}")]
     command = worker_command("tune", str(work / "space.yaml"), "--study", "bench", "--storage", storage,
                              "--max-trials", str(trials), "--pruner", "none", "--seed", "0", *sets,
                              python=sys.executable)
@@ -77,7 +79,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="4 trials of 2 epochs")
+    parser.add_argument("--trial-frames", type=int, default=8, help="frame_num of the trials")
+    parser.add_argument("--trial-size", type=int, default=112, help="spatial_size of the trials")
+    parser.add_argument("--quick", action="store_true", help="4 trials of 2 epochs at 4 x 32 px")
     parser.add_argument("--keep", default=None, help="work in this directory and keep it")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -85,6 +89,11 @@ def main() -> int:
         print("bench_slurm: sbatch not found; start the local cluster (sudo slurm/local-cluster.sh start). Skipped.")
         return 0
     trials, epochs = (4, 2) if args.quick else (args.trials, args.epochs)
+    frames, size = (4, 32) if args.quick else (args.trial_frames, args.trial_size)
+    if min(trials, epochs, frames, size) < 1 or size % 16:
+        parser.error(f"--trials {trials} --epochs {epochs} --trial-frames {frames} --trial-size {size}: expected "
+                     f"positive numbers and a size that is a multiple of 16 (the patch size)")
+    settings = {**TINY, "frame_num": frames, "spatial_size": size, "epochs": epochs}
     os.environ.pop("MLFLOW_RUN_ID", None)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-slurm-"))
     try:
@@ -92,13 +101,13 @@ def main() -> int:
         from deepsports.data import build_datasets
 
         cache = root / "cache"
-        build_datasets(build_config({**TINY, "cache_dir": str(cache)}), progress=False)
-        results = [run_array(root / f"c{c}", cache, c, trials, epochs) for c in (1, 2)]
+        build_datasets(build_config({**settings, "cache_dir": str(cache)}), progress=False)
+        results = [run_array(root / f"c{c}", cache, c, trials, settings) for c in (1, 2)]
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, nproc {os.cpu_count()}; "
-          f"{trials} trials of {epochs} epochs, tiny settings, one thread per task")
+          f"{trials} trials of {epochs} epochs, tiny model at {frames} x {size} px, one thread per task")
     print("| tasks at once | trials/hour (trial span) | span s | trials/hour (end to end) | end to end s | load avg |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in results:
