@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -49,18 +48,9 @@ from deepsports.data import ClipDataset, prepare_cache, sample_indices  # noqa: 
 from deepsports.data.annotations import load_annotations  # noqa: E402
 from deepsports.data.dataset import NORMALIZE_MEAN, NORMALIZE_STD, clip_target, intermediate_size  # noqa: E402
 from deepsports.data.synth import generate_synthetic_dataset  # noqa: E402
+from _common import cpu_model  # noqa: E402  (benchmarks/_common.py)
 
 FRAME_METHOD = "spaced_fixed"  # deterministic: both loaders read exactly the same frames
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def upscale_videos(src: Path, dst: Path, width: int, height: int) -> int:
