@@ -260,7 +260,7 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
                     out = net(video, sizes)  # the whole global batch's outputs, on every rank
                 loss, _ = loss_fn(out.float(), target)
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss became {float(loss)} at epoch {epoch} step {step + 1} "
+                    raise NonFiniteLossError(f"loss became {float(loss.detach())} at epoch {epoch} step {step + 1} "
                                              f"(learning_rate={config.learning_rate}); try a lower learning rate")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
