@@ -1,8 +1,6 @@
 """``python -m deepsports ...`` (and ``torchrun --nproc_per_node N -m deepsports train ...``)."""
 
-import sys
-
 from deepsports.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

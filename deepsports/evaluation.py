@@ -11,7 +11,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deepsports.distributed import SINGLE, DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows
-from deepsports.distributed import steps_per_epoch  # noqa: F401  (re-exported)
 from deepsports.errors import TrainingError
 from deepsports.losses import SCORE_SCALE
 from deepsports.metrics import regression_metrics

@@ -23,9 +23,9 @@ from deepsports import distributed, tracking
 from deepsports.checkpointing import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from deepsports.config import Config, build_config
 from deepsports.data import build_datasets
-from deepsports.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, wrap_ddp
+from deepsports.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
-from deepsports.evaluation import EpochSampler, eval_loader, make_loader, predict, steps_per_epoch
+from deepsports.evaluation import EpochSampler, eval_loader, make_loader, predict
 from deepsports.losses import aqa_loss
 from deepsports.model import build_model
 from deepsports.optim import build_optimizer, build_scheduler
