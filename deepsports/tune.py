@@ -312,7 +312,9 @@ class _Worker:
             if RUN_ATTR not in trial.user_attrs:
                 trial.set_user_attr(RUN_ATTR, report.run_id)
             value = report.metrics["val_spearman"]
-            if math.isfinite(value) and report.epoch not in known:
+            if report.epoch not in known:
+                # NaN too (constant predictions have no rank correlation): the pruner stops a trial
+                # whose every reported value is NaN instead of letting it train to the end and fail.
                 trial.report(value, report.epoch)
             if trial.should_prune():
                 raise PrunedTrial(f"pruned after epoch {report.epoch}: val_spearman {value:.4f}")
@@ -340,7 +342,7 @@ class _Worker:
         path, state = found
         for row in state.get("history", []):
             epoch, value = int(row["epoch"]), float(row["val_spearman"])
-            if epoch not in frozen.intermediate_values and math.isfinite(value):
+            if epoch not in frozen.intermediate_values:
                 trial.report(value, epoch)
         resumed = {"checkpoint": str(path), "epoch": int(state["epoch"]), "step": int(state["step"])}
         trial.set_user_attr(recovery.RESUMED_ATTR, resumed)

@@ -130,6 +130,32 @@ def test_failing_trials_are_recorded_fail_and_the_study_goes_on(tmp_path, tracki
 
 
 @pytest.mark.slow
+def test_a_trial_whose_validation_spearman_is_nan_is_pruned_at_once(tmp_path, tracking_uri, cache_dir):
+    """Constant predictions have no rank correlation (NaN): the NaN reaches Optuna and the median
+    pruner stops that trial after its first epoch, instead of it training to the end."""
+    import dataclasses
+    import math
+
+    def second_trial_predicts_constants(config, *, epoch_callback, tags, **kwargs):
+        def report_nan(report):
+            return epoch_callback(dataclasses.replace(report, metrics={**report.metrics, "val_spearman": math.nan}))
+        nan = tags["optuna.trial_number"] == "1"
+        return train(config, epoch_callback=report_nan if nan else epoch_callback, tags=tags, **kwargs)
+
+    settings = _settings(tmp_path, cache_dir, n_trials=2, pruner="median", pruner_startup_trials=1,
+                         pruner_warmup_epochs=0, overrides={"epochs": 3})
+    summary = tune(settings, train_fn=second_trial_predicts_constants)
+    study = optuna.load_study(study_name="s", storage=open_storage(settings.storage))
+    first, second = sorted(study.trials, key=lambda t: t.number)
+    assert first.state == TrialState.COMPLETE and list(first.intermediate_values) == [1, 2, 3]
+    assert second.state == TrialState.PRUNED
+    assert list(second.intermediate_values) == [1] and math.isnan(second.intermediate_values[1])
+    client = MlflowClient(tracking_uri)
+    child = next(r for r in _children(client, summary.parent_run_id) if r.data.tags["optuna.trial_number"] == "1")
+    assert child.info.status == "KILLED" and child.data.tags["optuna.trial_state"] == "PRUNED"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1]
+
+
 def test_a_preempted_trial_is_paused_and_resumed_as_the_same_trial_and_run(tmp_path, tracking_uri, cache_dir):
     settings = _settings(tmp_path, cache_dir, n_trials=1, pruner="none")
     polls = {"n": 0}
