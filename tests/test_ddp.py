@@ -244,3 +244,52 @@ def test_a_global_batch_smaller_than_the_process_count_is_refused(tmp_path, trac
     config = build_config({**tiny_overrides(tmp_path, cache_dir=tiny_cache_dir), "batch_size": "2"})
     with pytest.raises(ConfigError, match="batch_size=2 is the global batch"):
         train(config)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_rank_stops_every_rank_and_the_run_resumes(tmp_path, tracking_uri, tiny_cache_dir):
+    """SIGUSR1 reaches rank 1 alone: both ranks stop at the same step, rank 0 checkpoints and marks the
+    run interrupted; the same command then resumes it into the same MLflow run, each epoch logged once."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    from tests.e2e_helpers import wait_for
+
+    epochs = 8
+    values = tiny_overrides(tmp_path, cache_dir=tiny_cache_dir, batch_size=5, epochs=epochs)
+    env = subprocess_env(tracking_uri, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "deepsports", "train",
+               *as_args(values), "run_name=ddp", f"checkpoint_dir={tmp_path / 'ckpt'}"]
+    client = mlflow.MlflowClient(tracking_uri)
+
+    def first_epoch_logged():
+        runs = _runs(tracking_uri) if client.get_experiment_by_name("deepsports") else {}
+        return "ddp" in runs and client.get_metric_history(runs["ddp"].info.run_id, "val_spearman")
+
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(first_epoch_logged, timeout=240, what="the first epoch of the DDP run")
+        rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        rank1[0].send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, output
+    run = _runs(tracking_uri)["ddp"]
+    assert run.info.status == "KILLED" and run.data.tags.get("deepsports.interrupted") == "true", output[-3000:]
+    stopped_after = len(client.get_metric_history(run.info.run_id, "val_spearman"))
+    assert 1 <= stopped_after < epochs
+    assert "stop requested" in output, output[-3000:]
+
+    resumed = run_checked(command[:10] + [str(free_port())] + command[11:], env, cwd=tmp_path)
+    assert resumed.stdout.count('"run_id"') == 1
+    final = mlflow.MlflowClient(tracking_uri).get_run(run.info.run_id)
+    assert sorted(_runs(tracking_uri)) == ["ddp"]  # the same run, not a second one
+    assert final.info.status == "FINISHED" and final.data.tags["deepsports.resumes"] == "1"
+    for key in ("val_spearman", "train_loss"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, epochs + 1))
