@@ -139,9 +139,10 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_f
             with runtime.autocast():
                 out = gmodel(video, sizes)
             out = out.float()
-            target = gather_rows(batch["target"].to(runtime.device), sizes, env)
+            target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
             meta = torch.stack([batch[k].double() for k in ("video_id", "clip_id", "final_score", "difficulty")], 1)
-            meta = gather_rows(meta.to(runtime.device), sizes, env)
+            # Labels and ids stay on the host unless other ranks need them (the collective runs on the device).
+            meta = gather_rows(meta.to(runtime.device), sizes, env) if env.enabled else meta
             loss, _ = loss_fn(out, target)
             loss_sum += float(loss) * len(out)
             count += len(out)

@@ -321,7 +321,9 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
 
 def _stop(env: DistEnv, stop_requested: Callable[[], bool] | None, device: torch.device) -> bool:
     """Whether to stop now; under DDP every rank stops at the same step when any rank was asked to."""
-    asked = stop_requested is not None and stop_requested()
+    if stop_requested is None:  # the same on every rank: no collective needed
+        return False
+    asked = stop_requested()
     return distributed.any_rank(env, asked, device) if env.enabled else asked
 
 
