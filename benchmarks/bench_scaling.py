@@ -128,7 +128,7 @@ def run_study(work: Path, cache: Path, workers: int, trials: int, settings: dict
     import optuna
     from optuna.trial import TrialState
 
-    from deepsports.study import open_storage
+    from deepsports.tune.study import open_storage
 
     work.mkdir(parents=True)
     (work / "space.yaml").write_text(SPACE)

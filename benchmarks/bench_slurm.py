@@ -41,8 +41,8 @@ def run_array(work: Path, cache: Path, concurrency: int, trials: int, settings: 
     import optuna
     from optuna.trial import TrialState
 
-    from deepsports.slurm import build_profile, render_script, submit, worker_command
-    from deepsports.study import open_storage
+    from deepsports.slurm.jobs import build_profile, render_script, submit, worker_command
+    from deepsports.tune.study import open_storage
 
     work.mkdir(parents=True)
     (work / "space.yaml").write_text(SPACE)

@@ -43,11 +43,11 @@ from _common import finish, machine, median, positive_int, print_machine  # noqa
 
 import optuna  # noqa: E402
 
-import deepsports.tracking as tracking  # noqa: E402
+import deepsports.tracking.runs as tracking  # noqa: E402
 from deepsports.config import build_config  # noqa: E402
 from deepsports.data import build_datasets  # noqa: E402
-from deepsports.study import open_storage  # noqa: E402
-from deepsports.train import train  # noqa: E402
+from deepsports.tune.study import open_storage  # noqa: E402
+from deepsports.train.loop import train  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -29,7 +29,7 @@ def _sync() -> None:
 def check_torchsort() -> dict:
     import torchsort
 
-    from deepsports.losses import aqa_loss
+    from deepsports.train.losses import aqa_loss
 
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(4, 64, generator=gen)
@@ -53,8 +53,8 @@ def check_torchsort() -> dict:
 def train_step_figures(preset: str, size: int, batch: int, steps: int, dtype: torch.dtype | None,
                        attention: str = "sdpa") -> dict:
     from deepsports.config import build_config
-    from deepsports.distributed import GlobalBatchModel
-    from deepsports.losses import aqa_loss
+    from deepsports.train.distributed import GlobalBatchModel
+    from deepsports.train.losses import aqa_loss
     from deepsports.model import attention_backend, build_model
 
     config = build_config({"backbone": preset, "frame_num": 8, "spatial_size": size, "patch_size": 16,

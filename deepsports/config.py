@@ -3,7 +3,7 @@
 Every argument of the original ``train.py`` keeps its name and meaning; the platform adds a few
 keys of its own. This module is the single place that defines names, types, defaults, allowed
 values and help text: the CLI flags, the MLproject parameters and the search-space keys are all
-derived from :func:`config_fields` (``tests/test_config.py`` checks that they agree).
+derived from :func:`config_fields` (``tests/cli/test_config.py`` checks that they agree).
 
 Values are validated when a :class:`Config` is built; a bad value raises :class:`ConfigError`
 naming the key, the value and what is allowed. Nothing is ever silently replaced by a default.

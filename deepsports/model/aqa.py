@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from deepsports.config import Config
-from deepsports.model.checkpoint import load_pretrained
+from deepsports.model.pretrained import load_pretrained
 from deepsports.model.heads import DecoderHead, MLPHead
 from deepsports.model.presets import get_preset
 from deepsports.model.timesformer import TimeSformer

@@ -2,7 +2,7 @@
 
 Parameter names match the official ``timesformer/models/vit.py`` (cls_token, pos_embed, time_embed,
 patch_embed.proj, blocks.N.*, norm), so the published ``.pyth`` checkpoints load by key once their
-``model.`` prefix is stripped (see :mod:`deepsports.model.checkpoint`). The official classifier
+``model.`` prefix is stripped (see :mod:`deepsports.model.pretrained`). The official classifier
 ``head`` has no counterpart; instead ``feature_proj`` maps the backbone width to ``embed_dim``, the
 size of the feature handed to the scoring head (the original DeepSports built TimeSformer with
 ``num_classes=768`` and used that classifier as this projection).

@@ -21,12 +21,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepsports.cli import main
+from deepsports.cli.main import main
 from deepsports.config import ConfigError, build_config, config_fields, format_value, parse_value
 from deepsports.data.cache import is_temp_file
 from deepsports.data.safe_pickle import restricted_load
 from deepsports.errors import SearchSpaceError
-from deepsports.search_space import load_search_space
+from deepsports.tune.search_space import load_search_space
 from tests.e2e_helpers import REPO, TINY, deepsports_cmd, subprocess_env
 
 SYNTH_CLIPS = 12
@@ -242,7 +242,7 @@ def test_an_unreachable_storage_is_a_storage_error_with_the_password_redacted(wo
 
 
 def test_best_of_a_study_that_does_not_exist_names_it_and_the_studies_there(workdir):
-    from deepsports.study import open_storage
+    from deepsports.tune.study import open_storage
 
     import optuna
 

@@ -19,7 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.study import PARENT_RUN_ATTR, RUN_ATTR, open_storage
+from deepsports.tune.study import open_storage
+
+from deepsports.tune.attrs import PARENT_RUN_ATTR, RUN_ATTR
 from tests.e2e_helpers import REPO, deepsports_cmd, subprocess_env
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deepsports.checkpointing import CheckpointManager, load_checkpoint
-from deepsports.train import EPOCH_METRICS
+from deepsports.train.checkpoints import CheckpointManager, load_checkpoint
+from deepsports.train.loop import EPOCH_METRICS
 from tests.e2e_helpers import as_args, deepsports_cmd, run_checked, subprocess_env, tiny_overrides, wait_for
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import time
 def mlflow_writer(uri: str, worker: int, steps: int, n_metrics: int, n_params: int) -> dict:
     """One run through :class:`deepsports.tracking.RunTracker`: params, ``steps`` x ``n_metrics`` points
     through ``log_metrics`` (one transaction per step) and as many through the MetricBuffer (log_batch)."""
-    from deepsports.tracking import RunTracker
+    from deepsports.tracking.runs import RunTracker
 
     tick = time.perf_counter()
     tracker = RunTracker(uri)
@@ -33,7 +33,7 @@ def optuna_worker(storage: str, study_name: str, n_trials: int) -> dict:
     """``n_trials`` cheap trials (no training) on a shared study through :func:`deepsports.study.open_storage`."""
     import optuna
 
-    from deepsports.study import open_storage
+    from deepsports.tune.study import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tick = time.perf_counter()

@@ -1,0 +1,197 @@
+"""The ``deepsports`` command line.
+
+Each subcommand parses its arguments, builds the config, calls one library function and maps the
+project's exception types to exit codes. Every config key is accepted as ``key=value`` and as the
+original ``train.py`` flag ``--key value`` (lists as ``--topology 512 256``), so old job scripts port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from deepsports.config import Config, config_fields, format_value, load_config
+from deepsports.errors import DeepSportsError, PreemptedError
+
+log = logging.getLogger("deepsports")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None,
+                        help="experiment YAML: a path or a name under experiments/ (e.g. seed_best)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 topology=512,256")
+    group = parser.add_argument_group("config keys (the original train.py flags keep their names)")
+    for name, spec in config_fields().items():
+        multi = spec.kind in ("int_list", "float_list", "videos")
+        default = format_value(spec.default)
+        group.add_argument(f"--{name}", dest=f"cfg_{name}", default=None, nargs="+" if multi else None,
+                           metavar=name.upper(), help=f"{spec.help} [{default}; {spec.describe_allowed()}]")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Experiment file, then ``key=value`` overrides, then ``--key value`` flags (later wins)."""
+    from deepsports.config import parse_overrides
+
+    overrides = list(args.overrides or [])
+    flags: dict[str, Any] = {}
+    for name in config_fields():
+        raw = getattr(args, f"cfg_{name}", None)
+        if isinstance(raw, list):
+            # `--videos 01 02 epochs=3`: a list flag swallows the key=value overrides after it.
+            overrides += [item for item in raw if "=" in item]
+            raw = [item for item in raw if "=" not in item] or None
+            raw = " ".join(raw) if raw else None
+        if raw is not None:
+            flags[name] = raw
+    return load_config(args.config, {**parse_overrides(overrides), **flags})
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.slurm.jobs import requeue_if_slurm
+    from deepsports.train.distributed import detect
+    from deepsports.train.loop import train
+
+    config = config_from_args(args)
+    main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
+    with PreemptionFlag() as flag:
+        try:
+            result = train(config, stop_requested=flag.requested)
+        except PreemptedError:
+            if main_rank:
+                requeue_if_slurm()
+            raise
+    if not main_rank:
+        return 0
+    summary = {"run_id": result.run_id, "best_val_spearman": result.best_val_spearman, "best_epoch": result.best_epoch,
+               "resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(result.checkpoint_dir),
+               **{f"test_{k}": v for k, v in result.test_metrics.items()}}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import signal
+
+    from deepsports.data import prepare_from_config
+    from deepsports.slurm.jobs import requeue_if_slurm
+
+    config = config_from_args(args)
+
+    # prepare is resumable (every clip is written to a temporary name, then renamed), so on
+    # SIGUSR1/SIGTERM it may stop at once; under SLURM it requeues itself and continues later.
+    def stop(signum, _frame):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # the requeue's own SIGTERM must not interrupt us again
+        raise PreemptedError(f"prepare stopped by {signal.Signals(signum).name}; finished clips stay cached")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        index = prepare_from_config(config, progress=not args.quiet, skip_bad=args.skip_bad)
+    except PreemptedError:
+        requeue_if_slurm()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(index.summary() if hasattr(index, "summary") else index)
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from deepsports.data.synth import generate_synthetic_dataset
+
+    out = generate_synthetic_dataset(Path(args.out), n_clips=args.clips, seed=args.seed, progress=not args.quiet)
+    print(f"synthetic MTL-AQA-layout dataset in {out.root}\n  annotations: {out.annotation_path}\n"
+          f"  train split: {out.train_path}\n  test split:  {out.test_path}\n"
+          f"train on it with: deepsports train dataset=mtl_aqa root_dir={out.root} annotation_path={out.annotation_path} "
+          f"train_path={out.train_path} test_path={out.test_path}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    print(config.to_yaml(), end="")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from deepsports.cli.demo import run_demo
+
+    return run_demo(epochs=args.epochs, params=args.params)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
+    _add_config_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("prepare", help="decode the videos once into the clip cache (resumable)")
+    _add_config_arguments(p)
+    p.add_argument("--skip-bad", action="store_true", help="record corrupt videos/clips and go on")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("synth", help="write the synthetic diving dataset in the MTL-AQA layout")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--clips", type=int, default=600, help="number of clips [600]")
+    p.add_argument("--seed", type=int, default=0, help="seed [0]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _add_config_arguments(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("demo", help="train through the MLflow Project on synthetic data and say where to look")
+    p.add_argument("--epochs", type=int, default=10, help="epochs [10]")
+    p.add_argument("-P", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra MLproject parameters, e.g. -P synth_clips=300")
+    p.set_defaults(func=_cmd_demo)
+
+    for register in _extension_registrars():
+        register(sub)
+    return parser
+
+
+def _extension_registrars():
+    """Subcommands owned by the study and SLURM modules (each module adds its own parser)."""
+    from deepsports.cli import studies as cli_studies
+
+    return [cli_studies.register]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    all_args = list(sys.argv[1:] if argv is None else argv)
+    # `deepsports submit KIND [options] -- ARGS...`: argparse mishandles `--` below a subparser.
+    passthrough: list[str] | None = None
+    if all_args[:1] == ["submit"] and "--" in all_args:
+        cut = all_args.index("--")
+        all_args, passthrough = all_args[:cut], all_args[cut + 1:]
+    args = parser.parse_args(all_args)
+    if passthrough is not None:
+        args.args = list(args.args) + passthrough
+    args.argv = all_args
+    try:
+        return int(args.func(args) or 0)
+    except PreemptedError as exc:
+        print(f"deepsports: interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except DeepSportsError as exc:
+        print(f"deepsports: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("deepsports: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

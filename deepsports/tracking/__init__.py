@@ -1,0 +1,39 @@
+"""Tracking: MLflow runs (runs.py) and the tracking store's URIs, WAL and retries (store.py).
+
+The public names below load their module on first use (PEP 562), so importing the package stays
+cheap: ``deepsports --help`` imports neither torch nor mlflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    'MetricBuffer': 'runs',
+    'NullTracker': 'runs',
+    'RetryPolicy': 'store',
+    'RunTracker': 'runs',
+    'call_with_retry': 'store',
+    'default_retry_policy': 'store',
+    'enable_sqlite_wal': 'store',
+    'environment_tags': 'runs',
+    'is_transient': 'store',
+    'log_model': 'runs',
+    'redact_uri': 'store',
+    'sqlite_path': 'store',
+    'tracking_uri': 'store',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

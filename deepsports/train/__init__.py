@@ -1,0 +1,66 @@
+"""Training: the loop, losses, metrics, optimiser, evaluation, reporting, checkpoints, runtime and DDP.
+
+The public names below load their module on first use (PEP 562), so importing the package stays
+cheap: ``deepsports --help`` imports neither torch nor mlflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    'CheckpointManager': 'checkpoints',
+    'DistEnv': 'distributed',
+    'EpochReport': 'loop',
+    'EpochSampler': 'evaluation',
+    'GlobalBatchModel': 'distributed',
+    'Predictions': 'evaluation',
+    'Runtime': 'runtime',
+    'ShardedBatchSampler': 'distributed',
+    'TrainResult': 'loop',
+    'any_rank': 'distributed',
+    'aqa_loss': 'losses',
+    'barrier': 'distributed',
+    'broadcast_object': 'distributed',
+    'build_optimizer': 'optim',
+    'build_scheduler': 'optim',
+    'capture_rng_state': 'checkpoints',
+    'detect': 'distributed',
+    'eval_loader': 'evaluation',
+    'final_scores': 'losses',
+    'gather_rows': 'distributed',
+    'load_checkpoint': 'checkpoints',
+    'load_training_checkpoint': 'loop',
+    'log_final_artifacts': 'reporting',
+    'make_loader': 'evaluation',
+    'predict': 'evaluation',
+    'regression_metrics': 'metrics',
+    'relative_l2': 'metrics',
+    'restore_rng_state': 'checkpoints',
+    'save_checkpoint': 'checkpoints',
+    'seed_everything': 'runtime',
+    'select_runtime': 'runtime',
+    'setup': 'distributed',
+    'setup_logging': 'runtime',
+    'shard_sizes': 'distributed',
+    'soft_spearman': 'losses',
+    'spearman': 'metrics',
+    'steps_per_epoch': 'distributed',
+    'teardown': 'distributed',
+    'train': 'loop',
+    'wrap_ddp': 'distributed',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,358 @@
+"""The training loop: one function that the CLI, the MLproject, Optuna studies and SLURM workers call.
+
+A run is resumable: checkpoints (``epoch-NNNN.pt`` after every epoch, ``best.pt`` by validation
+Spearman, and a mid-epoch one on preemption) hold model, optimizer, scheduler, scaler, RNG states,
+config and the MLflow run id, so ``resume: auto`` continues *the same MLflow run*. Metrics are
+logged after the checkpoint that contains them is on disk, and on resume any epoch the checkpoint
+knows but MLflow does not is logged then: every epoch appears exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deepsports.train import distributed
+
+from deepsports.tracking import runs as tracking
+from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from deepsports.config import Config, build_config
+from deepsports.data import build_datasets
+from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
+from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
+from deepsports.train.evaluation import EpochSampler, eval_loader, make_loader, predict
+from deepsports.train.losses import aqa_loss
+from deepsports.model import build_model
+from deepsports.train.optim import build_optimizer, build_scheduler
+from deepsports.train.reporting import log_final_artifacts
+from deepsports.train.runtime import select_runtime, seed_everything, setup_logging
+
+log = logging.getLogger("deepsports.train")
+
+#: Metric keys logged once per epoch (step = epoch, counted from 1).
+EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_mse", "val_difficulty_mae",
+                 "learning_rate", "epoch_seconds", "clips_per_s")
+
+
+#: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
+#: of the epochs already done): more epochs, other workers, logging and the final evaluation.
+RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "loglevel", "log_every_steps", "gpu", "evaluate", "log_model",
+                               "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
+
+
+@dataclass
+class EpochReport:
+    """What the epoch callback sees after each epoch (``metrics`` holds :data:`EPOCH_METRICS`)."""
+
+    epoch: int
+    metrics: dict[str, float]
+    run_id: str
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    best_val_spearman: float
+    best_epoch: int
+    test_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    checkpoint_dir: Path
+    resumed_from_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Progress:
+    """A tqdm bar on a terminal, periodic log lines otherwise (SLURM logs, CI)."""
+
+    def __init__(self, total: int, desc: str, every: int):
+        self.every, self.total, self.desc, self.count = every, total, desc, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+    def update(self, loss: float, start: int = 0) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        elif self.count % self.every == 0 or start + self.count == self.total:
+            log.info("%s step %d/%d loss %.4f", self.desc, start + self.count, self.total, loss)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _loss_fn(config: Config):
+    return lambda out, target: aqa_loss(out, target, config.loss_mse_weight, config.loss_spcoef_weight)
+
+
+def _resolve_checkpoint_dir(config: Config) -> Path | None:
+    return Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
+
+
+def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+          epoch_callback: Callable[[EpochReport], None] | None = None,
+          stop_requested: Callable[[], bool] | None = None,
+          fault_hook: Callable[[str, int], None] | None = None) -> TrainResult:
+    """Train (and, with ``evaluate``, test) one configuration, tracked in MLflow.
+
+    ``epoch_callback`` runs after each epoch's checkpoint and metrics; an exception it raises stops
+    the run, whose MLflow status is the exception's ``mlflow_status`` attribute (default FAILED).
+    ``stop_requested`` is polled after every step: when it returns true a checkpoint is written, the
+    run is marked interrupted (KILLED) and :class:`PreemptedError` is raised. ``fault_hook(where,
+    step)`` is called at named points of the loop; tests use it to inject faults.
+    """
+    setup_logging(config.loglevel)
+    use_cuda = config.gpu and torch.cuda.is_available()
+    layout = distributed.detect()
+    if config.batch_size < layout.world_size:  # checked before waiting for the other processes
+        raise ConfigError(f"batch_size={config.batch_size} is the global batch and must be at least the number of "
+                          f"processes ({layout.world_size})")
+    if not layout.is_main:  # the other ranks only warn: rank 0 reports for all
+        logging.getLogger("deepsports").setLevel(max(logging.WARNING, logging.getLogger("deepsports").level))
+    owns_group = not torch.distributed.is_available() or not torch.distributed.is_initialized()
+    env = distributed.setup(use_cuda, config.dist_backend)
+    try:
+        return _train_process(config, env, parent_run_id, tags, epoch_callback, stop_requested, fault_hook)
+    finally:
+        if owns_group:
+            distributed.teardown(env)
+
+
+def _train_process(config: Config, env: DistEnv, parent_run_id, tags, epoch_callback, stop_requested,
+                   fault_hook) -> TrainResult:
+    ckpt_dir = _resolve_checkpoint_dir(config)
+    resume_path, resume_state, resume_run_id = None, None, None
+    if env.is_main and ckpt_dir is not None and config.resume == "auto":
+        manager = CheckpointManager(ckpt_dir)
+        found = manager.latest_valid()
+        if found is not None:
+            resume_path, resume_state = found
+            log.info("resuming from %s", resume_path)
+            _check_same_config(resume_path, resume_state["config"], config)
+            resume_run_id = resume_state.get("mlflow_run_id")
+        elif (record := manager.recorded_run()) is not None:
+            # Killed before the first checkpoint: continue its MLflow run from epoch 1, not a second run.
+            _check_same_config(manager.run_record_path, record.get("config") or {}, config)
+            resume_run_id = record["mlflow_run_id"]
+            log.info("restarting MLflow run %s from epoch 1 (no checkpoint yet)", resume_run_id)
+    if env.is_main:
+        tracker = tracking.RunTracker()
+        run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
+                               parent_run_id=parent_run_id, run_id=resume_run_id,
+                               tags={**(tags or {}), **({"deepsports.world_size": str(env.world_size)}
+                                                         if env.enabled else {})})
+    # Every rank learns the run id and the checkpoint to resume from rank 0, and reads it itself.
+    run_id, resume_path = distributed.broadcast_object(env, (run_id if env.is_main else None, resume_path))
+    if not env.is_main:
+        tracker = tracking.NullTracker(run_id)
+    if not env.is_main and resume_path is not None:
+        resume_state = load_checkpoint(resume_path)
+    if ckpt_dir is None:
+        ckpt_dir = Path("checkpoints") / run_id
+    if resume_state is None and env.is_main:
+        CheckpointManager(ckpt_dir).record_run(run_id, config.to_dict())
+    try:
+        result = _train_tracked(config, env, tracker, run_id, ckpt_dir, resume_state, epoch_callback,
+                                stop_requested, fault_hook)
+    except PreemptedError:
+        tracker.set_tags({"deepsports.interrupted": "true"})
+        tracker.end("KILLED")
+        raise
+    except KeyboardInterrupt:
+        tracker.set_tags({"deepsports.interrupted": "true", "deepsports.failure_reason": "KeyboardInterrupt"})
+        tracker.end("KILLED")
+        raise
+    except BaseException as exc:
+        status = getattr(exc, "mlflow_status", "FAILED")
+        tracker.set_tags({"deepsports.failure_reason": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracker.end(status)
+        raise
+    tracker.end("FINISHED")
+    return result
+
+
+def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
+                   resume_state: dict | None, epoch_callback, stop_requested, fault_hook) -> TrainResult:
+    fault = fault_hook or (lambda where, step: None)
+    seed_everything(config.seed, config.deterministic)  # the same seed on every rank: identical init
+    device = torch.device("cuda", env.local_rank) if env.enabled and config.gpu and torch.cuda.is_available() else None
+    runtime = select_runtime(config, device)
+    if env.is_main:
+        data = build_datasets(config, progress=True)  # rank 0 generates/caches; the others then only read
+    distributed.barrier(env)
+    if not env.is_main:
+        data = build_datasets(config, progress=False)
+    model = build_model(config)
+    if resume_state is None and getattr(model, "fresh_head", False):
+        model.init_output_bias(_mean_target(data.train))
+    model = model.to(runtime.device)
+    optimizer = build_optimizer(config, model.parameters())
+    global_model = GlobalBatchModel(model, env)
+    net = wrap_ddp(global_model, env, runtime.device, find_unused_parameters=config.use_decoder)
+    n_steps = steps_per_epoch(len(data.train), config.batch_size, env.world_size)
+    pin = runtime.device.type == "cuda"
+    scheduler = build_scheduler(config, optimizer, n_steps)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
+    loss_fn = _loss_fn(config)
+    manager = CheckpointManager(ckpt_dir)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    history: list[dict[str, float]] = []
+    start_epoch, start_step, partial = 1, 0, {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
+    best = {"val_spearman": -math.inf, "epoch": 0}
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        restore_rng_state(resume_state["rng"])
+        history = list(resume_state["history"])
+        best = dict(resume_state["best"])
+        start_epoch, start_step = resume_state["epoch"], resume_state["step"]
+        partial = dict(resume_state.get("partial") or partial)
+    else:
+        tracker.log_params(config.to_params())
+    tracker.set_tags({"deepsports.device": runtime.device_name, "deepsports.checkpoint_dir": str(ckpt_dir.resolve()),
+                      "deepsports.trainable_params": str(trainable), "deepsports.total_params": str(total_params),
+                      **{f"deepsports.dataset.{k}": str(v) for k, v in data.fingerprint.items()}})
+    if resume_state is None:
+        tracker.log_dict(data.split, "split.json")
+        tracker.log_text(config.to_yaml(), "config.yaml")
+    # Epochs the checkpoint holds but MLflow missed (killed between checkpoint and logging).
+    _log_missing_epochs(tracker, history)
+    log.info("run %s: %d train / %d val / %d test clips, %s trainable of %s parameters, device %s", run_id,
+             len(data.train), len(data.val), len(data.test), f"{trainable:,}", f"{total_params:,}", runtime.device_name)
+
+    def state(epoch: int, step: int, partial_now: dict | None) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": capture_rng_state(), "config": config.to_dict(),
+                "mlflow_run_id": run_id, "epoch": epoch, "step": step, "partial": partial_now,
+                "history": history, "best": best}
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        first_step = start_step if epoch == start_epoch else 0
+        acc = partial if epoch == start_epoch and first_step else {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
+        data.train.set_epoch(epoch)
+        order = EpochSampler(len(data.train), config.seed, epoch, start=first_step * config.batch_size)
+        batches = ShardedBatchSampler(list(order), config.batch_size, env, train=True)
+        loader = make_loader(data.train, config.batch_size, config.num_workers, batch_sampler=batches,
+                             pin_memory=pin)
+        net.train()
+        progress = _Progress(n_steps, f"epoch {epoch}/{config.epochs}", config.log_every_steps)
+        tick = time.perf_counter()
+        step = first_step
+        try:
+            for batch, sizes in zip(loader, batches.global_sizes):
+                video = batch["video"].to(runtime.device, non_blocking=True)
+                target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
+                fault("step", step)
+                with runtime.autocast():
+                    out = net(video, sizes)  # the whole global batch's outputs, on every rank
+                loss, _ = loss_fn(out.float(), target)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss became {float(loss.detach())} at epoch {epoch} step {step + 1} "
+                                             f"(learning_rate={config.learning_rate}); try a lower learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                acc["loss_sum"] += float(loss.detach()) * len(target)
+                acc["clips"] += len(target)
+                if env.is_main:
+                    progress.update(float(loss.detach()), first_step)
+                if _stop(env, stop_requested, runtime.device) and step < n_steps:
+                    acc_now = {**acc, "seconds": acc["seconds"] + time.perf_counter() - tick}
+                    path = manager.save_partial(epoch, state(epoch, step, acc_now)) if env.is_main else ckpt_dir
+                    raise PreemptedError(f"stop requested at epoch {epoch} step {step}/{n_steps}; checkpoint {path}")
+        except torch.OutOfMemoryError as exc:
+            raise TrainingError(f"out of memory at epoch {epoch} step {step + 1} (batch_size={config.batch_size}, "
+                                f"frame_num={config.frame_num}, spatial_size={config.spatial_size}): {exc}") from exc
+        finally:
+            progress.close()
+        train_seconds = acc["seconds"] + time.perf_counter() - tick
+        val = predict(global_model, eval_loader(data.val, config.batch_size, config.num_workers, env, pin), runtime,
+                      loss_fn, env)
+        val_metrics = val.metrics()
+        epoch_seconds = time.perf_counter() - tick + acc["seconds"]
+        row = {"epoch": epoch, "train_loss": acc["loss_sum"] / max(1, acc["clips"]), "val_loss": val_metrics["loss"],
+               "val_spearman": val_metrics["spearman"], "val_rel_l2": val_metrics["rel_l2"], "val_mse": val_metrics["mse"],
+               "val_difficulty_mae": val_metrics["difficulty_mae"], "learning_rate": optimizer.param_groups[0]["lr"],
+               "epoch_seconds": epoch_seconds, "clips_per_s": acc["clips"] / max(train_seconds, 1e-9)}
+        history.append(row)
+        is_best = row["val_spearman"] > best["val_spearman"]
+        if is_best:
+            best = {"val_spearman": row["val_spearman"], "epoch": epoch}
+        fault("checkpoint", epoch)
+        if env.is_main:
+            manager.save(epoch, state(epoch + 1, 0, None), is_best=is_best)
+        fault("log", epoch)
+        tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+        log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s)", epoch,
+                 config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"], row["clips_per_s"],
+                 epoch_seconds)
+        if _stop(env, stop_requested, runtime.device) and epoch < config.epochs:
+            raise PreemptedError(f"stop requested after epoch {epoch}; checkpoint in {ckpt_dir}")
+        if epoch_callback is not None:
+            epoch_callback(EpochReport(epoch=epoch, metrics={k: row[k] for k in EPOCH_METRICS}, run_id=run_id))
+
+    tracker.set_tags({"deepsports.best_epoch": str(best["epoch"])})
+    tracker.log_metrics({"best_val_spearman": best["val_spearman"]}, step=config.epochs)
+    distributed.barrier(env)  # best.pt is on disk before every rank reads it
+    test_metrics = log_final_artifacts(config, tracker, model, manager, data, runtime, loss_fn, history, env)
+    return TrainResult(run_id=run_id, best_val_spearman=best["val_spearman"], best_epoch=best["epoch"],
+                       test_metrics=test_metrics, history=history, checkpoint_dir=ckpt_dir,
+                       resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
+
+
+def _stop(env: DistEnv, stop_requested: Callable[[], bool] | None, device: torch.device) -> bool:
+    """Whether to stop now; under DDP every rank stops at the same step when any rank was asked to."""
+    if stop_requested is None:  # the same on every rank: no collective needed
+        return False
+    asked = stop_requested()
+    return distributed.any_rank(env, asked, device) if env.enabled else asked
+
+
+def _mean_target(dataset) -> torch.Tensor:
+    """Mean of the training targets ``[final/difficulty/30, difficulty]`` (from the annotations, no video)."""
+    from deepsports.data.dataset import clip_target
+
+    return torch.stack([clip_target(c.final_score, c.difficulty) for c in dataset.clips]).mean(0)
+
+
+def _check_same_config(path: Path, saved_values: dict, config: Config) -> None:
+    saved = build_config(saved_values).to_dict()
+    diff = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
+    if diff:
+        raise CheckpointError(f"{path}: the checkpoint was written with a different config "
+                              f"({', '.join(diff)} differ); use another checkpoint_dir or resume=never")
+
+
+def _log_missing_epochs(tracker: "tracking.RunTracker", history: list[dict[str, float]]) -> None:
+    if not history:
+        return
+    logged = tracker.logged_steps("val_spearman")
+    for row in history:
+        if row["epoch"] not in logged:
+            tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=int(row["epoch"]))
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """Read one of our checkpoints (weights only)."""
+    return load_checkpoint(path)

@@ -1,0 +1,69 @@
+"""Studies: Optuna trial workers, study storage and recovery, search spaces and study reports.
+
+The public names below load their module on first use (PEP 562), so importing the package stays
+cheap: ``deepsports --help`` imports neither torch nor mlflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    'BestTrial': 'report',
+    'PARAM_TYPES': 'search_space',
+    'Param': 'search_space',
+    'PrunedTrial': 'worker',
+    'Range': 'search_space',
+    'SearchSpace': 'search_space',
+    'StaleTrialRetry': 'recovery',
+    'StudySummary': 'study',
+    'TOP_LEVEL_KEYS': 'search_space',
+    'TrialHeartbeat': 'recovery',
+    'TuneSettings': 'worker',
+    'best_trial': 'report',
+    'claim_waiting': 'recovery',
+    'constant': 'study',
+    'create_parent_run': 'study',
+    'default_worker_id': 'study',
+    'end_dead_run': 'recovery',
+    'export_best': 'report',
+    'find_trial_run': 'recovery',
+    'last_sign_of_life': 'recovery',
+    'load_existing_study': 'report',
+    'load_search_space': 'search_space',
+    'log_study_plots': 'report',
+    'make_pruner': 'study',
+    'make_sampler': 'study',
+    'open_storage': 'study',
+    'open_study': 'study',
+    'pause_trial': 'recovery',
+    'resolve_search_space_path': 'search_space',
+    'retrain_best': 'report',
+    'retried_from': 'study',
+    'retry_trial': 'recovery',
+    'storage_label': 'study',
+    'summarize': 'study',
+    'sweep': 'recovery',
+    'sweep_stale_journal_trials': 'recovery',
+    'task_identity': 'recovery',
+    'trial_config': 'report',
+    'tune': 'worker',
+    'uses_optuna_heartbeat': 'recovery',
+    'worker_label': 'study',
+    'worker_seed': 'study',
+    'write_study_plots': 'report',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,277 @@
+"""Trials that outlive their worker: pausing on preemption, heartbeats, and the sweep of dead workers' trials.
+
+Paused trials (preemption). On SIGUSR1/SIGTERM the worker checkpoints (``train``), then
+:func:`pause_trial` records who paused it and where its checkpoint is, and moves the trial from
+RUNNING back to WAITING, keeping its number, params and intermediate values. Optuna hands out
+WAITING trials before sampling new ones, and the WAITING -> RUNNING transition is atomic in every
+storage (journal and RDB), so exactly one worker resumes it: the requeued SLURM task (which looks
+for its own paused trial first, :func:`claim_waiting`), or any other worker of the study, or the
+same command run again. A paused trial is not RUNNING, so no heartbeat grace period applies to it:
+it may wait for hours (a long requeue delay) and is neither failed nor duplicated.
+
+Dead workers (SIGKILL, node failure). While a trial trains, :class:`TrialHeartbeat` writes the
+time into the trial's user attribute ``deepsports.heartbeat`` every ``interval`` seconds (and, on
+RDB storages, Optuna's own heartbeat row). Before asking for a trial every worker sweeps:
+
+* RDB storages: ``optuna.storages.fail_stale_trials`` (Optuna's heartbeat, judged by the database
+  clock) fails RUNNING trials silent for ``grace_period`` and calls :class:`StaleTrialRetry`;
+* journal storages (Optuna has no heartbeat there): :func:`sweep_stale_journal_trials` fails RUNNING
+  trials whose last sign of life (heartbeat attribute, else their start time) is older than
+  ``grace_period`` by the sweeping worker's clock (nodes' clocks must agree to well within it), with
+  the reason in ``deepsports.fail_reason``.
+
+Either way the failed trial's MLflow run is ended FAILED (tag ``deepsports.failure_reason``), and
+:func:`retry_trial` queues a WAITING copy with the same params (a new trial number), linked by the
+user attribute ``deepsports.retried_from`` and Optuna's ``failed_trial``/``retry_history`` system
+attributes, carrying the original's checkpoint directory and MLflow run id: the retry resumes the
+dead trial's last checkpoint in the same MLflow run, so no finished epoch is trained or logged twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import warnings
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from deepsports.tracking import runs as tracking
+from deepsports.errors import StorageError
+from deepsports.tune.attrs import (CKPT_ATTR, EXPERIMENT_ATTR, HEARTBEAT_ATTR, PAUSED_AT_ATTR, PAUSED_BY_ATTR, PAUSES_ATTR,
+                                    REASON_ATTR, RESUMED_ATTR, RETRIED_FROM_ATTR, RETRY_REASON_ATTR, RUN_ATTR, TASK_ATTR,
+                                    WORKER_ATTR)
+
+log = logging.getLogger("deepsports.recovery")
+
+
+
+def task_identity(worker_id: int | None = None) -> str:
+    """Who runs this worker, stable across a requeue: ``<array job>_<task>`` (or the job id) under SLURM,
+    else ``<host>/worker-<id>`` (``deepsports tune --workers N`` restarts a worker with the same id)."""
+    from deepsports.slurm.jobs import task_job_id
+
+    return task_job_id() or f"{socket.gethostname()}/worker-{worker_id or 0}"
+
+
+def last_sign_of_life(trial: FrozenTrial) -> float:
+    """The trial's last heartbeat, or its (re)start time when it has not beaten since."""
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return max(float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
+
+
+def uses_optuna_heartbeat(study: optuna.Study) -> bool:
+    """An RDB storage opened with a heartbeat interval (Optuna's own heartbeat and stale-trial check)."""
+    interval = getattr(study._storage, "get_heartbeat_interval", None)
+    return interval is not None and interval() is not None
+
+
+class TrialHeartbeat:
+    """A daemon thread that beats for one RUNNING trial until :meth:`stop`.
+
+    ``lost`` turns true when the storage refuses the beat because the trial is finished: another worker
+    judged it dead (this process was stalled for longer than the grace period) and queued a retry.
+    """
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float):
+        self.study, self.trial_id, self.interval = study, trial_id, interval
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def __enter__(self) -> "TrialHeartbeat":
+        self.beat()  # at once: a trial claimed from WAITING carries its old, stale heartbeat
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def beat(self) -> None:
+        storage = self.study._storage
+        try:
+            if uses_optuna_heartbeat(self.study):
+                storage.record_heartbeat(self.trial_id)
+            storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+        except UpdateFinishedTrialError:
+            self.lost = True
+            self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup must not kill the beat; the next one retries
+                log.warning("heartbeat of trial id %d failed: %s: %s", self.trial_id, type(exc).__name__, exc)
+
+
+# --------------------------------------------------------------------------------------------
+# Pause and resume
+# --------------------------------------------------------------------------------------------
+
+def pause_trial(study: optuna.Study, trial: optuna.Trial, identity: str, checkpoint_dir: str,
+                run_id: str | None) -> None:
+    """Record the pause, then move the trial RUNNING -> WAITING (same number, params, intermediate values)."""
+    storage = study._storage
+    frozen = storage.get_trial(trial._trial_id)
+    attrs: dict[str, Any] = {PAUSED_AT_ATTR: time.time(), PAUSED_BY_ATTR: identity, CKPT_ATTR: checkpoint_dir,
+                             PAUSES_ATTR: int(frozen.user_attrs.get(PAUSES_ATTR, 0)) + 1}
+    if run_id:
+        attrs[RUN_ATTR] = run_id
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial._trial_id, key, value)
+    storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+    log.info("paused trial %d (checkpoint %s, MLflow run %s): the next worker of the study resumes it",
+             trial.number, checkpoint_dir, run_id)
+
+
+def claim_waiting(study: optuna.Study, identity: str) -> optuna.Trial | None:
+    """Take a WAITING trial for this worker: its own paused trial first, then the oldest waiting one.
+
+    The claim is the storage's atomic WAITING -> RUNNING transition: when two workers race for one
+    trial exactly one gets it. None when nothing waits.
+    """
+    storage = study._storage
+    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    waiting = sorted(waiting, key=lambda t: (t.user_attrs.get(PAUSED_BY_ATTR) != identity, t.number))
+    for frozen in waiting:
+        if uses_optuna_heartbeat(study):
+            # A paused trial keeps its last heartbeat row: refresh it before the trial is RUNNING again,
+            # or a sweeping worker could fail it as stale in the instant after our claim.
+            storage.record_heartbeat(frozen._trial_id)
+        try:
+            if not storage.set_trial_state_values(frozen._trial_id, TrialState.RUNNING):
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        return optuna.trial.Trial(study, frozen._trial_id)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Dead workers
+# --------------------------------------------------------------------------------------------
+
+def find_trial_run(study: optuna.Study, trial: FrozenTrial, tracker: tracking.RunTracker) -> str | None:
+    """The MLflow run of a trial: its user attribute, else the run tagged with its study and number
+    (a trial that died before its first epoch never stored the id)."""
+    if trial.user_attrs.get(RUN_ATTR):
+        return trial.user_attrs[RUN_ATTR]
+    client = tracker.client
+    experiment = tracking.call_with_retry("get experiment", tracker.uri, client.get_experiment_by_name,
+                                          study.user_attrs.get(EXPERIMENT_ATTR, "deepsports"))
+    if experiment is None:
+        return None
+    query = f"tags.`optuna.study_name` = '{study.study_name}' and tags.`optuna.trial_number` = '{trial.number}'"
+    runs = tracking.call_with_retry("find trial run", tracker.uri, client.search_runs, [experiment.experiment_id],
+                                    filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def end_dead_run(study: optuna.Study, trial: FrozenTrial, reason: str) -> str | None:
+    """End the dead trial's MLflow run FAILED with the reason (a retry may resume it later)."""
+    tracker = tracking.RunTracker()
+    try:
+        run_id = find_trial_run(study, trial, tracker)
+        if run_id is None:
+            return None
+        tracking.call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
+                                 REASON_ATTR, reason[:5000])
+        tracking.call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
+                                 "optuna.trial_state", "FAIL")
+        tracking.call_with_retry("end dead run", tracker.uri, tracker.client.set_terminated, run_id, status="FAILED")
+        return run_id
+    except StorageError as exc:  # bookkeeping must not stop the sweep
+        log.warning("could not end the MLflow run of dead trial %d: %s", trial.number, exc)
+        return None
+
+
+def retry_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retry: int | None,
+                run_id: str | None = None) -> bool:
+    """Queue a WAITING copy of a dead trial (same params) that resumes its checkpoint and MLflow run."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if max_retry is not None and len(history) > max_retry:
+        log.warning("trial %d died %d times; not retried again (max_retry=%d)", history[0], len(history), max_retry)
+        return False
+    attrs = {RETRIED_FROM_ATTR: trial.number, RETRY_REASON_ATTR: reason[:2000]}
+    for key in (CKPT_ATTR, RUN_ATTR):
+        if trial.user_attrs.get(key):
+            attrs[key] = trial.user_attrs[key]
+    if run_id and RUN_ATTR not in attrs:
+        attrs[RUN_ATTR] = run_id
+    # The same system attributes as Optuna's retry callback, so RetryFailedTrialCallback.retried_trial_number
+    # and retried_trial_numbers work on both kinds of retry.
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=attrs,
+        system_attrs={"failed_trial": history[0], "retry_history": history},
+        intermediate_values=trial.intermediate_values))
+    log.warning("trial %d failed: %s; queued a retry with its params (checkpoints %s)", trial.number, reason,
+                attrs.get(CKPT_ATTR))
+    return True
+
+
+class StaleTrialRetry(RetryHeartbeatStaleTrialCallback):
+    """RDB storages: what Optuna calls for each trial its ``fail_stale_trials`` failed (already FAIL)."""
+
+    def __init__(self, max_retry: int | None = None, grace_period: float | None = None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            super().__init__(max_retry=max_retry, inherit_intermediate_values=True)
+        self._max = max_retry
+        self._grace = grace_period
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reason = (f"worker {trial.user_attrs.get(WORKER_ATTR, '?')} stopped beating: no heartbeat for "
+                  f"{self._grace or '2 x heartbeat interval'} s (killed or node lost)")
+        run_id = end_dead_run(study, trial, reason)
+        retry_trial(study, trial, reason, self._max, run_id)
+
+
+def sweep_stale_journal_trials(study: optuna.Study, grace_period: float, max_retry: int | None,
+                               now: float | None = None) -> list[int]:
+    """Journal storages: fail RUNNING trials silent for ``grace_period`` s and queue their retries.
+
+    Returns the numbers of the trials this worker failed (two sweepers never both fail one trial:
+    the journal applies the first FAIL and refuses the second).
+    """
+    now = time.time() if now is None else now
+    storage = study._storage
+    failed = []
+    for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        silent = now - last_sign_of_life(trial)
+        if silent <= grace_period:
+            continue
+        reason = (f"worker {trial.user_attrs.get(WORKER_ATTR, '?')} stopped beating: no heartbeat for "
+                  f"{silent:.0f} s > grace period {grace_period:.0f} s (killed or node lost); swept by "
+                  f"{socket.gethostname()}:{os.getpid()}")
+        try:
+            storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # finished meanwhile, or another worker swept it first
+        frozen = storage.get_trial(trial._trial_id)
+        run_id = end_dead_run(study, frozen, reason)
+        retry_trial(study, frozen, reason, max_retry, run_id)
+        failed.append(trial.number)
+    return failed
+
+
+def sweep(study: optuna.Study, grace_period: float, max_retry: int | None) -> None:
+    """Fail and retry the trials of dead workers (see the module docstring for both storage kinds)."""
+    if uses_optuna_heartbeat(study):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    else:
+        sweep_stale_journal_trials(study, grace_period, max_retry)

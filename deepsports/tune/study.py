@@ -1,0 +1,265 @@
+"""Optuna studies and their MLflow parent run: storages, sampler, pruner, creating or joining a study.
+
+Storages (:func:`open_storage`), given as a path or URL:
+
+* a plain path (default ``optuna-journal.log``): ``JournalStorage(JournalFileBackend(path))``, an
+  append-only log with a symlink lock, safe on NFS where SQLite locking is not;
+* ``sqlite:///file.db``, ``postgresql://...``, ``mysql://...``: ``RDBStorage`` with a heartbeat; a
+  trial whose worker stops beating (killed, node lost) is failed by the next worker and queued again
+  with the same params (:class:`deepsports.recovery.StaleTrialRetry`, a
+  ``RetryHeartbeatStaleTrialCallback``). Optuna's journal storage has no heartbeat: DeepSports keeps
+  one in a trial user attribute and sweeps stale trials itself (:mod:`deepsports.tune.recovery`).
+
+The parent run. Study creation is atomic in every storage, so exactly one process creates the
+study; that process creates the MLflow parent run and stores its id in the study's user attributes.
+Joiners wait for the id (:func:`open_study`); trials re-read it when they start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+import sqlalchemy.exc
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+
+from deepsports.tracking import runs as tracking
+from deepsports.config import config_fields
+from deepsports.errors import SearchSpaceError, StorageError
+from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
+                                    SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
+from deepsports.tune.search_space import SearchSpace
+
+log = logging.getLogger("deepsports.study")
+
+PRUNERS = ("median", "hyperband", "none")
+DEFAULT_STORAGE = "optuna-journal.log"
+_RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+_SCHEMA_ATTEMPTS = 6
+
+
+# --------------------------------------------------------------------------------------------
+# Storage, sampler, pruner
+# --------------------------------------------------------------------------------------------
+
+def storage_label(storage: str | os.PathLike) -> str:
+    """The storage as shown in tags and messages (passwords redacted)."""
+    return tracking.redact_uri(str(storage))
+
+
+def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, grace_period: int | None = None,
+                 max_retry: int = 3) -> optuna.storages.BaseStorage:
+    """A journal file for a plain path; an RDB storage with heartbeat for sqlite/postgresql/mysql URLs."""
+    text = str(storage)
+    scheme = text.split("://", 1)[0].split("+", 1)[0] if "://" in text else ""
+    if scheme and scheme not in _RDB_SCHEMES:
+        raise StorageError(f"study storage {storage_label(text)!r}: unsupported scheme {scheme!r} (use a journal "
+                           f"file path, or a {', '.join(s + '://' for s in _RDB_SCHEMES)} URL)")
+    try:
+        if not scheme:
+            path = Path(text).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        # SQLite: wait up to 60 s for the write lock instead of failing with "database is locked".
+        engine_kwargs = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else None
+        with warnings.catch_warnings():  # heartbeat and the retry callback are flagged experimental
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            from deepsports.tune.recovery import StaleTrialRetry  # recovery imports this module
+
+            retry = StaleTrialRetry(max_retry=max_retry, grace_period=grace_period)
+            for attempt in range(_SCHEMA_ATTEMPTS):
+                try:
+                    return optuna.storages.RDBStorage(text, engine_kwargs=engine_kwargs,
+                                                      heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                                      heartbeat_stale_trial_callback=retry)
+                except sqlalchemy.exc.SQLAlchemyError as exc:
+                    # Workers starting together on a fresh database race to create the schema; the
+                    # losers find it created when they try again.
+                    if attempt == _SCHEMA_ATTEMPTS - 1:
+                        raise StorageError(f"cannot open study storage {storage_label(text)!r}: "
+                                           f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+                    time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+    except (OSError, ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open study storage {storage_label(text)!r}: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def worker_seed(seed: int | None, worker_id: int | None) -> int | None:
+    """Workers must not share a sampler seed, or their random startup trials would coincide."""
+    if seed is None or not worker_id:
+        return seed
+    return (seed * 1_000_003 + worker_id) % 2**32
+
+
+def default_worker_id() -> int | None:
+    """The SLURM array task (or step rank) this process is, if any."""
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
+def worker_label() -> str:
+    slurm = "/".join(os.environ[v] for v in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID")
+                     if os.environ.get(v))
+    return f"{socket.gethostname()}:{os.getpid()}" + (f" slurm {slurm}" if slurm else "")
+
+
+def make_sampler(seed: int | None, n_startup_trials: int = 10) -> optuna.samplers.TPESampler:
+    """TPE, multivariate with groups so that conditional parameters are modelled together."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials)
+
+
+def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_epochs: int = 1
+                ) -> optuna.pruners.BasePruner:
+    """``median`` (prune below the median of completed trials at the same epoch, never in the first
+    ``warmup_epochs`` epochs nor before ``startup_trials`` trials completed), ``hyperband``, ``none``."""
+    if name == "median":
+        # Steps are epochs counted from 1, and Optuna prunes from step == n_warmup_steps on.
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs + 1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs or "auto", reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise SearchSpaceError(f"pruner={name!r}: expected one of {', '.join(PRUNERS)}")
+
+
+def retried_from(trial: FrozenTrial) -> int | None:
+    """Number of the original trial when ``trial`` re-runs a stale or interrupted one, else None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def constant(space: SearchSpace, overrides: Mapping[str, Any], key: str) -> Any:
+    """A config value no trial samples: base_config, then fixed, then ``overrides``."""
+    if key in space.keys:
+        raise SearchSpaceError(f"search space {space.path}: {key} cannot be sampled in a study")
+    return {**space.base_values, **space.fixed, **overrides}.get(key, config_fields()[key].default)
+
+
+# --------------------------------------------------------------------------------------------
+# Creating or joining a study
+# --------------------------------------------------------------------------------------------
+
+def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sampler: optuna.samplers.BaseSampler,
+               pruner: optuna.pruners.BasePruner, overrides: Mapping[str, Any] | None = None,
+               parent_tags: Mapping[str, str] | None = None, parent_wait_s: float = 60.0,
+               tracker_uri: str | None = None) -> tuple[optuna.Study, str]:
+    """Create or join study ``name`` and return it with its MLflow parent run id.
+
+    Joiners wait up to ``parent_wait_s`` for the creator to store the parent id. If the creator died
+    in between, a joiner adopts the study: it creates a parent, stores it, re-reads the stored id,
+    and deletes its own parent if another adopter's id won.
+    """
+    label = storage_label(storage)
+    backend = storage if isinstance(storage, optuna.storages.BaseStorage) else open_storage(storage)
+    experiment = constant(space, overrides or {}, "experiment_name")
+    try:
+        study = optuna.create_study(storage=backend, study_name=name, direction="maximize", sampler=sampler,
+                                    pruner=pruner)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+        created = False
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise StorageError(f"study {name!r} in {label} minimises; DeepSports studies maximise validation "
+                           "Spearman: choose another study name")
+    tags = {"deepsports.kind": "study", "optuna.study_name": name, "optuna.storage": label,
+            "deepsports.search_space": str(space.path), "deepsports.search_space_sha256": space.sha256,
+            "optuna.sampler": type(sampler).__name__, "optuna.pruner": type(pruner).__name__, **(parent_tags or {})}
+    if created:
+        attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment}
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        parent = create_parent_run(space, experiment, name, tags, tracker_uri)
+        study.set_user_attr(PARENT_RUN_ATTR, parent)
+        log.info("created study %r in %s, MLflow parent run %s", name, label, parent)
+        return study, parent
+    deadline = time.monotonic() + parent_wait_s
+    while PARENT_RUN_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    attrs = study.user_attrs
+    if attrs.get(SPACE_SHA_ATTR, space.sha256) != space.sha256:
+        raise SearchSpaceError(f"study {name!r} in {label} samples the search space {attrs.get(SPACE_ATTR)} "
+                               f"(sha256 {attrs[SPACE_SHA_ATTR][:16]}), but this worker loaded {space.path} "
+                               f"(sha256 {space.sha256[:16]}): use the same file, or a new study name")
+    tracker = tracking.RunTracker(tracker_uri)
+    if PARENT_RUN_ATTR in attrs:
+        parent = attrs[PARENT_RUN_ATTR]
+        # A finished study that gets more trials runs again.
+        tracking.call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
+        log.info("joined study %r in %s, MLflow parent run %s", name, label, parent)
+        return study, parent
+    log.warning("study %r has no MLflow parent run after %.0f s (did its creator die?): adopting it", name,
+                parent_wait_s)
+    mine = create_parent_run(space, experiment, name, tags, tracker_uri)
+    study.set_user_attr(EXPERIMENT_ATTR, experiment)
+    study.set_user_attr(PARENT_RUN_ATTR, mine)
+    time.sleep(1.0)  # let a concurrent adopter's write land, then agree on the stored id
+    stored = study.user_attrs[PARENT_RUN_ATTR]
+    if stored != mine:
+        tracking.call_with_retry("delete duplicate parent run", tracker.uri, tracker.client.delete_run, mine)
+    return study, stored
+
+
+def create_parent_run(space: SearchSpace, experiment: str, name: str, tags: Mapping[str, str],
+                      tracker_uri: str | None = None) -> str:
+    """The study's MLflow run (left RUNNING); the search-space file and its description are artifacts."""
+    tracker = tracking.RunTracker(tracker_uri)
+    with _without_env_run():
+        run_id = tracker.start(experiment_name=experiment, run_name=name, tags=tags)
+    tracker.log_text(space.path.read_text(), f"search_space/{space.path.name}")
+    tracker.log_text(space.describe() + "\n", "search_space/describe.txt")
+    return run_id
+
+
+@contextlib.contextmanager
+def _without_env_run():
+    """Hide ``$MLFLOW_RUN_ID`` (set by ``mlflow run``): every worker shares the parent, so no worker's
+    own entry-point run may become it."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class StudySummary:
+    study_name: str
+    parent_run_id: str
+    states: dict[str, int]               # the whole study: COMPLETE/PRUNED/FAIL/RUNNING/WAITING -> count
+    best_value: float | None
+    best_number: int | None
+    best_params: dict[str, Any] | None
+    best_run_id: str | None
+    trials_run: int = 0                  # by this worker (tune only)
+
+
+def summarize(study: optuna.Study, trials_run: int = 0) -> StudySummary:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    return StudySummary(study_name=study.study_name, parent_run_id=study.user_attrs.get(PARENT_RUN_ATTR, ""),
+                        states={s.name: sum(t.state == s for t in trials) for s in TrialState},
+                        best_value=best.value if best else None, best_number=best.number if best else None,
+                        best_params=dict(best.params) if best else None,
+                        best_run_id=best.user_attrs.get(RUN_ATTR) if best else None, trials_run=trials_run)

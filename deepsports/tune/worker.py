@@ -1,0 +1,396 @@
+"""``deepsports tune``: run trials of an Optuna study, each a child MLflow run of the study's parent.
+
+Any number of processes (SLURM array tasks, ``--workers N`` processes) run :func:`tune` with the
+same study name and storage (see :mod:`deepsports.tune.study` for storages and the parent run).
+``n_trials``/``timeout`` limit one worker; ``max_trials`` limits the study: trial numbers are handed
+out atomically by the storage, so a trial whose number is past the budget is not trained (it is
+recorded FAIL with the reason ``max_trials reached``; this only happens when two workers ask for the
+last slot at once). Retries of dead workers' trials do not count against ``max_trials``.
+
+Trials. The sampled config trains with ``parent_run_id`` set; validation Spearman is reported every
+epoch and a pruned trial stops at once (its run ends KILLED). A trial whose training raises
+:class:`TrainingError` (NaN loss, out of memory), whose sampled config is invalid or whose
+checkpoint is bad is FAIL with the reason in the user attribute ``deepsports.fail_reason``, and the
+study goes on.
+
+Preemption (SIGUSR1/SIGTERM, ``stop_requested``) or Ctrl-C: training writes its checkpoint and ends
+the MLflow run KILLED (tag ``deepsports.interrupted``); the trial is *paused*: it goes back to
+WAITING with the same number and params, recording ``deepsports.paused_at``, ``deepsports.paused_by``
+(the SLURM task ``<array job>_<task>``), its checkpoint directory and MLflow run id, and
+:class:`PreemptedError` is raised (the CLI then requeues the SLURM task). Workers take waiting trials
+before sampling new ones, the requeued task its own paused trial first; resuming trains from the
+trial's checkpoint (``resume=auto``) into the same MLflow run, reports to Optuna only the epochs it
+does not know yet, and tells the trial's value once. A paused trial is not RUNNING, so heartbeat
+grace periods do not apply to it: however long the requeued task waits, the trial is neither failed
+nor duplicated, and if no worker of the study ever runs again it waits until the next ``deepsports
+tune`` of the study.
+
+Dead workers (SIGKILL, node failure): every RUNNING trial beats (``heartbeat_interval``, all
+storages); before asking for a trial each worker fails trials silent for ``grace_period`` and queues
+a retry with the same params that resumes the dead trial's checkpoint and MLflow run (see
+:mod:`deepsports.tune.recovery`). A worker that finds ``max_trials`` reached waits, at most one grace
+period, for other workers' RUNNING trials to prove alive, so that the last retry is not left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+from mlflow.entities import Metric
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from deepsports.tune.worker import recovery
+
+from deepsports.tracking.runs import runs as tracking
+from deepsports.train.checkpoints import CheckpointManager
+from deepsports.config import format_value
+from deepsports.errors import CheckpointError, ConfigError, PreemptedError, SearchSpaceError, StorageError, TrainingError
+from deepsports.tune.search_space import SearchSpace, load_search_space
+from deepsports.slurm.jobs import slurm_env
+from deepsports.tune.study import DEFAULT_STORAGE, PRUNERS, StudySummary, constant, default_worker_id
+from deepsports.tune.attrs import CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR
+                              make_pruner, make_sampler, open_storage, open_study, retried_from, storage_label,
+                              summarize, worker_label, worker_seed)
+
+log = logging.getLogger("deepsports.tune")
+
+
+class PrunedTrial(optuna.TrialPruned):
+    """Raised from the epoch callback: Optuna records PRUNED, :func:`train` ends the MLflow run KILLED."""
+
+    mlflow_status = "KILLED"
+
+
+class _OverBudget(Exception):
+    """The trial's number is past ``max_trials``: it is not trained."""
+
+
+#: Per-trial failures after which the study goes on (anything else stops this worker).
+TRIAL_ERRORS = (TrainingError, SearchSpaceError, CheckpointError, _OverBudget)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """One worker's options (the CLI and MLproject ``tune`` options)."""
+
+    search_space: str | os.PathLike
+    study_name: str
+    storage: str = DEFAULT_STORAGE
+    n_trials: int | None = None         # this worker
+    timeout: float | None = None        # this worker, seconds
+    max_trials: int | None = None       # the whole study, all workers
+    pruner: str = "median"
+    seed: int | None = None             # sampler seed, mixed with the worker id
+    worker_id: int | None = None        # default: $SLURM_ARRAY_TASK_ID, $SLURM_PROCID
+    n_startup_trials: int = 10          # TPE: random trials before modelling
+    pruner_startup_trials: int = 3      # median: completed trials before anything is pruned
+    pruner_warmup_epochs: int = 1       # median: epochs never pruned
+    heartbeat_interval: int = 60        # seconds, every storage
+    grace_period: int | None = None     # a RUNNING trial silent this long is dead; default 2 x heartbeat_interval
+    max_retry: int = 3                  # re-runs of a dead worker's trial
+    checkpoint_root: str | os.PathLike | None = None  # default: config checkpoint_dir, else checkpoints/
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    parent_wait_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"pruner={self.pruner!r}: expected one of {', '.join(PRUNERS)}")
+        for name in ("n_trials", "max_trials"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value}: expected a positive number of trials (or none)")
+        if not self.study_name.strip():
+            raise ConfigError("the study name is empty")
+        if self.heartbeat_interval < 1:
+            raise ConfigError(f"heartbeat_interval={self.heartbeat_interval}: expected seconds >= 1")
+        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
+            raise ConfigError(f"grace_period={self.grace_period}: expected more seconds than heartbeat_interval="
+                              f"{self.heartbeat_interval} (a live trial beats once per interval)")
+
+    @property
+    def grace(self) -> float:
+        return float(self.grace_period or 2 * self.heartbeat_interval)
+
+
+def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = None,
+         train_fn: Callable[..., Any] | None = None) -> StudySummary:
+    """Run trials until ``n_trials``/``timeout`` (this worker) or ``max_trials`` (the study) is reached.
+
+    MLflow runs go to ``$MLFLOW_TRACKING_URI`` (as :func:`train`'s do). ``train_fn`` defaults to
+    :func:`deepsports.train.train` (same signature). Raises :class:`PreemptedError` when
+    ``stop_requested`` turned true (the interrupted trial is paused, see the module docstring).
+    """
+    if train_fn is None:
+        from deepsports.train.loop import train as train_fn
+    space = load_search_space(settings.search_space)
+    worker_id = settings.worker_id if settings.worker_id is not None else default_worker_id()
+    seed = worker_seed(settings.seed, worker_id)
+    storage = open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
+                           grace_period=settings.grace_period, max_retry=settings.max_retry)
+    sampler = make_sampler(seed, settings.n_startup_trials)
+    epochs = None if "epochs" in space.keys else int(constant(space, settings.overrides, "epochs"))
+    pruner = make_pruner(settings.pruner, epochs, settings.pruner_startup_trials, settings.pruner_warmup_epochs)
+    tags = {"optuna.sampler": f"TPESampler(seed={settings.seed}, multivariate=True, group=True)",
+            "optuna.pruner": settings.pruner, "optuna.max_trials": str(settings.max_trials or "none"),
+            "optuna.storage": storage_label(settings.storage)}
+    study, _ = open_study(settings.study_name, storage, space, sampler=sampler, pruner=pruner,
+                          overrides=settings.overrides, parent_tags=tags, parent_wait_s=settings.parent_wait_s)
+    worker = _Worker(settings, space, study, train_fn, stop_requested, recovery.task_identity(worker_id))
+    worker.run()
+    worker.close_parent_if_done()
+    return summarize(study, worker.trials_run)
+
+
+class _Worker:
+    """The trial loop of one worker process: claim or ask, train, tell, book-keep."""
+
+    def __init__(self, settings: TuneSettings, space: SearchSpace, study: optuna.Study, train_fn, stop_requested,
+                 identity: str):
+        self.settings, self.space, self.study, self.train_fn = settings, space, study, train_fn
+        self.stop_requested = stop_requested or (lambda: False)
+        self.identity = identity
+        self.tracker = tracking.RunTracker()
+        self.label = worker_label()
+        self.trials_run = 0
+        root = settings.checkpoint_root or constant(space, settings.overrides, "checkpoint_dir") or "checkpoints"
+        # The parent id tells apart studies of the same name (another storage, or deleted and recreated).
+        parent = study.user_attrs[PARENT_RUN_ATTR]
+        # Absolute: the study storage outlives this working directory, and the worker resuming a trial may run
+        # elsewhere (another node of the same shared file system).
+        self.checkpoint_root = Path(root).expanduser().resolve() / f"{settings.study_name}-{parent[:8]}"
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        s = self.settings
+        deadline = None if s.timeout is None else time.monotonic() + s.timeout
+        started = 0
+        while True:
+            if self.stop_requested():
+                if self.budget_reached():
+                    return
+                raise PreemptedError(f"stop requested between trials of study {s.study_name!r}")
+            if (s.n_trials is not None and started >= s.n_trials) or (deadline and time.monotonic() >= deadline):
+                return
+            recovery.sweep(self.study, s.grace, s.max_retry)
+            trial = recovery.claim_waiting(self.study, self.identity)
+            if trial is None:
+                if self.budget_reached():
+                    if self._wait_for_others():
+                        continue
+                    return
+                with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": ours beats
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = self.study.ask()
+            started += 1
+            self._run_trial(trial)
+
+    def _run_trial(self, trial: optuna.Trial) -> None:
+        heartbeat = recovery.TrialHeartbeat(self.study, trial._trial_id, self.settings.heartbeat_interval)
+        state, value = None, None
+        with heartbeat:
+            try:
+                value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
+                state = TrialState.COMPLETE
+            except PrunedTrial:
+                state = TrialState.PRUNED
+            except TRIAL_ERRORS as exc:
+                log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+                state = TrialState.FAIL
+            except (PreemptedError, KeyboardInterrupt):
+                heartbeat.stop()
+                if not heartbeat.lost:
+                    self._pause(trial)
+                    raise
+            except UpdateFinishedTrialError:
+                pass  # swept as dead while we ran (see heartbeat.lost)
+            except BaseException as exc:
+                self._try_set_attr(trial, REASON_ATTR, f"{type(exc).__name__}: {exc}"[:2000])
+                self._tell(trial, TrialState.FAIL)
+                raise
+        if heartbeat.lost:
+            log.warning("trial %d was failed by another worker (no heartbeat for %.0f s: this worker stalled) and "
+                        "retried there; abandoning it", trial.number, self.settings.grace)
+            return
+        frozen = self._tell(trial, state, value)
+        if frozen is not None:
+            self.after_trial(frozen)
+
+    def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None = None) -> FrozenTrial | None:
+        try:
+            if state == TrialState.COMPLETE:
+                return self.study.tell(trial, value)
+            return self.study.tell(trial, state=state)
+        except UpdateFinishedTrialError:
+            log.warning("trial %d was finished by another worker meanwhile (judged dead)", trial.number)
+            return None
+
+    @staticmethod
+    def _try_set_attr(trial: optuna.Trial, key: str, value: Any) -> None:
+        try:
+            trial.set_user_attr(key, value)
+        except UpdateFinishedTrialError:
+            pass
+
+    def _pause(self, trial: optuna.Trial) -> None:
+        frozen = self.study._storage.get_trial(trial._trial_id)
+        ckpt = frozen.user_attrs.get(CKPT_ATTR) or str(self._checkpoint_dir(trial.number))
+        try:
+            run_id = recovery.find_trial_run(self.study, frozen, self.tracker)
+        except StorageError as exc:
+            log.warning("could not find the MLflow run of paused trial %d: %s", trial.number, exc)
+            run_id = None
+        recovery.pause_trial(self.study, trial, self.identity, ckpt, run_id)
+
+    def _wait_for_others(self) -> bool:
+        """``max_trials`` reached and nothing waits: before leaving, make sure every other RUNNING trial
+        is alive (its heartbeat moves within one interval); a dead one is failed by the sweep once its
+        grace period is over and its retry then waits here. True when a trial is waiting."""
+        if self.settings.max_trials is None:
+            return False
+        seen: dict[int, float] = {}
+        deadline = time.monotonic() + self.settings.grace + self.settings.heartbeat_interval
+        while time.monotonic() < deadline and not self.stop_requested():
+            recovery.sweep(self.study, self.settings.grace, self.settings.max_retry)
+            trials = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+            if any(t.state == TrialState.WAITING for t in trials):
+                return True
+            if not trials:
+                return False
+            beats = {t._trial_id: recovery.last_sign_of_life(t) for t in trials}
+            if seen and all(seen.get(tid, -1.0) != beat for tid, beat in beats.items()):
+                return False  # every running trial beat since we looked: their workers are alive
+            seen = {**beats, **seen}
+            time.sleep(min(1.0, max(0.2, self.settings.heartbeat_interval / 8)))
+        return False
+
+    # -- one trial --------------------------------------------------------------------------
+    def _checkpoint_dir(self, number: int) -> Path:
+        return self.checkpoint_root / f"trial-{number:04d}"
+
+    def objective(self, trial: optuna.Trial, stop_requested: Callable[[], bool]) -> float:
+        trials = self.study.get_trials(deepcopy=False)
+        frozen = next(t for t in trials if t.number == trial.number)
+        retry_of = retried_from(frozen)
+        if retry_of is None and self._over_budget(trials, trial.number):
+            trial.set_user_attr(REASON_ATTR, f"not run: the study reached max_trials={self.settings.max_trials}")
+            raise _OverBudget(f"trial {trial.number} is past max_trials={self.settings.max_trials}")
+        self.trials_run += 1
+        name = self.settings.study_name
+        checkpoint_dir = frozen.user_attrs.get(CKPT_ATTR) or str(self._checkpoint_dir(trial.number))
+        trial.set_user_attr(CKPT_ATTR, checkpoint_dir)
+        trial.set_user_attr(WORKER_ATTR, self.label)
+        trial.set_user_attr(recovery.TASK_ATTR, self.identity)
+        overrides = {**self.settings.overrides, "checkpoint_dir": checkpoint_dir,
+                     "run_name": f"{name}-trial-{trial.number:04d}",
+                     "experiment_name": self.study.user_attrs[EXPERIMENT_ATTR]}
+        try:
+            config = self.space.build_config(trial, overrides)
+        except SearchSpaceError as exc:
+            trial.set_user_attr(REASON_ATTR, f"invalid sampled config: {exc}"[:2000])
+            raise
+        trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
+        tags = {"optuna.study_name": name, "optuna.trial_number": str(trial.number),
+                "optuna.storage": storage_label(self.settings.storage),
+                "deepsports.search_space_sha256": self.space.sha256,
+                **{f"optuna.param.{k}": format_value(v) for k, v in trial.params.items()}}
+        if retry_of is not None:
+            tags["optuna.retry_of"] = str(retry_of)
+        # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
+        tags.update({tracking.SLURM_TAGS[k]: v for k, v in slurm_env().items()})
+        tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
+        parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
+        known = set(frozen.intermediate_values)
+
+        def on_epoch(report) -> None:
+            if RUN_ATTR not in trial.user_attrs:
+                trial.set_user_attr(RUN_ATTR, report.run_id)
+            value = report.metrics["val_spearman"]
+            if report.epoch not in known:
+                # NaN too (constant predictions have no rank correlation): the pruner stops a trial
+                # whose every reported value is NaN instead of letting it train to the end and fail.
+                trial.report(value, report.epoch)
+            if trial.should_prune():
+                raise PrunedTrial(f"pruned after epoch {report.epoch}: val_spearman {value:.4f}")
+
+        try:
+            result = self.train_fn(config, parent_run_id=parent, tags=tags, epoch_callback=on_epoch,
+                                   stop_requested=stop_requested)
+        except TRIAL_ERRORS as exc:
+            trial.set_user_attr(REASON_ATTR, f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        trial.set_user_attr(RUN_ATTR, result.run_id)
+        if not math.isfinite(result.best_val_spearman):
+            reason = f"validation Spearman was never finite (best {result.best_val_spearman})"
+            trial.set_user_attr(REASON_ATTR, reason)
+            raise TrainingError(reason)
+        return float(result.best_val_spearman)
+
+    def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path) -> dict[str, str]:
+        """A resumed trial (paused, or a dead trial's retry): report to Optuna the checkpointed epochs it
+        does not know yet (training stopped after an epoch before its callback ran), and record where
+        training resumes. Returns the MLflow tags to add."""
+        found = CheckpointManager(ckpt_dir).latest_valid() if ckpt_dir.is_dir() else None
+        if found is None:
+            return {}
+        path, state = found
+        for row in state.get("history", []):
+            epoch, value = int(row["epoch"]), float(row["val_spearman"])
+            if epoch not in frozen.intermediate_values:
+                trial.report(value, epoch)
+        resumed = {"checkpoint": str(path), "epoch": int(state["epoch"]), "step": int(state["step"])}
+        trial.set_user_attr(recovery.RESUMED_ATTR, resumed)
+        log.info("trial %d resumes from %s (epoch %d, step %d)", trial.number, path, resumed["epoch"], resumed["step"])
+        return {"deepsports.resumed_from": f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}
+
+    def _over_budget(self, trials: list[FrozenTrial], number: int) -> bool:
+        """Race-free: numbers are unique and increasing, so every original trial up to ours is visible."""
+        limit = self.settings.max_trials
+        return limit is not None and sum(t.number <= number and retried_from(t) is None for t in trials) > limit
+
+    def budget_reached(self) -> bool:
+        """``max_trials`` original trials exist and none waits (paused, or a retry)."""
+        limit = self.settings.max_trials
+        trials = self.study.get_trials(deepcopy=False)
+        if limit is None or any(t.state == TrialState.WAITING for t in trials):
+            return False
+        return sum(retried_from(t) is None for t in trials) >= limit
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def after_trial(self, trial: FrozenTrial) -> None:
+        """Tag the child with the trial state; log the trial's value and the running best on the parent."""
+        if trial.state == TrialState.FAIL and RUN_ATTR not in trial.user_attrs and CKPT_ATTR not in trial.user_attrs:
+            return  # never trained (over budget): no run to tag
+        uri, client = self.tracker.uri, self.tracker.client
+        try:
+            run_id = recovery.find_trial_run(self.study, trial, self.tracker)
+            if run_id:
+                tracking.call_with_retry("tag trial run", uri, client.set_tag, run_id, "optuna.trial_state",
+                                         trial.state.name)
+            if trial.state == TrialState.COMPLETE:
+                best = max(t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+                stamp = int(time.time() * 1000)
+                tracking.call_with_retry("log study metrics", uri, client.log_batch,
+                                         self.study.user_attrs[PARENT_RUN_ATTR],
+                                         metrics=[Metric("trial_value", float(trial.value), stamp, trial.number),
+                                                  Metric("best_value", float(best), stamp, trial.number)])
+        except StorageError as exc:  # bookkeeping must not stop the study
+            log.warning("could not record trial %d in MLflow: %s", trial.number, exc)
+
+    def close_parent_if_done(self) -> None:
+        """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it)."""
+        if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            return
+        try:
+            tracking.call_with_retry("end study run", self.tracker.uri, self.tracker.client.set_terminated,
+                                     self.study.user_attrs[PARENT_RUN_ATTR], status="FINISHED")
+        except StorageError as exc:
+            log.warning("could not end the study's parent run: %s", exc)
