@@ -67,8 +67,10 @@ class Config:
     loglevel: str = _opt("INFO", "Logging level.", choices=LOGLEVELS)
     gpu: bool = _opt(True, "Use a CUDA GPU when one is present (falls back to CPU with a warning).")
     root_dir: str = _opt("./", "Dataset root holding whole_videos/NN.mp4 (dataset=mtl_aqa).")
-    train_path: str = _opt("./train_split_0.pkl", "Train split pickle/JSON (dataset=mtl_aqa).")
-    test_path: str = _opt("./test_split_0.pkl", "Test split pickle/JSON (dataset=mtl_aqa).")
+    train_path: str = _opt("", "Train split pickle/JSON (dataset=mtl_aqa; '' = MTL-AQA's split 0 shipped with DeepSports).",
+                           original="./train_split_0.pkl")
+    test_path: str = _opt("", "Test split pickle/JSON (dataset=mtl_aqa; '' = MTL-AQA's split 0 shipped with DeepSports).",
+                          original="./test_split_0.pkl")
     batch_size: int = _opt(8, "Batch size.", original=4, min=1)
     epochs: int = _opt(10, "Number of training epochs.", original=5, min=1)
     learning_rate: float = _opt(3e-4, "Learning rate.", original=1e-5, min=0.0)
@@ -85,7 +87,8 @@ class Config:
     activation: str = _opt("none", "Activation of the MLP head.", choices=ACTIVATIONS)
     topology: tuple[int, ...] = _opt((512, 256), "Hidden units of the MLP head between backbone and output.", min=1)
     output: str = _opt("./losses.png", "File name of the loss-curve figure (logged as an MLflow artifact).")
-    annotation_path: str = _opt("./final_annotations_dict.pkl", "Annotations pickle/JSON (dataset=mtl_aqa).")
+    annotation_path: str = _opt("", "Annotations pickle/JSON (dataset=mtl_aqa; '' = MTL-AQA's annotations shipped with "
+                                "DeepSports).", original="./final_annotations_dict.pkl")
     attention_type: str = _opt("divided_space_time", "Attention of the TimeSformer.", choices=ATTENTION_TYPES)
     optimizer: str = _opt("AdamW", "Optimizer.", choices=OPTIMIZERS)
     patch_size: int = _opt(16, "Patch side in pixels.", min=1)
