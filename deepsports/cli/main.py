@@ -47,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raw = " ".join(raw) if raw else None
         if raw is not None:
             flags[name] = raw
-    return load_config(args.config, {**parse_overrides(overrides), **flags})
+    return load_config(args.config, {**parse_overrides(overrides), **flags}, overrides_source="the command line")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
