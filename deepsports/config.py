@@ -37,6 +37,10 @@ LR_SCHEDULERS = ("none", "cosine")
 RESUME_MODES = ("auto", "never")
 FEATURE_NORMS = ("batchnorm", "none")
 
+#: Keys that say where files are, not what is trained: MLflow gets them as tags ``deepsports.config.<key>``, not
+#: params (params are what runs are compared by), and the MLproject leaves them out (``-P key=value`` still works).
+LOCATION_KEYS = ("root_dir", "train_path", "test_path", "annotation_path", "output", "cache_dir", "checkpoint_dir")
+
 #: Keys whose allowed values are matched case-insensitively and stored in their canonical case.
 _CANONICAL_CASE = {"optimizer": OPTIMIZERS, "activation": ACTIVATIONS, "loglevel": LOGLEVELS}
 
@@ -128,7 +132,8 @@ class Config:
     cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live ($DEEPSPORTS_CACHE_DIR overrides the default).")
     cache_height: int = _platform(0, "Height of cached frames (0 = spatial_size * 256/224, as the original's 256 px for 224).", min=0)
     cache_width: int = _platform(0, "Width of cached frames (0 = 16:9 of the height).", min=0)
-    checkpoint_dir: str = _platform("", "Checkpoint directory ('' = checkpoints/<mlflow run id>). With resume=auto the newest "
+    checkpoint_dir: str = _platform("", "Checkpoint directory ('' = checkpoints/<mlflow run id>; $DEEPSPORTS_CHECKPOINT_ROOT "
+                                    "replaces checkpoints/). With resume=auto the newest "
                                     "valid checkpoint there (epoch-NNNN[-partial].pt) is resumed into its MLflow run.")
     resume: str = _platform("auto", "auto: resume from checkpoint_dir when it holds a checkpoint; never: start fresh.",
                             choices=RESUME_MODES)
@@ -454,7 +459,12 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 
 def resolve_experiment_path(name_or_path: str | os.PathLike, experiments_dir: str | os.PathLike | None = None) -> Path:
-    """``seed_best`` -> ``experiments/seed_best.yaml``; a path is used as it is."""
+    """``seed_best`` -> ``experiments/seed_best.yaml`` (here, else the one shipped with DeepSports); a path is used
+    as it is."""
+    if experiments_dir is None:
+        from deepsports.locate import find_named
+
+        return find_named(name_or_path, "experiments", "config file")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         candidate = path

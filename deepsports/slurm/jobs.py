@@ -28,8 +28,7 @@ __all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile",
            "time_limit_seconds", "watch_hints", "worker_command"]
 
 KINDS = ("tune", "train", "prepare")
-REPO_DIR = Path(__file__).resolve().parents[2]
-TEMPLATE_DIR = REPO_DIR / "slurm" / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "assets" / "slurm" / "templates"  # shipped (deepsports.locate)
 #: What a job knows about itself (``slurm_env``); the tuning workers tag their MLflow runs with these.
 SLURM_ENV_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURMD_NODENAME", "SLURM_RESTART_COUNT")
 
@@ -188,11 +187,18 @@ def submit(script_text: str, dry_run: bool = False, *, cwd: str | os.PathLike | 
     return job_id
 
 
-def watch_hints(job_id: str, profile: SlurmProfile, tracking_uri: str | None = None) -> list[str]:
-    """Commands that follow a submitted job (printed by ``deepsports submit``)."""
-    hints = [f"squeue -j {job_id}", f"tail -f {profile.logdir}/*_{job_id}*.log"]
+def watch_hints(job_id: str, profile: SlurmProfile, tracking_uri: str | None = None,
+                submit_dir: str | os.PathLike | None = None) -> list[str]:
+    """Commands that follow a submitted job (printed by ``deepsports submit``), ready to paste: the job's
+    ``$SLURM_SUBMIT_DIR`` and relative paths are spelled out as the submit directory."""
+    base = Path(submit_dir) if submit_dir is not None else Path.cwd()
+    logdir = profile.logdir if os.path.isabs(profile.logdir) else str(base / profile.logdir)
+    hints = [f"squeue -j {job_id}", f"tail -f {logdir}/*_{job_id}*.log"]
     if tracking_uri:
-        hints.append(f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}")
+        uri = re.sub(r"\$\{SLURM_SUBMIT_DIR\}|\$SLURM_SUBMIT_DIR\b", lambda _: str(base), tracking_uri)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{base / uri.removeprefix('sqlite:///')}"
+        hints.append(f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
     return hints
 
 

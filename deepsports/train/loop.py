@@ -23,7 +23,7 @@ from deepsports.train import distributed
 
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from deepsports.config import Config, build_config
+from deepsports.config import LOCATION_KEYS, Config, build_config
 from deepsports.data import build_datasets
 from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
@@ -159,7 +159,8 @@ def _train_process(config: Config, env: DistEnv, parent_run_id, tags, epoch_call
     if not env.is_main and resume_path is not None:
         resume_state = load_checkpoint(resume_path)
     if ckpt_dir is None:
-        ckpt_dir = Path("checkpoints") / run_id
+        # `deepsports demo` runs us through `mlflow run`, in the project folder: it names the user's folder.
+        ckpt_dir = Path(os.environ.get("DEEPSPORTS_CHECKPOINT_ROOT") or "checkpoints") / run_id
     if resume_state is None and env.is_main:
         CheckpointManager(ckpt_dir).record_run(run_id, config.to_dict())
     try:
@@ -223,7 +224,9 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
         start_epoch, start_step = resume_state["epoch"], resume_state["step"]
         partial = dict(resume_state.get("partial") or partial)
     else:
-        tracker.log_params(config.to_params())
+        params = config.to_params()
+        tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
+        tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS})
     tracker.set_tags({"deepsports.device": runtime.device_name, "deepsports.checkpoint_dir": str(ckpt_dir.resolve()),
                       "deepsports.trainable_params": str(trainable), "deepsports.total_params": str(total_params),
                       **{f"deepsports.dataset.{k}": str(v) for k, v in data.fingerprint.items()}})

@@ -53,9 +53,10 @@ from deepsports.tune import recovery
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
-from deepsports.errors import CheckpointError, ConfigError, PreemptedError, SearchSpaceError, StorageError, TrainingError
+from deepsports.errors import CheckpointError, ConfigError, DeepSportsError, PreemptedError, SearchSpaceError, StorageError, TrainingError
 from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.slurm.jobs import slurm_env
+from deepsports.tune.checks import check_overrides, check_study_name
 from deepsports.tune.attrs import CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR
 from deepsports.tune.study import (DEFAULT_STORAGE, PRUNERS, StudySummary, constant, default_worker_id, make_pruner,
                                    make_sampler, open_storage, open_study, retried_from, storage_label, summarize,
@@ -76,6 +77,8 @@ class _OverBudget(Exception):
 
 #: Per-trial failures after which the study goes on (anything else stops this worker).
 TRIAL_ERRORS = (TrainingError, SearchSpaceError, CheckpointError, _OverBudget)
+#: Consecutive trials of one worker failing with the same non-training error that stop the worker.
+SAME_FAILURES_STOP = 3
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,7 @@ class TuneSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value}: expected a positive number of trials (or none)")
-        if not self.study_name.strip():
-            raise ConfigError("the study name is empty")
+        check_study_name(self.study_name, "study name")
         if self.heartbeat_interval < 1:
             raise ConfigError(f"heartbeat_interval={self.heartbeat_interval}: expected seconds >= 1")
         if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
@@ -132,6 +134,7 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     if train_fn is None:
         from deepsports.train.loop import train as train_fn
     space = load_search_space(settings.search_space)
+    check_overrides(space, settings.overrides)  # before any storage, study or trial exists
     worker_id = settings.worker_id if settings.worker_id is not None else default_worker_id()
     seed = worker_seed(settings.seed, worker_id)
     storage = open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
@@ -161,6 +164,7 @@ class _Worker:
         self.tracker = tracking.RunTracker()
         self.label = worker_label()
         self.trials_run = 0
+        self.same_failures: list[str] = []  # reasons of this worker's latest failed trials, all alike
         root = settings.checkpoint_root or constant(space, settings.overrides, "checkpoint_dir") or "checkpoints"
         # The parent id tells apart studies of the same name (another storage, or deleted and recreated).
         parent = study.user_attrs[PARENT_RUN_ATTR]
@@ -195,7 +199,7 @@ class _Worker:
 
     def _run_trial(self, trial: optuna.Trial) -> None:
         heartbeat = recovery.TrialHeartbeat(self.study, trial._trial_id, self.settings.heartbeat_interval)
-        state, value = None, None
+        state, value, failed = None, None, None
         with heartbeat:
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
@@ -205,6 +209,7 @@ class _Worker:
             except TRIAL_ERRORS as exc:
                 log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
                 state = TrialState.FAIL
+                failed = exc
             except (PreemptedError, KeyboardInterrupt):
                 heartbeat.stop()
                 if not heartbeat.lost:
@@ -223,6 +228,22 @@ class _Worker:
         frozen = self._tell(trial, state, value)
         if frozen is not None:
             self.after_trial(frozen)
+        self._stop_if_failing_alike(failed)
+
+    def _stop_if_failing_alike(self, failed: BaseException | None) -> None:
+        """A configuration or data problem fails every trial the same way: stop instead of spinning
+        through the study's budget (a TrainingError, e.g. a NaN loss, depends on the sampled values)."""
+        if failed is None or isinstance(failed, (TrainingError, _OverBudget)):
+            self.same_failures.clear()
+            return
+        reason = f"{type(failed).__name__}: {failed.__cause__ or failed}"
+        if self.same_failures and self.same_failures[-1] != reason:
+            self.same_failures.clear()
+        self.same_failures.append(reason)
+        if len(self.same_failures) >= SAME_FAILURES_STOP:
+            error = failed if isinstance(failed, DeepSportsError) else ConfigError(str(failed))
+            raise type(error)(f"the last {len(self.same_failures)} trials of this worker failed alike, stopping: "
+                              f"{reason}")
 
     def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None = None) -> FrozenTrial | None:
         try:

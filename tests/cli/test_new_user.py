@@ -84,3 +84,101 @@ def test_the_parser_refuses_every_non_finite_spelling(key, value):
 
     with pytest.raises(ConfigError, match="not a finite number"):
         parse_value(key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Items 4 and 6: tune checks --set and the study name before anything exists
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, needles", [
+    (("--set", "epochs=ten"), ("--set", "epochs='ten'", "an integer >= 1")),
+    (("--set", "epochs=-1"), ("--set", "epochs='-1'", "an integer >= 1")),
+    (("--set", "warmup_epochs=5"), ("with --set warmup_epochs=5", "warmup_epochs=5 is longer than the run (epochs=2)")),
+    (("--workers", "2", "--set", "epochs=ten"), ("--set", "epochs='ten'")),
+], ids=["type", "range", "relation", "workers"])
+def test_tune_refuses_a_bad_set_before_any_trial(tmp_path, args, needles):
+    refused(run(tmp_path, "tune", "demo", "--study", "s", *args), *needles)
+    assert files_in(tmp_path) == []  # no journal, no MLflow store, no checkpoint folder
+
+
+@pytest.mark.parametrize("command", [("tune", "demo", "--study", "../../esc"), ("best", "../esc"),
+                                     ("tune", "demo", "--study", "a/b"), ("tune", "demo", "--study", ".hidden")])
+def test_study_names_are_one_safe_path_component(tmp_path, command):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    refused(run(work, *command), "is not a valid study name", "letters, digits, '.', '_' or '-'")
+    assert files_in(tmp_path) == ["a", "a/b"]
+
+
+@pytest.mark.slow
+def test_a_worker_whose_trials_fail_alike_stops_instead_of_spinning(tmp_path, tiny_cache_dir):
+    """Every trial fails the same way (its pretrained checkpoint is missing): the worker stops after a few
+    trials, with that reason and its exit code, although no trial limit was given."""
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    sets = [a for k, v in {**TINY, "cache_dir": tiny_cache_dir, "epochs": 1,
+                           "pretrained_model": tmp_path / "missing.pt"}.items() for a in ("--set", f"{k}={v}")]
+    proc = run(tmp_path, "tune", str(space), "--study", "s", "--storage", str(tmp_path / "s.journal"), *sets)
+    assert proc.returncode == 4 and "failed alike, stopping" in proc.stderr and "missing.pt" in proc.stderr, \
+        proc.stderr[-3000:]
+    import optuna
+
+    from deepsports.tune.study import open_storage
+    from deepsports.tune.worker import SAME_FAILURES_STOP
+
+    trials = optuna.load_study(study_name="s", storage=open_storage(str(tmp_path / "s.journal"))).trials
+    assert [t.state.name for t in trials] == ["FAIL"] * SAME_FAILURES_STOP
+
+
+# --------------------------------------------------------------------------------------------
+# Item 5: submit checks everything it can know before sbatch
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("job, needles", [
+    (("tune", "--", "nospace", "--study", "s"), ("search space file 'nospace' does not exist", "demo, head")),
+    (("tune", "--", "demo"), ("submit tune: the job's arguments after --", "--study")),
+    (("tune", "--", "demo", "--study", "../x"), ("'../x' is not a valid study name",)),
+    (("tune", "--", "demo", "--study", "s", "--set", "epochs=ten"), ("--set", "epochs='ten'")),
+    (("tune", "--storage", "redis://h/0", "--", "demo", "--study", "s"), ("submit --storage", "'redis'", "sqlite://")),
+    (("tune", "--", "demo", "--study", "s", "--storage", "sqlite:///no/such/dir/x.db"), ("--storage after --",
+                                                                                         "does not exist")),
+    (("train", "--", "epochs=ten"), ("epochs='ten'", "the command line")),
+    (("train", "--", "--bogus", "1"), ("submit train: the job's arguments after --", "--bogus")),
+], ids=["space", "no-study", "study-name", "set", "storage-scheme", "storage-dir", "train-config", "train-flag"])
+def test_submit_checks_the_job_before_sbatch(tmp_path, job, needles):
+    # No sbatch on PATH: were the job not refused first, submit would fail differently (exit 7).
+    refused(run(tmp_path, "submit", job[0], "--profile", "local", *job[1:], PATH="/usr/bin:/bin"), *needles)
+    assert files_in(tmp_path) == []
+
+
+def test_submit_prints_what_it_resolved_and_warns_without_a_time_limit(tmp_path, slurm_cluster):
+    profile = tmp_path / "notime.yaml"
+    profile.write_text("partition: debug\nenv:\n  MLFLOW_TRACKING_URI: sqlite:///$SLURM_SUBMIT_DIR/mlflow.db\n")
+    proc = run(tmp_path, "submit", "tune", "--profile", str(profile), "--array-size", "1", "--", "demo", "--study", "s",
+               "--n-trials", "1")
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split("submitted tune job ")[1].split()[0]
+    subprocess.run(["scancel", job_id], check=False)  # the job itself is not what this test is about
+    assert f"study storage: {tmp_path / 'optuna-journal.log'} (the default: no --storage given)" in proc.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in proc.stdout
+    assert "$SLURM_SUBMIT_DIR" not in proc.stdout and f"tail -f {tmp_path}/slurm-logs/" in proc.stdout
+    assert "sets no `time`" in proc.stderr and "USR1" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Item 9: named files work from any directory
+# --------------------------------------------------------------------------------------------
+
+def test_named_configs_search_spaces_and_profiles_work_from_any_directory(tmp_path):
+    proc = run(tmp_path, "config", "--config", "experiments/demo.yaml")
+    assert proc.returncode == 0 and "synth_clips: 600" in proc.stdout, proc.stderr
+    assert run(tmp_path, "config", "--config", "seed_best", "root_dir=/data").returncode == 0
+    script = run(tmp_path, "submit", "tune", "--profile", "local", "--dry-run", "--", "head", "--study", "s")
+    assert script.returncode == 0 and "#SBATCH --partition=debug" in script.stdout, script.stderr
+    assert "exec python -m deepsports.cli tune head --study s" in script.stdout
+    # A file of the same name here wins over the shipped one.
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "demo.yaml").write_text("epochs: 3\n")
+    assert "epochs: 3" in run(tmp_path, "config", "--config", "demo").stdout
+    refused(run(tmp_path, "config", "--config", "nosuch"), "config file 'nosuch' does not exist",
+            "demo, original_defaults, seed_best")
