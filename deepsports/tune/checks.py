@@ -36,7 +36,11 @@ def check_overrides(space: Any, overrides: Mapping[str, Any], source: str = "--s
             parse_value(key, value)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}", keys=exc.keys) from None
-    check_corners(space, overrides, f"with {source} " + " ".join(f"{k}={v}" for k, v in overrides.items()))
+    sampled = sorted(set(overrides) & set(space.keys))
+    if sampled:
+        raise ConfigError(f"{source} {', '.join(sampled)}: the search space {space.path} samples "
+                          f"{'it' if len(sampled) == 1 else 'them'}: drop it from {source} or from the space's params")
+    check_corners(space, overrides, f"with {source}")
 
 
 def resolve_storage(storage: str, source: str = "--storage", base: Path | None = None) -> str:

@@ -93,9 +93,10 @@ def test_the_parser_refuses_every_non_finite_spelling(key, value):
 @pytest.mark.parametrize("args, needles", [
     (("--set", "epochs=ten"), ("--set", "epochs='ten'", "an integer >= 1")),
     (("--set", "epochs=-1"), ("--set", "epochs='-1'", "an integer >= 1")),
-    (("--set", "warmup_epochs=5"), ("with --set warmup_epochs=5", "warmup_epochs=5 is longer than the run (epochs=2)")),
+    (("--set", "warmup_epochs=5"), ("with --set", "warmup_epochs=5 is longer than the run (epochs=2)")),
+    (("--set", "learning_rate=0.1"), ("--set learning_rate", "samples it")),
     (("--workers", "2", "--set", "epochs=ten"), ("--set", "epochs='ten'")),
-], ids=["type", "range", "relation", "workers"])
+], ids=["type", "range", "relation", "sampled", "workers"])
 def test_tune_refuses_a_bad_set_before_any_trial(tmp_path, args, needles):
     refused(run(tmp_path, "tune", "demo", "--study", "s", *args), *needles)
     assert files_in(tmp_path) == []  # no journal, no MLflow store, no checkpoint folder
@@ -116,7 +117,8 @@ def test_a_worker_whose_trials_fail_alike_stops_instead_of_spinning(tmp_path, ti
     trials, with that reason and its exit code, although no trial limit was given."""
     space = tmp_path / "space.yaml"
     space.write_text("params:\n  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
-    sets = [a for k, v in {**TINY, "cache_dir": tiny_cache_dir, "epochs": 1,
+    tiny = {k: v for k, v in TINY.items() if k != "learning_rate"}
+    sets = [a for k, v in {**tiny, "cache_dir": tiny_cache_dir, "epochs": 1,
                            "pretrained_model": tmp_path / "missing.pt"}.items() for a in ("--set", f"{k}={v}")]
     proc = run(tmp_path, "tune", str(space), "--study", "s", "--storage", str(tmp_path / "s.journal"), *sets)
     assert proc.returncode == 4 and "failed alike, stopping" in proc.stderr and "missing.pt" in proc.stderr, \
