@@ -140,6 +140,8 @@ class Config:
     experiment_name: str = _platform("deepsports", "MLflow experiment.")
     run_name: str = _platform("", "MLflow run name ('' = generated).")
     log_model: bool = _platform(True, "Log the final model with mlflow.pytorch.log_model.")
+    log_checkpoint: bool = _platform(True, "Log the best checkpoint (best.pt) as an MLflow artifact; it stays in "
+                                     "checkpoint_dir either way.")
     log_every_steps: int = _platform(20, "Without a terminal, print a progress line every this many steps.", min=1)
 
     def __post_init__(self) -> None:

@@ -125,8 +125,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(epochs=args.epochs, params=args.params)
 
 
+#: Every exit status of ``deepsports`` (``tests/cli/test_new_user.py`` checks each error type has its line).
+EXIT_CODES = (
+    (0, "success"),
+    (1, "an unexpected error (a bug: please report the traceback)"),
+    (2, "bad input: a config value, flag, file name, search space, study name or storage (nothing was started)"),
+    (3, "data: annotations, splits, videos or the clip cache missing or malformed"),
+    (4, "checkpoint: unreadable, unsafe, or not fitting the model"),
+    (5, "training failed: non-finite loss, out of memory, a data-loader worker died"),
+    (6, "storage: the MLflow store or the study storage cannot be opened or lacks what was asked for"),
+    (7, "SLURM: sbatch/scontrol missing or refused the request"),
+    (75, "stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume "
+         "(under SLURM the job requeued itself)"),
+    (130, "interrupted by Ctrl-C"),
+)
+
+
+def _epilog() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from deepsports import __version__
+
+    try:
+        return version("deepsports")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.")
+    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.",
+                                     epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"deepsports {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one configuration, tracked in MLflow")

@@ -55,6 +55,9 @@ def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-retry", type=int, default=3, help="re-runs of a dead worker's trial [3]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every trial (e.g. --set epochs=3 --set cache_dir=/scratch/x)")
+    p.add_argument("--keep-trial-artifacts", action="store_true",
+                   help="log every trial's best.pt and model to MLflow (default: they stay in the trial's "
+                        "checkpoint folder; `deepsports best --retrain` logs the best config's model)")
 
 
 def _tune_settings(args: argparse.Namespace):
@@ -65,6 +68,7 @@ def _tune_settings(args: argparse.Namespace):
                         n_trials=args.n_trials, timeout=args.timeout, max_trials=args.max_trials, pruner=args.pruner,
                         seed=args.seed, worker_id=args.worker_id, heartbeat_interval=args.heartbeat,
                         grace_period=args.grace_period, max_retry=args.max_retry,
+                        keep_trial_artifacts=args.keep_trial_artifacts,
                         overrides=parse_overrides(args.overrides))
 
 

@@ -20,7 +20,7 @@ _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 def check_study_name(name: str, source: str = "--study") -> str:
     """``name`` if it is one safe path component (letters, digits, ``.``, ``_``, ``-``; no ``..``)."""
-    if not _STUDY_NAME.match(name) or ".." in name:
+    if not _STUDY_NAME.match(name) or ".." in name:  # path-scan: not a path
         raise ConfigError(f"{source} {name!r} is not a valid study name: expected 1-128 letters, digits, '.', '_' "
                           "or '-', starting with a letter or digit and without '..' (it names folders and files)")
     return name

@@ -103,6 +103,7 @@ class TuneSettings:
     checkpoint_root: str | os.PathLike | None = None  # default: config checkpoint_dir, else checkpoints/
     overrides: Mapping[str, Any] = field(default_factory=dict)
     parent_wait_s: float = 60.0
+    keep_trial_artifacts: bool = False  # log each trial's best.pt and model to MLflow (they stay on disk anyway)
 
     def __post_init__(self) -> None:
         if self.pruner not in PRUNERS:
@@ -310,7 +311,7 @@ class _Worker:
         trial.set_user_attr(CKPT_ATTR, checkpoint_dir)
         trial.set_user_attr(WORKER_ATTR, self.label)
         trial.set_user_attr(recovery.TASK_ATTR, self.identity)
-        overrides = {**self.settings.overrides, "checkpoint_dir": checkpoint_dir,
+        overrides = {**self._artifact_defaults(), **self.settings.overrides, "checkpoint_dir": checkpoint_dir,
                      "run_name": f"{name}-trial-{trial.number:04d}",
                      "experiment_name": self.study.user_attrs[EXPERIMENT_ATTR]}
         try:
@@ -354,6 +355,14 @@ class _Worker:
             trial.set_user_attr(REASON_ATTR, reason)
             raise TrainingError(reason)
         return float(result.best_val_spearman)
+
+    def _artifact_defaults(self) -> dict[str, bool]:
+        """Trials log neither their best.pt nor their model to MLflow (tens of MB each, a study has many),
+        unless asked (``keep_trial_artifacts``) or set by the user (--set, the space's fixed/base values)."""
+        if self.settings.keep_trial_artifacts:
+            return {}
+        given = {**self.space.base_values, **self.space.fixed}
+        return {key: False for key in ("log_checkpoint", "log_model") if key not in given}
 
     def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path) -> dict[str, str]:
         """A resumed trial (paused, or a dead trial's retry): report to Optuna the checkpointed epochs it

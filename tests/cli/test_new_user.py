@@ -42,6 +42,17 @@ def test_a_one_epoch_smoke_run_works_with_the_default_warmup(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["best_epoch"] == 1 and summary["run_id"]
+    # Item 11: the UI opens the experiment on its runs; paths are tags, the params are what runs differ by.
+    from mlflow.tracking import MlflowClient
+
+    from deepsports.config import LOCATION_KEYS
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = client.get_run(summary["run_id"])
+    assert client.get_experiment(logged.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert not set(LOCATION_KEYS) & set(logged.data.params) and {"epochs", "learning_rate"} <= set(logged.data.params)
+    assert logged.data.tags["deepsports.config.cache_dir"] == str(tmp_path / "cache")
+    assert (tmp_path / "checkpoints" / summary["run_id"] / "best.pt").is_file()  # in the working directory
 
 
 def test_a_conflict_names_where_each_value_came_from(tmp_path):
@@ -102,7 +113,7 @@ def test_tune_refuses_a_bad_set_before_any_trial(tmp_path, args, needles):
     assert files_in(tmp_path) == []  # no journal, no MLflow store, no checkpoint folder
 
 
-@pytest.mark.parametrize("command", [("tune", "demo", "--study", "../../esc"), ("best", "../esc"),
+@pytest.mark.parametrize("command", [("tune", "demo", "--study", "../../esc"), ("best", "../esc"),  # path-scan: not a path
                                      ("tune", "demo", "--study", "a/b"), ("tune", "demo", "--study", ".hidden")])
 def test_study_names_are_one_safe_path_component(tmp_path, command):
     work = tmp_path / "a" / "b"
@@ -139,7 +150,7 @@ def test_a_worker_whose_trials_fail_alike_stops_instead_of_spinning(tmp_path, ti
 @pytest.mark.parametrize("job, needles", [
     (("tune", "--", "nospace", "--study", "s"), ("search space file 'nospace' does not exist", "demo, head")),
     (("tune", "--", "demo"), ("submit tune: the job's arguments after --", "--study")),
-    (("tune", "--", "demo", "--study", "../x"), ("'../x' is not a valid study name",)),
+    (("tune", "--", "demo", "--study", "../x"), ("'../x' is not a valid study name",)),  # path-scan: not a path
     (("tune", "--", "demo", "--study", "s", "--set", "epochs=ten"), ("--set", "epochs='ten'")),
     (("tune", "--storage", "redis://h/0", "--", "demo", "--study", "s"), ("submit --storage", "'redis'", "sqlite://")),
     (("tune", "--", "demo", "--study", "s", "--storage", "sqlite:///no/such/dir/x.db"), ("--storage after --",
@@ -184,3 +195,50 @@ def test_named_configs_search_spaces_and_profiles_work_from_any_directory(tmp_pa
     assert "epochs: 3" in run(tmp_path, "config", "--config", "demo").stdout
     refused(run(tmp_path, "config", "--config", "nosuch"), "config file 'nosuch' does not exist",
             "demo, original_defaults, seed_best")
+
+
+# --------------------------------------------------------------------------------------------
+# Item 13: --version, every exit code in --help and the README
+# --------------------------------------------------------------------------------------------
+
+def _error_types():
+    import deepsports.errors
+    from deepsports.slurm.jobs import SlurmError
+
+    found = [t for t in vars(deepsports.errors).values() if isinstance(t, type) and issubclass(t, Exception)]
+    return [*found, SlurmError]
+
+
+def test_version_and_every_exit_code_in_help_and_readme(tmp_path):
+    from importlib.metadata import PackageNotFoundError, version
+
+    from deepsports import __version__
+    from deepsports.cli.main import EXIT_CODES
+    from tests.e2e_helpers import REPO
+
+    proc = run(tmp_path, "--version")
+    try:
+        expected = version("deepsports")
+    except PackageNotFoundError:
+        expected = __version__
+    assert proc.returncode == 0 and proc.stdout.strip() == f"deepsports {expected}", proc
+    codes = dict(EXIT_CODES)
+    assert {t.exit_code for t in _error_types()} | {0, 1, 130} == set(codes)  # each error type has its line
+    help_text = run(tmp_path, "--help").stdout
+    readme = (REPO / "README.md").read_text()
+    for code in codes:
+        assert f"  {code:>3}  {codes[code]}" in help_text, code
+        assert f"| {code} |" in readme, code
+    assert files_in(tmp_path) == []
+
+
+def test_the_console_script_names_a_function():
+    import importlib
+    import tomllib
+
+    from tests.e2e_helpers import REPO
+
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["deepsports"]
+    module, _, name = target.partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    assert getattr(importlib.import_module(module), name).__module__ == module  # not a submodule of the same name
