@@ -242,3 +242,33 @@ def test_the_console_script_names_a_function():
     module, _, name = target.partition(":")
     assert callable(getattr(importlib.import_module(module), name))
     assert getattr(importlib.import_module(module), name).__module__ == module  # not a submodule of the same name
+
+
+# --------------------------------------------------------------------------------------------
+# Items 9 and 10: `deepsports demo` from another directory: its store and checkpoints land there, and
+# its output has no warning
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_demo_from_another_directory_keeps_its_run_there_and_prints_no_warning(tmp_path):
+    from tests.e2e_helpers import REPO
+
+    repo_store = REPO / "mlflow.db"
+    before = repo_store.stat().st_mtime_ns if repo_store.exists() else None
+    params = [a for k, v in {**TINY, "evaluate": "true", "cache_dir": tmp_path / "cache"}.items()
+              for a in ("-P", f"{k}={v}")]
+    proc = run(tmp_path, "demo", "--epochs", "1", *params, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "run id:" in proc.stdout and "test Spearman:" in proc.stdout
+    # The one warning left is the documented CPU fallback of gpu=true on a machine without CUDA.
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines()
+                if "WARNING" in line and "no CUDA device is available" not in line]
+    assert warnings == [] and "was logged as" not in proc.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [logged] = client.search_runs([client.get_experiment_by_name("deepsports").experiment_id])
+    assert logged.info.status == "FINISHED" and proc.stdout.count(logged.info.run_id) >= 1
+    assert (tmp_path / "checkpoints" / logged.info.run_id / "best.pt").is_file()
+    assert (repo_store.stat().st_mtime_ns if repo_store.exists() else None) == before
+    assert not (REPO / "checkpoints" / logged.info.run_id).exists()
