@@ -9,6 +9,7 @@ every ``Path(__file__)`` chain is followed, names bound to such chains at module
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -100,8 +101,9 @@ def test_the_scan_catches_each_way_out(source):
                                                                   "X = REPO / 'experiments'\n")
 
 
-def test_the_shipped_annotations_are_package_data():
-    """The MTL-AQA pickles are inside the package and listed as package data, so an install carries them."""
+def test_the_shipped_files_are_package_data():
+    """The MTL-AQA pickles and the named experiments, search spaces, SLURM profiles and templates are
+    inside the package and listed as package data, so an install carries them."""
     import tomllib
 
     from deepsports.data.annotations import load_annotations, load_split, shipped_annotation_files
@@ -110,6 +112,12 @@ def test_the_shipped_annotations_are_package_data():
     assert REPO / "deepsports" in files.annotations.parents
     annotations = load_annotations(files.annotations)
     assert len(load_split(files.train, annotations)) > len(load_split(files.test, annotations)) > 0
-    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert any(Path("deepsports", pattern).match(str(files.train.relative_to(REPO))) or
-               files.train.relative_to(REPO / "deepsports").match(pattern) for pattern in package_data["deepsports"])
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["deepsports"]
+    # Everything a non-editable install needs beside the code: the pickles and the named files of
+    # deepsports/assets (links to experiments/, search_spaces/, slurm/profiles/ and slurm/templates/).
+    assets = [Path(top, name) for top, _, names in os.walk(REPO / "deepsports" / "assets", followlinks=True)
+              for name in names]
+    data = [files.annotations, files.train, files.test, *assets]
+    assert len(data) > 10
+    unshipped = [str(p) for p in data if not any(p.relative_to(REPO / "deepsports").match(pat) for pat in patterns)]
+    assert not unshipped
