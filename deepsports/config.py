@@ -44,9 +44,10 @@ LOCATION_KEYS = ("root_dir", "train_path", "test_path", "annotation_path", "outp
 #: Keys whose allowed values are matched case-insensitively and stored in their canonical case.
 _CANONICAL_CASE = {"optimizer": OPTIMIZERS, "activation": ACTIVATIONS, "loglevel": LOGLEVELS}
 
-# The spellings YAML 1.1 reads as booleans (what a YAML file, an MLproject -P or a shell user may write).
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
+# What a YAML file may already write (PyYAML reads yes/no/on/off as booleans), so that a key=value, a
+# --flag and an MLproject -P accept the same spellings as an experiment file; anything else is refused.
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
 
 
 def _opt(default: Any, help: str, *, original: Any = dataclasses.MISSING, choices: tuple | None = None,

@@ -74,7 +74,7 @@ def test_a_conflict_names_where_each_value_came_from(tmp_path):
 
 def test_every_boolean_key_takes_the_same_spellings(tmp_path):
     proc = run(tmp_path, "config", "freeze=on", "gpu=off", "data_aug=yes", "normalize=No", "evaluate=0",
-               "--amsgrad", "Y")
+               "--amsgrad", "ON")
     assert proc.returncode == 0, proc.stderr
     values = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
     assert [values[k] for k in ("freeze", "gpu", "data_aug", "normalize", "amsgrad", "evaluate")] == \
