@@ -29,7 +29,7 @@ def _seconds_or_none(text: str) -> float | None:
 
 
 def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
-    from deepsports.tune.study import DEFAULT_STORAGE, PRUNERS
+    from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS
 
     p.add_argument("search_space", help="search-space YAML: a path or a name under search_spaces/ (e.g. head)")
     p.add_argument("--study", required=True, help="study name (created, or joined when it exists)")

@@ -39,11 +39,10 @@ from deepsports.errors import SearchSpaceError, StorageError
 from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
                                     SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
 from deepsports.tune.search_space import SearchSpace
+from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
 log = logging.getLogger("deepsports.study")
 
-PRUNERS = ("median", "hyperband", "none")
-DEFAULT_STORAGE = "optuna-journal.log"
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 _SCHEMA_ATTEMPTS = 6
 
