@@ -35,8 +35,9 @@ ALLOWED = {
 #: train/ sees the cluster only through the environment reader and the preemption flag.
 TRAIN_MAY_USE_FROM_SLURM = {"deepsports.slurm", "deepsports.slurm.env", "deepsports.slurm.preemption"}
 
-#: Modules outside deepsports/slurm/ that still read SLURM_* themselves; issue #16 step 3 empties it.
-SLURM_READERS_PENDING = {"deepsports.tracking.runs", "deepsports.tune.study", "deepsports.train.distributed"}
+#: The one reader of the cluster environment (stdlib and errors only): every room may ask it, as it
+#: may read config; tracking tags each run with the job's ids through it.
+ENV_READER = "deepsports.slurm.env"
 
 
 def _module_name(path: Path) -> str:
@@ -145,7 +146,7 @@ def test_imports_point_one_way():
         room = _room(module)
         for target in sorted(targets):
             other = _room(target)
-            if other == room or other == "__init__":
+            if other == room or other == "__init__" or (target == ENV_READER and room != "errors"):
                 continue
             if other not in ALLOWED[room]:
                 wrong.append(f"{module} -> {target}")
@@ -169,8 +170,11 @@ def test_only_slurm_reads_the_cluster_environment():
     for module, (_path, tree) in _modules().items():
         if _room(module) != "slurm" and (names := _slurm_literals(tree)):
             readers[module] = names
-    assert set(readers) - SLURM_READERS_PENDING == set(), readers
-    assert SLURM_READERS_PENDING - set(readers) == set(), "a pending reader was fixed: drop it from the list"
+    assert readers == {}
+
+
+def test_the_environment_reader_imports_only_errors():
+    assert _graph()[ENV_READER] <= {"deepsports.errors"}
 
 
 def test_slurm_literal_finder():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from deepsports.errors import ConfigError, DeepSportsError
+from deepsports.slurm.env import SLURM_TAGS, ClusterEnv
 from deepsports.slurm.profile import (_NAME_RE, PROFILE_DIR, SlurmProfile, build_profile,
                                       load_profile, resolve_profile_path, time_limit_seconds)
 
@@ -31,7 +32,7 @@ KINDS = ("tune", "train", "prepare")
 REPO_DIR = Path(__file__).resolve().parents[2]
 TEMPLATE_DIR = REPO_DIR / "slurm" / "templates"
 #: What a job knows about itself (``slurm_env``); the tuning workers tag their MLflow runs with these.
-SLURM_ENV_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURMD_NODENAME", "SLURM_RESTART_COUNT")
+SLURM_ENV_VARS = tuple(SLURM_TAGS)
 
 
 class SlurmError(DeepSportsError):
@@ -201,11 +202,7 @@ def slurm_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
     Empty outside a job. SLURM sets SLURM_RESTART_COUNT only after a requeue; inside a job it is "0" before.
     """
-    env = os.environ if environ is None else environ
-    out = {name: env[name] for name in SLURM_ENV_VARS if env.get(name)}
-    if "SLURM_JOB_ID" in out:
-        out.setdefault("SLURM_RESTART_COUNT", "0")
-    return out
+    return ClusterEnv.read(environ).job_vars()
 
 
 def task_job_id(environ: Mapping[str, str] | None = None) -> str | None:
@@ -214,10 +211,7 @@ def task_job_id(environ: Mapping[str, str] | None = None) -> str | None:
     For an array task that is ``<array job id>_<task id>``: the last task of an array runs under the
     array's own job id, and ``scontrol requeue <array job id>`` requeues every task of the array.
     """
-    env = slurm_env(environ)
-    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
+    return ClusterEnv.read(environ).task_job_id
 
 
 def requeue_self(environ: Mapping[str, str] | None = None) -> str:

@@ -55,7 +55,7 @@ from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
 from deepsports.errors import CheckpointError, ConfigError, PreemptedError, SearchSpaceError, StorageError, TrainingError
 from deepsports.tune.search_space import SearchSpace, load_search_space
-from deepsports.slurm.jobs import slurm_env
+from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.attrs import CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR
 from deepsports.tune.study import (DEFAULT_STORAGE, PRUNERS, StudySummary, constant, default_worker_id, make_pruner,
                                    make_sampler, open_storage, open_study, retried_from, storage_label, summarize,
@@ -305,7 +305,7 @@ class _Worker:
         if retry_of is not None:
             tags["optuna.retry_of"] = str(retry_of)
         # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
-        tags.update({tracking.SLURM_TAGS[k]: v for k, v in slurm_env().items()})
+        tags.update(ClusterEnv.read().tags())
         tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
