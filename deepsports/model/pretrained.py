@@ -15,16 +15,13 @@ Position embeddings are resized over the patch grid (bicubic, class token kept),
 over frames (linear: 96 -> 48 averages neighbouring frames); the pretraining classifier ``head.*``
 is dropped. Everything else must match: an unexplained key or a shape that cannot be resized raises
 :class:`~deepsports.errors.CheckpointError` naming the keys. Files are only read with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)`` (:func:`deepsports.fileio.read_torch_file`, the reader of every torch file).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-import struct
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ import torch
 from torch import nn
 
 from deepsports.errors import CheckpointError
+from deepsports.fileio import read_torch_file
 from deepsports.model.embeddings import grid_of, resize_pos_embed, resize_time_embed
 from deepsports.model.timesformer import TimeSformer
 
@@ -85,27 +83,9 @@ def _brief(keys: Mapping[str, Any] | list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True, map_location="cpu")`` with :class:`CheckpointError` for a
-    missing file, a truncated or corrupt file, and a file that would need to run code to load."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "GLOBAL" in text:
-            refused = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), text)
-            raise CheckpointError(f"checkpoint {str(path)!r} refused: loading it would need to import and run "
-                                  f"arbitrary code ({refused}); only tensors and plain containers are "
-                                  "accepted (torch.load weights_only=True)") from None
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {text.splitlines()[-1]}") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, struct.error, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated (is it a complete torch.save "
-                              f"file?): {type(exc).__name__}: {str(exc)[:200]}") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+#: ``torch.load(path, weights_only=True, map_location="cpu")`` with :class:`CheckpointError` for a
+#: missing file, a truncated or corrupt file, and a file that would need to run code to load.
+read_checkpoint = read_torch_file
 
 
 def _unwrap(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
