@@ -151,22 +151,42 @@ def _adapt_backbone(weights: dict[str, torch.Tensor], net: TimeSformer, report: 
         for key in [k for k in weights if ".temporal_" in k]:
             drop(key, f"{net.attention_type} has no temporal attention")
     elif not any(".temporal_" in k for k in weights):
-        for index in range(len(net.blocks)):
-            for temporal, spatial in _TEMPORAL_FROM_SPATIAL:
-                for name in (n for n in target if n.startswith(f"blocks.{index}.{temporal}")):
-                    source = name.replace(temporal, spatial, 1)
-                    if source in weights:
-                        weights[name] = weights[source].clone()
-                        report.derived[prefix + name] = f"copied from {source}"
-            for name in (f"blocks.{index}.temporal_fc.weight", f"blocks.{index}.temporal_fc.bias"):
-                weights[name] = torch.zeros_like(target[name])
-                report.derived[prefix + name] = "zeros (image checkpoint: the block starts as a spatial one)"
+        _derive_temporal(weights, target, len(net.blocks), report, prefix)
     if "time_embed" in weights and "time_embed" not in target:
         drop("time_embed", f"{net.attention_type} has no time embedding")
     elif "time_embed" in target and "time_embed" not in weights:
         weights["time_embed"] = torch.zeros_like(target["time_embed"])
         report.derived[prefix + "time_embed"] = "zeros (checkpoint has no time embedding)"
 
+    errors = _resize_embeddings(weights, target, report, prefix)
+    for key in [k for k in weights if k.startswith(_PROJECTION)]:
+        if key in target and weights[key].shape != target[key].shape:
+            drop(key, f"output projection {list(weights[key].shape)} does not fit the model's "
+                      f"{list(target[key].shape)} (embed_dim differs)")
+    for key, value in weights.items():
+        if key in target and value.shape != target[key].shape:
+            errors.append(f"{key}: checkpoint {list(value.shape)} vs model {list(target[key].shape)}")
+    return weights, errors
+
+
+def _derive_temporal(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], depth: int,
+                     report: LoadReport, prefix: str) -> None:
+    """An image checkpoint for divided attention: temporal parts copied from the spatial ones, ``temporal_fc`` zero."""
+    for index in range(depth):
+        for temporal, spatial in _TEMPORAL_FROM_SPATIAL:
+            for name in (n for n in target if n.startswith(f"blocks.{index}.{temporal}")):
+                source = name.replace(temporal, spatial, 1)
+                if source in weights:
+                    weights[name] = weights[source].clone()
+                    report.derived[prefix + name] = f"copied from {source}"
+        for name in (f"blocks.{index}.temporal_fc.weight", f"blocks.{index}.temporal_fc.bias"):
+            weights[name] = torch.zeros_like(target[name])
+            report.derived[prefix + name] = "zeros (image checkpoint: the block starts as a spatial one)"
+
+
+def _resize_embeddings(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], report: LoadReport,
+                       prefix: str) -> list[str]:
+    """Resize the position (2-D) and time (1-D) embeddings in place; returns what cannot be resized."""
     errors = []
     for key, resize in (("pos_embed", _resize_pos), ("time_embed", _resize_time)):
         if key in weights and key in target and weights[key].shape != target[key].shape:
@@ -180,15 +200,7 @@ def _adapt_backbone(weights: dict[str, torch.Tensor], net: TimeSformer, report: 
                 errors.append(f"{key}: {exc}")
                 continue
             report.resized[prefix + key] = (tuple(old.shape), tuple(target[key].shape))
-
-    for key in [k for k in weights if k.startswith(_PROJECTION)]:
-        if key in target and weights[key].shape != target[key].shape:
-            drop(key, f"output projection {list(weights[key].shape)} does not fit the model's "
-                      f"{list(target[key].shape)} (embed_dim differs)")
-    for key, value in weights.items():
-        if key in target and value.shape != target[key].shape:
-            errors.append(f"{key}: checkpoint {list(value.shape)} vs model {list(target[key].shape)}")
-    return weights, errors
+    return errors
 
 
 def _resize_pos(old: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
