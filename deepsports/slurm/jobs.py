@@ -168,7 +168,7 @@ def submit(script_text: str, dry_run: bool = False, *, cwd: str | os.PathLike | 
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise SlurmError("sbatch was not found on PATH: submit from a SLURM login node "
-                         "(or start the local cluster: slurm/local-cluster.sh start), or use --dry-run")
+                         "(or start the local cluster: deploy/slurm-local.sh start), or use --dry-run")
     base = Path(cwd) if cwd is not None else Path.cwd()
     for directory in _log_dirs(script_text):
         try:
