@@ -28,43 +28,46 @@ def _seconds_or_none(text: str) -> float | None:
     return value or None
 
 
-def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
-    from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS
+#: How each TuneOption kind's text is parsed (argparse ``type``).
+_OPTION_TYPES = {"path": None, "text": None, "int": int, "count": _positive_or_none, "seconds": _seconds_or_none,
+                 "choice": None, "overrides": None}
 
-    p.add_argument("search_space", help="search-space YAML: a path or a name under search_spaces/ (e.g. head)")
-    p.add_argument("--study", required=True, help="study name (created, or joined when it exists)")
-    p.add_argument("--storage", default=os.environ.get("DEEPSPORTS_STUDY_STORAGE", DEFAULT_STORAGE),
-                   help="Optuna storage: a journal file path (default, safe on shared file systems), sqlite:///... "
-                        f"or postgresql://... [$DEEPSPORTS_STUDY_STORAGE or {DEFAULT_STORAGE}]")
-    p.add_argument("--n-trials", type=_positive_or_none, default=None, help="trials this worker runs (0 = no limit)")
-    p.add_argument("--max-trials", type=_positive_or_none, default=None,
-                   help="trials of the whole study, counted across all workers (0 = no limit)")
-    p.add_argument("--timeout", type=_seconds_or_none, default=None, help="seconds this worker runs (0 = no limit)")
-    p.add_argument("--pruner", default="median", choices=PRUNERS, help="pruner [median]")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed, mixed with the worker id [0]")
-    p.add_argument("--workers", type=int, default=1,
-                   help="local worker processes on this machine, all on the same study (without SLURM) [1]")
-    p.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--heartbeat", type=int, default=60,
-                   help="seconds between the heartbeats of a running trial (every storage) [60]")
-    p.add_argument("--grace-period", type=int, default=None,
-                   help="a RUNNING trial without heartbeat for this long is failed and retried with the same "
-                        "params, resuming its checkpoint (a paused, preempted trial is WAITING and never "
-                        "expires) [2 x heartbeat]")
-    p.add_argument("--max-retry", type=int, default=3, help="re-runs of a dead worker's trial [3]")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every trial (e.g. --set epochs=3 --set cache_dir=/scratch/x)")
+
+def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    """One argument per :func:`~deepsports.tune.settings.tune_options` entry (dest = the field name)."""
+    from deepsports.tune.settings import tune_options
+
+    for name, option in tune_options().items():
+        if name == "worker_id":  # before the hidden worker id, as `--help` always listed it
+            p.add_argument("--workers", type=int, default=1,
+                           help="local worker processes on this machine, all on the same study (without SLURM) [1]")
+        help_text = argparse.SUPPRESS if option.hidden else option.help
+        if not option.flag:
+            p.add_argument(name, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text, "metavar": option.param.upper()}
+        if option.required:
+            kwargs["required"] = True
+        else:
+            default = option.cli_default
+            kwargs["default"] = os.environ.get(option.env, default) if option.env else default
+        if option.kind == "overrides":
+            kwargs.update(action="append", default=list(option.cli_default), metavar="KEY=VALUE")
+        elif option.kind == "choice":
+            kwargs.update(choices=option.choices)
+            del kwargs["metavar"]
+        elif _OPTION_TYPES[option.kind] is not None:
+            kwargs["type"] = _OPTION_TYPES[option.kind]
+        p.add_argument(option.flag, **kwargs)
 
 
 def _tune_settings(args: argparse.Namespace):
     from deepsports.config import parse_overrides
-    from deepsports.tune.worker import TuneSettings
+    from deepsports.tune.settings import TuneSettings, tune_options
 
-    return TuneSettings(search_space=args.search_space, study_name=args.study, storage=args.storage,
-                        n_trials=args.n_trials, timeout=args.timeout, max_trials=args.max_trials, pruner=args.pruner,
-                        seed=args.seed, worker_id=args.worker_id, heartbeat_interval=args.heartbeat,
-                        grace_period=args.grace_period, max_retry=args.max_retry,
-                        overrides=parse_overrides(args.overrides))
+    values = {name: getattr(args, name) for name in tune_options()}
+    values["overrides"] = parse_overrides(values["overrides"])
+    return TuneSettings(**values)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -229,14 +232,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add the study and SLURM subcommands to the ``deepsports`` parser."""
+    from deepsports.tune.settings import DEFAULT_STORAGE, STORAGE_ENV
+
     p = sub.add_parser("tune", help="run trials of an Optuna study (each a child MLflow run of the study's run)")
     _add_tune_arguments(p)
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("best", help="the best trial of a study: print it, export its config, plot the study")
     p.add_argument("study", help="study name")
-    p.add_argument("--storage", default=os.environ.get("DEEPSPORTS_STUDY_STORAGE", "optuna-journal.log"),
-                   help="Optuna storage of the study [$DEEPSPORTS_STUDY_STORAGE or optuna-journal.log]")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
+                   help=f"Optuna storage of the study [${STORAGE_ENV} or {DEFAULT_STORAGE}]")
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")
