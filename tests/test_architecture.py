@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e_helpers import REPO, deepsports_cmd, subprocess_env
+from tests.e2e_helpers import REPO, subprocess_env
 
 PACKAGE = REPO / "deepsports"
 
@@ -261,7 +261,8 @@ def test_no_long_module_without_a_reason():
 
 
 def _imported_at_startup(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-    proc = subprocess.run([sys.executable, "-X", "importtime", *deepsports_cmd(*args)[1:]],
+    # `python -m deepsports` (the package's __main__), as a user's `deepsports` console script starts.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "deepsports", *args],
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=subprocess_env("sqlite:///unused.db"))
     modules = set()
     for line in proc.stderr.splitlines():
