@@ -16,9 +16,10 @@ training run exactly the users' path and the clips' real difficulty and score dr
   the real score and the real ranking is learnable;
 * time: a dive's ~24-40 rendered frames are stretched over the clip's real length (nearest frame).
 
-Cost: the filler is one precomputed yuv420p frame that libx264 (``ultrafast``, GOPs of
-:data:`KEYINT` frames) turns into skip blocks, a few thousand frames/s on one core, so the 2.36 M
-frames are dominated by the ~151 k dive frames. Resumable per video: each video is written under a
+Cost: 2.36 M frames. The filler is one static frame; the video is a grid of closed GOPs of
+:data:`KEYINT` frames (libx264 ``ultrafast``), and a GOP without a dive reuses the packets of one
+filler GOP encoded once per video, so only the ~1,400-2,800 GOPs that touch a dive are encoded
+(about 0.4 M frames, mostly filler that x264 turns into skip blocks). Resumable per video: each video is written under a
 temporary name and renamed; ``rehearsal.json`` records finished videos with their encode time, and a
 rerun skips them. ``.complete`` is written last.
 """
@@ -34,6 +35,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -112,8 +114,39 @@ class RehearsalReport:
                 f"there; {self.frames_written:,} frames in {self.seconds:.1f} s ({self.frames_per_s:,.0f} frames/s)")
 
 
+def _x264_options() -> dict[str, str]:
+    return {"preset": "ultrafast", "crf": "20", "threads": "1",
+            "x264-params": f"keyint={KEYINT}:min-keyint={KEYINT}:scenecut=0"}
+
+
+def _encode_gop(frames: Sequence[Any], size: tuple[int, int]) -> list[tuple[bytes, bool]]:
+    """One closed GOP (a fresh encoder: starts with an IDR frame) as (payload, keyframe) per frame."""
+    import av
+
+    codec = av.CodecContext.create("libx264", "w")
+    codec.height, codec.width = size
+    codec.pix_fmt, codec.time_base, codec.framerate = "yuv420p", Fraction(1, REHEARSAL_FPS), Fraction(REHEARSAL_FPS)
+    codec.options = _x264_options()
+    codec.flags |= av.codec.context.Flags.global_header  # SPS/PPS in the MP4 header, as the stream's own encoder
+    packets = []
+    for index, frame in enumerate(frames):
+        frame.pts = index
+        packets += codec.encode(frame)
+    packets += codec.encode(None)
+    if len(packets) != len(frames):
+        raise DataError(f"libx264 returned {len(packets)} packets for {len(frames)} frames")
+    return [(bytes(packet), bool(packet.is_keyframe)) for packet in packets]
+
+
 def _encode_video(job: _VideoJob) -> tuple[int, int, float]:
-    """Write one whole video (temp name, then rename); returns (video, frames, seconds)."""
+    """Write one whole video (temp name, then rename); returns (video, frames, seconds).
+
+    The video is a sequence of closed GOPs on a fixed grid of :data:`KEYINT` frames, as a constant
+    frame-rate broadcast encode: a GOP without dive frames reuses the packets of the filler GOP
+    (encoded once), a GOP touching a dive is encoded afresh. Every GOP comes from an encoder with the
+    same settings, so they share the stream's SPS/PPS; reading a clip decodes from the keyframe
+    before it, as with real footage.
+    """
     import av
 
     started = time.monotonic()
@@ -121,36 +154,41 @@ def _encode_video(job: _VideoJob) -> tuple[int, int, float]:
     scene: Scene = _sample_scene(np.random.default_rng([job.seed, job.video]), height, width)
     canvas = Canvas(background(scene))
     filler = av.VideoFrame.from_ndarray(canvas.bg_uint8, format="rgb24").reformat(format="yuv420p")
+    filler_gop = _encode_gop([filler] * KEYINT, job.size)
+    clips = list(job.clips)
+    dive_frames: dict[int, list[Any]] = {}  # clip id -> its converted frames, while a GOP needs them
+
+    def frame_at(index: int) -> Any:
+        while clips and clips[0].end_frame - 1 < index:
+            dive_frames.pop(clips.pop(0).clip, None)
+        if not clips or index < clips[0].start_frame - 1:  # annotation frames are numbered from 1
+            return filler
+        clip = clips[0]
+        if clip.clip not in dive_frames:
+            rendered = render_clip(canvas, scene, rehearsal_dive(clip, job.seed), clip.start_frame - 1)
+            dive_frames[clip.clip] = [av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+                                      for rgb in rendered]
+        converted = dive_frames[clip.clip]
+        # Stretch the dive over the real clip length (nearest frame).
+        return converted[(index - clip.start_frame + 1) * len(converted) // clip.num_frames]
+
     final = Path(job.path)
     temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    options = {"preset": "ultrafast", "crf": "20", "threads": "1",
-               "x264-params": f"keyint={KEYINT}:min-keyint={KEYINT}:scenecut=0"}
     try:
         with av.open(str(temp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=REHEARSAL_FPS, options=options)
+            stream = container.add_stream("libx264", rate=REHEARSAL_FPS, options=_x264_options())
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-
-            def emit(frame: Any, index: int) -> None:
-                frame.pts = index
-                container.mux(stream.encode(frame))
-
-            index = 0
-            for clip in job.clips:
-                first = clip.start_frame - 1  # annotation frames are numbered from 1
-                while index < first:
-                    emit(filler, index)
-                    index += 1
-                dive = rehearsal_dive(clip, job.seed)
-                rendered = render_clip(canvas, scene, dive, first)
-                converted = [av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-                             for rgb in rendered]
-                for k in range(clip.num_frames):  # stretch the dive over the real clip length
-                    emit(converted[k * len(converted) // clip.num_frames], index)
-                    index += 1
-            while index < job.num_frames:
-                emit(filler, index)
-                index += 1
-            container.mux(stream.encode(None))
+            for first in range(0, job.num_frames, KEYINT):
+                count = min(KEYINT, job.num_frames - first)
+                touches_dive = clips and clips[0].start_frame - 1 < first + count
+                gop = _encode_gop([frame_at(i) for i in range(first, first + count)], job.size) if touches_dive \
+                    else filler_gop[:count]
+                for offset, (payload, keyframe) in enumerate(gop):
+                    packet = av.Packet(payload)
+                    packet.stream, packet.time_base = stream, Fraction(1, REHEARSAL_FPS)
+                    packet.pts = packet.dts = first + offset
+                    packet.duration, packet.is_keyframe = 1, keyframe
+                    container.mux(packet)
         os.replace(temp, final)
     except (av.FFmpegError, OSError) as exc:
         temp.unlink(missing_ok=True)
