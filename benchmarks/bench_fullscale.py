@@ -3,7 +3,7 @@
     python benchmarks/bench_fullscale.py --workdir DIR [--stages gen,prepare,...] [--quick] [--json out.json]
 
 Stages (each appends its figures to ``DIR/results.json``, so a long run can be resumed stage by stage;
-``--stages`` picks them, in this order):
+``--stages`` picks them and their order, by default all in this order):
 
 * ``gen``: ``deepsports.data.rehearsal.generate_rehearsal`` into ``DIR/rehearsal`` (resumable; the
   figures of the run that wrote the videos are kept).
@@ -258,7 +258,7 @@ def stage_epoch(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def stage_learn(ctx: dict[str, Any]) -> dict[str, Any]:
     epochs = ctx["learn_epochs"]
-    frames, size, cache = ctx["epoch_settings"][0]
+    frames, size, cache = (4, 32, "cache-112") if ctx["quick"] else (8, 112, "cache-112")
     return {"epochs": epochs, **_train(ctx, f"learn-{frames}x{size}-{epochs}ep", {
         "_cache": cache, "frame_num": str(frames), "spatial_size": str(size), "epochs": str(epochs),
         "warmup_epochs": "1" if epochs > 1 else "0"})}
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ffmpeg-videos", default="13", help="videos for the ffmpeg-to-JPEG comparison [13]")
     parser.add_argument("--loader-clips", type=int, default=48)
     parser.add_argument("--learn-epochs", type=int, default=4)
+    parser.add_argument("--epoch-settings", default="8x112,16x224", help="FRAMESxSIZE of the epoch stage")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -293,17 +294,21 @@ def main(argv: list[str] | None = None) -> int:
            "loader_clips": 4 if args.quick else args.loader_clips, "loader_passes": 1 if args.quick else 3,
            "loader_settings": [(4, 32, False), (4, 32, True)] if args.quick else
            [(8, 112, False), (16, 224, False), (48, 224, True)],
-           "epoch_settings": [(4, 32, "cache-112")] if args.quick else [(8, 112, "cache-112"), (16, 224, "cache-224")],
+           "epoch_settings": [(4, 32, "cache-112")] if args.quick else [
+               (int(f), int(z), "cache-112" if int(z) == 112 else "cache-224")
+               for f, z in (setting.split("x") for setting in args.epoch_settings.split(","))],
            "learn_epochs": 1 if args.quick else args.learn_epochs}
     if args.quick:
         TINY.update(batch_size="2", embed_dim="32", topology="32", dropout="0.1")
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     functions = {name: globals()[f"stage_{name}"] for name in STAGES}
-    for name in [s for s in STAGES if s in stages]:
+    for name in stages:
         info = machine(date=time.strftime("%Y-%m-%d %H:%M"))
         print(f"== {name} (load average {info['loadavg_before']})", flush=True)
         figures = functions[name](ctx)
+        if name == "epoch" and name in results:  # settings measured in separate runs add up
+            figures = {**results[name]["figures"], **figures}
         results[name] = {"figures": figures, "machine": {**info, "loadavg_after": load_average()}}
         results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(json.dumps(figures, indent=1, default=str)[:3000], flush=True)
