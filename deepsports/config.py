@@ -36,6 +36,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("none", "cosine")
 RESUME_MODES = ("auto", "never")
 FEATURE_NORMS = ("batchnorm", "none")
+CACHE_GEOMETRIES = ("fit", "original")
+#: The original's intermediate frame, (height, width): 256 px high, 16:9.
+ORIGINAL_FRAME_SIZE = (256, 455)
 
 #: Keys that say where files are, not what is trained: MLflow gets them as tags ``deepsports.config.<key>``, not
 #: params (params are what runs are compared by), and the MLproject leaves them out (``-P key=value`` still works).
@@ -131,8 +134,12 @@ class Config:
                                    "all along).", min=0)
     grad_clip_norm: float = _platform(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
     cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live ($DEEPSPORTS_CACHE_DIR overrides the default).")
-    cache_height: int = _platform(0, "Height of cached frames (0 = spatial_size * 256/224, as the original's 256 px for 224).", min=0)
-    cache_width: int = _platform(0, "Width of cached frames (0 = 16:9 of the height).", min=0)
+    cache_geometry: str = _platform("fit", "Frames the clip cache holds: fit = what training reads (spatial_size square; "
+                                    "with data_aug the 16:9 frame the crops come from, spatial_size * 256/224 high); "
+                                    "original = the original's 256x455 intermediate.", choices=CACHE_GEOMETRIES)
+    cache_height: int = _platform(0, "Height of cached frames (0 = set by cache_geometry; else spatial_size * 256/224 "
+                                  "when only cache_width is given).", min=0)
+    cache_width: int = _platform(0, "Width of cached frames (0 = set by cache_geometry, or 16:9 of cache_height).", min=0)
     checkpoint_dir: str = _platform("", "Checkpoint directory ('' = checkpoints/<mlflow run id>; $DEEPSPORTS_CHECKPOINT_ROOT "
                                     "replaces checkpoints/). With resume=auto the newest "
                                     "valid checkpoint there (epoch-NNNN[-partial].pt) is resumed into its MLflow run.")
@@ -176,10 +183,16 @@ class Config:
     # --- derived values -------------------------------------------------------------------
     @property
     def frame_size(self) -> tuple[int, int]:
-        """(height, width) of the frames stored in the clip cache."""
-        height = self.cache_height or round(self.spatial_size * 256 / 224)
-        width = self.cache_width or round(height * 16 / 9)
-        return height, width
+        """(height, width) of the frames stored in the clip cache (see ``cache_geometry``)."""
+        intermediate = round(self.spatial_size * ORIGINAL_FRAME_SIZE[0] / 224)
+        if self.cache_height or self.cache_width:  # explicit pixels win
+            height = self.cache_height or intermediate
+            return height, self.cache_width or round(height * 16 / 9)
+        if self.cache_geometry == "original":
+            return ORIGINAL_FRAME_SIZE
+        if self.data_aug:  # random crops of the 16:9 frame scaled to spatial_size (the original's 256x455 at 224)
+            return intermediate, round(intermediate * 16 / 9)
+        return self.spatial_size, self.spatial_size  # the whole frame squeezed to a square, as training reads it
 
     @property
     def cache_path(self) -> Path:

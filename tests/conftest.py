@@ -28,12 +28,12 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
-    """A running local SLURM cluster (slurm/local-cluster.sh start; idempotent: a running one is used as it is).
+    """A running local SLURM cluster (deploy/slurm-local.sh start; idempotent: a running one is used as it is).
 
     Installs slurm-wlm and munge when they are missing (needs root and apt, as in CI) and leaves the
     cluster running; `.ci/run` stops it at the end.
     """
-    script = REPO / "slurm" / "local-cluster.sh"
+    script = REPO / "deploy" / "slurm-local.sh"
     proc = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"{script} start failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -28,48 +28,50 @@ def _seconds_or_none(text: str) -> float | None:
     return value or None
 
 
-def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
-    from deepsports.tune.study import DEFAULT_STORAGE, PRUNERS
+#: How each TuneOption kind's text is parsed (argparse ``type``).
+_OPTION_TYPES = {"path": None, "text": None, "int": int, "count": _positive_or_none, "seconds": _seconds_or_none,
+                 "choice": None, "overrides": None, "switch": None}
 
-    p.add_argument("search_space", help="search-space YAML: a path or a name under search_spaces/ (e.g. head)")
-    p.add_argument("--study", required=True, help="study name (created, or joined when it exists)")
-    p.add_argument("--storage", default=os.environ.get("DEEPSPORTS_STUDY_STORAGE", DEFAULT_STORAGE),
-                   help="Optuna storage: a journal file path (default, safe on shared file systems), sqlite:///... "
-                        f"or postgresql://... [$DEEPSPORTS_STUDY_STORAGE or {DEFAULT_STORAGE}]")
-    p.add_argument("--n-trials", type=_positive_or_none, default=None, help="trials this worker runs (0 = no limit)")
-    p.add_argument("--max-trials", type=_positive_or_none, default=None,
-                   help="trials of the whole study, counted across all workers (0 = no limit)")
-    p.add_argument("--timeout", type=_seconds_or_none, default=None, help="seconds this worker runs (0 = no limit)")
-    p.add_argument("--pruner", default="median", choices=PRUNERS, help="pruner [median]")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed, mixed with the worker id [0]")
-    p.add_argument("--workers", type=int, default=1,
-                   help="local worker processes on this machine, all on the same study (without SLURM) [1]")
-    p.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--under-workers", action="store_true", help=argparse.SUPPRESS)  # started by --workers N
-    p.add_argument("--heartbeat", type=int, default=60,
-                   help="seconds between the heartbeats of a running trial (every storage) [60]")
-    p.add_argument("--grace-period", type=int, default=None,
-                   help="a RUNNING trial without heartbeat for this long is failed and retried with the same "
-                        "params, resuming its checkpoint (a paused, preempted trial is WAITING and never "
-                        "expires) [2 x heartbeat]")
-    p.add_argument("--max-retry", type=int, default=3, help="re-runs of a dead worker's trial [3]")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every trial (e.g. --set epochs=3 --set cache_dir=/scratch/x)")
-    p.add_argument("--keep-trial-artifacts", action="store_true",
-                   help="log every trial's best.pt and model to MLflow (default: they stay in the trial's "
-                        "checkpoint folder; `deepsports best --retrain` logs the best config's model)")
+
+def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    """One argument per :func:`~deepsports.tune.settings.tune_options` entry (dest = the field name)."""
+    from deepsports.tune.settings import tune_options
+
+    for name, option in tune_options().items():
+        if name == "worker_id":  # before the hidden worker id, as `--help` always listed it
+            p.add_argument("--workers", type=int, default=1,
+                           help="local worker processes on this machine, all on the same study (without SLURM) [1]")
+        help_text = argparse.SUPPRESS if option.hidden else option.help
+        if not option.flag:
+            p.add_argument(name, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text, "metavar": option.param.upper()}
+        if option.required:
+            kwargs["required"] = True
+        else:
+            default = option.cli_default
+            kwargs["default"] = os.environ.get(option.env, default) if option.env else default
+        if option.kind == "overrides":
+            kwargs.update(action="append", default=list(option.cli_default), metavar="KEY=VALUE")
+        elif option.kind == "switch":
+            kwargs.update(action="store_true", default=False)
+            del kwargs["metavar"]
+        elif option.kind == "choice":
+            kwargs.update(choices=option.choices)
+            del kwargs["metavar"]
+        elif _OPTION_TYPES[option.kind] is not None:
+            kwargs["type"] = _OPTION_TYPES[option.kind]
+        p.add_argument(option.flag, **kwargs)
+    p.add_argument("--under-workers", action="store_true", help=argparse.SUPPRESS)  # set by --workers N for its workers
 
 
 def _tune_settings(args: argparse.Namespace):
     from deepsports.config import parse_overrides
-    from deepsports.tune.worker import TuneSettings
+    from deepsports.tune.settings import TuneSettings, tune_options
 
-    return TuneSettings(search_space=args.search_space, study_name=args.study, storage=args.storage,
-                        n_trials=args.n_trials, timeout=args.timeout, max_trials=args.max_trials, pruner=args.pruner,
-                        seed=args.seed, worker_id=args.worker_id, heartbeat_interval=args.heartbeat,
-                        grace_period=args.grace_period, max_retry=args.max_retry,
-                        keep_trial_artifacts=args.keep_trial_artifacts,
-                        overrides=parse_overrides(args.overrides))
+    values = {name: getattr(args, name) for name in tune_options()}
+    values["overrides"] = parse_overrides(values["overrides"])
+    return TuneSettings(**values)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -110,7 +112,7 @@ def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, st
     from deepsports.tune.checks import check_overrides, check_study_name, resolve_storage
     from deepsports.tune.search_space import load_search_space
 
-    check_study_name(args.study)
+    check_study_name(args.study_name)
     if check_storage:
         resolve_storage(args.storage, storage_source)
     check_overrides(load_search_space(args.search_space), parse_overrides(args.overrides))
@@ -126,7 +128,7 @@ def _print_study_summary(args: argparse.Namespace) -> None:
     from deepsports.tune.report import load_existing_study
     from deepsports.tune.study import summarize
 
-    summary = summarize(load_existing_study(args.study, args.storage))
+    summary = summarize(load_existing_study(args.study_name, args.storage))
     _print_summary(summary, {"workers": args.workers})
 
 
@@ -326,14 +328,16 @@ def _check_submitted_config(kind: str, rest: list[str]) -> None:
 
 def register(sub) -> None:
     """Add the study and SLURM subcommands to the ``deepsports`` parser."""
+    from deepsports.tune.settings import DEFAULT_STORAGE, STORAGE_ENV
+
     p = sub.add_parser("tune", help="run trials of an Optuna study (each a child MLflow run of the study's run)")
     _add_tune_arguments(p)
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("best", help="the best trial of a study: print it, export its config, plot the study")
     p.add_argument("study", help="study name")
-    p.add_argument("--storage", default=os.environ.get("DEEPSPORTS_STUDY_STORAGE", "optuna-journal.log"),
-                   help="Optuna storage of the study [$DEEPSPORTS_STUDY_STORAGE or optuna-journal.log]")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
+                   help=f"Optuna storage of the study [${STORAGE_ENV} or {DEFAULT_STORAGE}]")
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")

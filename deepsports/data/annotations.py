@@ -24,7 +24,6 @@ import math
 import numbers
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 from deepsports.data.safe_pickle import restricted_load
 from deepsports.errors import DataError
+from deepsports.fileio import atomic_write
 
 __all__ = ["ClipAnnotation", "MtlAqaFiles", "shipped_annotation_files", "load_annotations", "load_split", "save_annotations", "save_split", "restricted_load",
            "video_filename", "annotation_fingerprint", "REQUIRED_FIELDS", "INT_FIELDS"]
@@ -342,15 +342,7 @@ def load_split(path: str | os.PathLike, annotations: Mapping[tuple[int, int], An
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def _as_annotations(annotations: Mapping[tuple[int, int], ClipAnnotation] | Iterable[ClipAnnotation]) -> list[ClipAnnotation]:

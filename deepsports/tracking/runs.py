@@ -38,17 +38,14 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 
 from deepsports.errors import PreemptedError, StorageError
+from deepsports.slurm.env import ClusterEnv
 
 log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-#: Environment variables recorded as tags when present (SLURM sets them in every job step).
 #: Tags of the experiments DeepSports creates: MLflow's UI opens a model-training experiment on its runs
 #: table (one without a kind opens on the GenAI overview, "Traces 0").
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
-              "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SLURMD_NODENAME": "slurm.node",
-              "SLURM_RESTART_COUNT": "slurm.restart_count"}
 _MAX_METRICS, _MAX_PARAMS_TAGS, _MAX_TAG_VALUE = 1000, 100, 8000  # MLflow log_batch limits
 _T = TypeVar("_T")
 
@@ -80,7 +77,8 @@ def environment_tags() -> dict[str, str]:
             "deepsports.git_dirty": "unknown" if status is None else str(bool(status)).lower(),
             "deepsports.host": socket.gethostname(), "deepsports.version": __version__,
             "deepsports.python": sys.version.split()[0]}
-    tags.update({tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)})
+    # The SLURM ids present (SLURM sets them in every job step); restart count only once SLURM set it.
+    tags.update(ClusterEnv.read().tags(restart_count_default=False))
     return tags
 
 

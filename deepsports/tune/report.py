@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from deepsports.tracking import runs as tracking
 from deepsports.config import Config, build_config, config_fields
 from deepsports.errors import StorageError
+from deepsports.fileio import atomic_write
 from deepsports.tune.study import open_storage, storage_label
 from deepsports.tune.attrs import CONFIG_ATTR, PARENT_RUN_ATTR, RUN_ATTR
 
@@ -88,11 +89,8 @@ def export_best(best: BestTrial, path: str | os.PathLike) -> Path:
     header = (f"# Best trial of study {best.study_name!r}: trial {best.number}, validation Spearman {best.value:.4f}\n"
               f"# MLflow run {best.run_id} (study run {best.parent_run_id}). Train it with\n"
               f"#   deepsports train --config {path}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(values, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    text = header + yaml.safe_dump(values, sort_keys=False)
+    return atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def _plotters() -> dict[str, Callable]:

@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import optuna
 from mlflow.entities import Metric
@@ -55,12 +53,12 @@ from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
 from deepsports.errors import CheckpointError, ConfigError, DeepSportsError, PreemptedError, SearchSpaceError, StorageError, TrainingError
 from deepsports.tune.search_space import SearchSpace, load_search_space
-from deepsports.slurm.jobs import slurm_env
-from deepsports.tune.checks import check_overrides, check_study_name
+from deepsports.slurm.env import ClusterEnv
+from deepsports.tune.checks import check_overrides
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.attrs import CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR
-from deepsports.tune.study import (DEFAULT_STORAGE, PRUNERS, StudySummary, constant, default_worker_id, make_pruner,
-                                   make_sampler, open_storage, open_study, retried_from, storage_label, summarize,
-                                   worker_label, worker_seed)
+from deepsports.tune.study import (StudySummary, constant, default_worker_id, make_pruner, make_sampler, open_storage,
+                                   open_study, retried_from, storage_label, summarize, worker_label, worker_seed)
 
 log = logging.getLogger("deepsports.tune")
 
@@ -79,49 +77,6 @@ class _OverBudget(Exception):
 TRIAL_ERRORS = (TrainingError, SearchSpaceError, CheckpointError, _OverBudget)
 #: Consecutive trials of one worker failing with the same non-training error that stop the worker.
 SAME_FAILURES_STOP = 3
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """One worker's options (the CLI and MLproject ``tune`` options)."""
-
-    search_space: str | os.PathLike
-    study_name: str
-    storage: str = DEFAULT_STORAGE
-    n_trials: int | None = None         # this worker
-    timeout: float | None = None        # this worker, seconds
-    max_trials: int | None = None       # the whole study, all workers
-    pruner: str = "median"
-    seed: int | None = None             # sampler seed, mixed with the worker id
-    worker_id: int | None = None        # default: $SLURM_ARRAY_TASK_ID, $SLURM_PROCID
-    n_startup_trials: int = 10          # TPE: random trials before modelling
-    pruner_startup_trials: int = 3      # median: completed trials before anything is pruned
-    pruner_warmup_epochs: int = 1       # median: epochs never pruned
-    heartbeat_interval: int = 60        # seconds, every storage
-    grace_period: int | None = None     # a RUNNING trial silent this long is dead; default 2 x heartbeat_interval
-    max_retry: int = 3                  # re-runs of a dead worker's trial
-    checkpoint_root: str | os.PathLike | None = None  # default: config checkpoint_dir, else checkpoints/
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    parent_wait_s: float = 60.0
-    keep_trial_artifacts: bool = False  # log each trial's best.pt and model to MLflow (they stay on disk anyway)
-
-    def __post_init__(self) -> None:
-        if self.pruner not in PRUNERS:
-            raise ConfigError(f"pruner={self.pruner!r}: expected one of {', '.join(PRUNERS)}")
-        for name in ("n_trials", "max_trials"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name}={value}: expected a positive number of trials (or none)")
-        check_study_name(self.study_name, "study name")
-        if self.heartbeat_interval < 1:
-            raise ConfigError(f"heartbeat_interval={self.heartbeat_interval}: expected seconds >= 1")
-        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
-            raise ConfigError(f"grace_period={self.grace_period}: expected more seconds than heartbeat_interval="
-                              f"{self.heartbeat_interval} (a live trial beats once per interval)")
-
-    @property
-    def grace(self) -> float:
-        return float(self.grace_period or 2 * self.heartbeat_interval)
 
 
 def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = None,
@@ -327,7 +282,7 @@ class _Worker:
         if retry_of is not None:
             tags["optuna.retry_of"] = str(retry_of)
         # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
-        tags.update({tracking.SLURM_TAGS[k]: v for k, v in slurm_env().items()})
+        tags.update(ClusterEnv.read().tags())
         tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)

@@ -33,7 +33,7 @@ def test_defaults_build_and_types_are_real():
     assert config.gpu is True and config.freeze is False
     assert config.topology == (512, 256) and config.dropout == (0.5, 0.5)
     assert config.videos == "all"
-    assert config.frame_size == (128, 228)  # 256x455 at 224, scaled to 112
+    assert config.frame_size == (112, 112)  # cache_geometry=fit without data_aug: what training reads
 
 
 @pytest.mark.parametrize("key,value,needle", [

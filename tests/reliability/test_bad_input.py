@@ -221,7 +221,7 @@ def test_a_pretrained_checkpoint_of_another_architecture_fails_the_run_with_a_ch
     from deepsports.model import build_model
 
     tiny = {**TINY, "synth_clips": SYNTH_CLIPS, "cache_dir": str(workdir / "cache"), "evaluate": "false"}
-    other = build_model(build_config({**tiny, "backbone": "small"}))  # 384 wide, 12 deep vs tiny's 192 x 4
+    other = build_model(build_config({**tiny, "backbone": "small"})).model  # 384 wide, 12 deep vs tiny's 192 x 4
     path = workdir / "other.pt"
     torch.save(other.state_dict(), path)
     code, stderr = _cli("train", *(f"{k}={v}" for k, v in {**tiny, "epochs": 1, "pretrained_model": path}.items()))

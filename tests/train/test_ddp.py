@@ -129,7 +129,7 @@ def _one_step(env: DistEnv) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
 
     config = build_config(STEP_CONFIG)
     torch.manual_seed(0)  # same init and the same head-dropout masks on every rank
-    model = build_model(config).double()
+    model = build_model(config).model.double()
     video, target = (t.double() for t in _step_data())
     sizes = shard_sizes(STEP_BATCH, env.world_size)
     start = sum(sizes[:env.rank])
