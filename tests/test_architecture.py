@@ -29,6 +29,7 @@ ALLOWED = {
     "config": {"errors"},
     "errors": set(),
     "fileio": {"errors"},
+    "locate": {"errors"},  # the named files shipped with the package (standard library and errors only)
     "__main__": {"cli"},
     "__init__": {"config", "errors"},
 }
@@ -41,8 +42,9 @@ TRAIN_MAY_USE_FROM_SLURM = {"deepsports.slurm", "deepsports.slurm.env", "deepspo
 ENV_READER = "deepsports.slurm.env"
 
 #: Modules at the bottom that every room may use: the cluster-environment reader above and fileio
-#: (the one atomic writer and the one torch-file reader; standard library at import time).
-BOTTOM = {ENV_READER, "deepsports.fileio"}
+#: (the one atomic writer and the one torch-file reader; standard library at import time), and locate
+#: (the named files shipped with the package).
+BOTTOM = {ENV_READER, "deepsports.fileio", "deepsports.locate"}
 
 
 def _module_name(path: Path) -> str:
@@ -285,9 +287,12 @@ def test_help_imports_neither_torch_nor_mlflow():
 def test_tune_workers_start_before_torch(tmp_path):
     """``tune --workers 2``: the parent only starts the workers (they import torch, each in its own
     process; ``-X importtime`` is not passed on, so every line read here is the parent's)."""
-    missing = tmp_path / "no-such-space.yaml"
-    proc, modules = _imported_at_startup("tune", str(missing), "--study", "arch", "--workers", "2",
-                                         "--storage", str(tmp_path / "journal.log"))
+    # The parent checks the search space, --set and the storage's spelling (issue #13) but opens nothing:
+    # a journal under a plain file passes that check and fails in each worker.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc, modules = _imported_at_startup("tune", "demo", "--study", "arch", "--workers", "2",
+                                         "--storage", str(blocker / "journal.log"))
     assert "2 of 2 tune workers failed" in proc.stderr, proc.stderr[-2000:]
     assert "deepsports.cli.studies" in modules
     assert _heavy(modules) == []

@@ -315,15 +315,21 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile) ->
     return resolve_storage(storage, source), f" ({source})"
 
 
+#: Flags of the train/prepare subcommands besides the config arguments (they take no value).
+_JOB_SWITCHES = {"train": (), "prepare": ("--skip-bad", "--quiet")}
+
+
 def _check_submitted_config(kind: str, rest: list[str]) -> None:
     """A train/prepare job's arguments build a valid config here before the job is submitted."""
-    from deepsports.cli.main import build_parser, config_from_args
+    from deepsports.cli.config_args import add_config_arguments, config_from_args
 
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:  # argparse keeps the subcommand parsers there
-        for name, sub in action.choices.items():
-            _strict(sub, name)
-    config_from_args(_strict(parser, kind).parse_args([kind, *rest]))
+    parser = _strict(argparse.ArgumentParser(prog=f"deepsports {kind}", add_help=False), kind)
+    add_config_arguments(parser)
+    job, extra = parser.parse_known_args(rest)
+    unknown = [arg for arg in extra if arg not in _JOB_SWITCHES[kind]]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    config_from_args(job)
 
 
 def register(sub) -> None:
