@@ -34,6 +34,12 @@ class CheckpointError(DeepSportsError):
     exit_code = 4
 
 
+class CheckpointDirBusyError(CheckpointError):
+    """Another live process holds the checkpoint directory's lock (it would resume the same run)."""
+
+    exit_code = 8
+
+
 class TrainingError(DeepSportsError):
     """Training could not continue (non-finite loss, worker crash, out of memory)."""
 
@@ -50,6 +56,16 @@ class SearchSpaceError(ConfigError):
 
 class StorageError(DeepSportsError):
     """A tracking or study storage cannot be opened or does not hold what was asked for."""
+
+    exit_code = 6
+
+
+class DiskFullError(StorageError):
+    """A write failed because its file system is full (ENOSPC) or over quota (EDQUOT).
+
+    Not a fault of the trial or the data: a study worker stops on it instead of failing trial after
+    trial, and nothing half-written is left (the previous complete file stays in place).
+    """
 
     exit_code = 6
 

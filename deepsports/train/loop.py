@@ -31,7 +31,8 @@ from deepsports.train.evaluation import EpochSampler, eval_loader, make_loader, 
 from deepsports.train.losses import aqa_loss
 from deepsports.model import build_model
 from deepsports.train.optim import build_optimizer, build_scheduler
-from deepsports.train.reporting import log_final_artifacts
+from deepsports.train.dir_lock import checkpoint_dir_lock
+from deepsports.train.reporting import EpochMetricLog, log_final_artifacts
 from deepsports.train.runtime import select_runtime, seed_everything, setup_logging
 
 log = logging.getLogger("deepsports.train")
@@ -123,7 +124,9 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
     owns_group = not torch.distributed.is_available() or not torch.distributed.is_initialized()
     env = distributed.setup(use_cuda, config.dist_backend)
     try:
-        return _train_process(config, env, parent_run_id, tags, epoch_callback, stop_requested, fault_hook)
+        # One process per checkpoint_dir (rank 0 speaks for its job): a second would resume the same run.
+        with checkpoint_dir_lock(_resolve_checkpoint_dir(config) if env.is_main else None):
+            return _train_process(config, env, parent_run_id, tags, epoch_callback, stop_requested, fault_hook)
     finally:
         if owns_group:
             distributed.teardown(env)
@@ -231,7 +234,9 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
         tracker.log_dict(data.split, "split.json")
         tracker.log_text(config.to_yaml(), "config.yaml")
     # Epochs the checkpoint holds but MLflow missed (killed between checkpoint and logging).
-    _log_missing_epochs(tracker, history)
+    epoch_log = EpochMetricLog(tracker, EPOCH_METRICS)
+    for row in history:
+        epoch_log.log(row, int(row["epoch"]))
     log.info("run %s: %d train / %d val / %d test clips, %s trainable of %s parameters, device %s", run_id,
              len(data.train), len(data.val), len(data.test), f"{trainable:,}", f"{total_params:,}", runtime.device_name)
 
@@ -303,7 +308,7 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
         if env.is_main:
             manager.save(epoch, state(epoch + 1, 0, None), is_best=is_best)
         fault("log", epoch)
-        tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+        epoch_log.log(row, epoch)
         log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s)", epoch,
                  config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"], row["clips_per_s"],
                  epoch_seconds)
@@ -342,15 +347,6 @@ def _check_same_config(path: Path, saved_values: dict, config: Config) -> None:
     if diff:
         raise CheckpointError(f"{path}: the checkpoint was written with a different config "
                               f"({', '.join(diff)} differ); use another checkpoint_dir or resume=never")
-
-
-def _log_missing_epochs(tracker: "tracking.RunTracker", history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    logged = tracker.logged_steps("val_spearman")
-    for row in history:
-        if row["epoch"] not in logged:
-            tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=int(row["epoch"]))
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
