@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from deepsports.errors import DataError
+from deepsports.errors import DataError, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,25 @@ def _atomic_write(path: Path, write: Any) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as exc:
+        full = disk_full(exc, path, f"clip cache file {path.name}", _size_or_none(temp))  # before removing it
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        if full is not None:
+            raise full from exc
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def write_clip(path: Path, frames: np.ndarray) -> int:

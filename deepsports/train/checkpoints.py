@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepsports.errors import CheckpointError
+from deepsports.errors import CheckpointError, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,39 @@ def _atomic_write(path: Path, write) -> Path:
     """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
+    except OSError as exc:
+        full = disk_full(exc, path.parent, f"checkpoint {path.name}")
+        if full is not None:
+            raise full from exc
+        raise
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a short write as RuntimeError("unexpected pos ..."), the OSError in its context.
+        full = disk_full(exc, path, f"checkpoint {path.name}", _size_or_none(tmp_name))  # before removing it
+        Path(tmp_name).unlink(missing_ok=True)
+        if full is not None:
+            raise full from exc
+        raise
     except BaseException:
         # Also on KeyboardInterrupt: never leave a half-written temp file behind.
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _size_or_none(name: str) -> int | None:
+    try:
+        return os.path.getsize(name)
+    except OSError:
+        return None
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
