@@ -52,13 +52,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.slurm.jobs import requeue_if_slurm
-    from deepsports.train.distributed import detect
-    from deepsports.train.loop import train
 
-    config = config_from_args(args)
-    main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
+    # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.train.distributed import detect
+        from deepsports.train.loop import train
+
+        config = config_from_args(args)
+        main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
         try:
             result = train(config, stop_requested=flag.requested)
         except PreemptedError:

@@ -72,17 +72,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
     if args.workers > 1:
         return _run_local_workers(args)  # before any heavy import: the workers start at once
-    from deepsports.train.distributed import detect
-
-    if detect().enabled:
-        raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
-                          "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-    from deepsports.slurm.jobs import requeue_if_slurm
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.tune.worker import tune
 
-    settings = _tune_settings(args)
+    # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        from deepsports.train.distributed import detect
+
+        if detect().enabled:
+            raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
+                              "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.tune.worker import tune
+
+        settings = _tune_settings(args)
         try:
             summary = tune(settings, stop_requested=flag.requested)
         except PreemptedError:
