@@ -6,6 +6,11 @@ only records the signal: checkpointing inside a signal handler could interrupt a
 optimizer step or a file write. The training loop polls :meth:`PreemptionFlag.requested` at step
 boundaries, saves its checkpoint, requeues (:func:`deepsports.slurm.requeue_self`) and exits.
 
+SLURM's SIGTERM (requeue, preemption, time limit), ``kill -- -<pgid>`` and Ctrl-C reach every process
+of the job or group at once: DataLoader workers ignore them (:func:`ignore_stop_signals`, forked
+inside :func:`stop_signals_blocked`), and a signal the batch shell trapped before Python ran arrives
+through ``$DEEPSPORTS_EARLY_SIGNAL`` when the flag is installed.
+
     with PreemptionFlag() as flag:
         train(config, stop_requested=flag.requested)
 """

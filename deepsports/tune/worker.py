@@ -53,8 +53,8 @@ from deepsports.tune import recovery
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
-from deepsports.errors import (CheckpointError, ConfigError, DiskFullError, PreemptedError, SearchSpaceError, StorageError,
-                               TrainingError)
+from deepsports.errors import (CheckpointError, ConfigError, DiskFullError, PreemptedError, SearchSpaceError,
+                               StorageError, TrainingError)
 from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.slurm.jobs import slurm_env
 from deepsports.tune.attrs import CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR
