@@ -35,18 +35,30 @@ EARLY_SIGNAL_ENV = "DEEPSPORTS_EARLY_SIGNAL"
 
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:
-    """``worker_init_fn`` of every DataLoader: the worker outlives the job's stop signal.
+    """``worker_init_fn`` of every DataLoader: the worker outlives the job's stop signals.
 
     Without it SLURM's SIGTERM to every process of the job kills the workers first (torch's own
     worker handler dies on a SIGTERM that its parent did not send), and the main process fails with
-    "DataLoader worker (pid ...) exited unexpectedly" instead of checkpointing. The main process shuts
-    its loaders down itself once it stopped (and a worker whose parent died exits on its own: torch's
-    workers watch their parent). Workers are forked inside :func:`stop_signals_blocked`, so a signal
-    that arrives before this runs stays pending and is discarded here.
+    "DataLoader worker (pid ...) exited unexpectedly" instead of checkpointing. SIGUSR1 and SIGINT
+    are ignored. SIGTERM stays blocked (the worker was forked inside :func:`stop_signals_blocked`) and
+    a thread takes it: from the parent (torch's loader shutdown, multiprocessing's exit, which join the
+    worker after it) it ends the worker at once, from anyone else it is dropped. The main process
+    shuts its loaders down itself once it stopped; a worker whose parent died exits on its own.
     """
-    for sig in WORKER_IGNORED_SIGNALS:
+    quiet = tuple(sig for sig in WORKER_IGNORED_SIGNALS if sig != signal.SIGTERM)
+    for sig in quiet:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, quiet)
+    threading.Thread(target=_exit_on_parents_sigterm, args=(os.getppid(),), name="deepsports-sigterm",
+                     daemon=True).start()
+
+
+def _exit_on_parents_sigterm(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(0)  # as torch's worker handler does: the parent is shutting the loader down
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import textwrap
 from tests.e2e_helpers import REPO
 
 SCRIPT = textwrap.dedent("""
-    import os, signal, sys, torch
+    import os, signal, subprocess, sys, torch
     from deepsports.slurm.preemption import PreemptionFlag
     from deepsports.train.evaluation import make_loader
 
@@ -24,9 +24,12 @@ SCRIPT = textwrap.dedent("""
     rounds = 5
     with PreemptionFlag() as flag:
         for _ in range(rounds):
+            # The sender is another process, as in the field (SLURM's stepd, `kill -- -<pgid>`, `timeout`).
+            killer = subprocess.Popen(["sh", "-c", f"read go; kill -{sig.name[3:]} -{os.getpgrp()}"],
+                                      stdin=subprocess.PIPE, text=True)
             loader = make_loader(Slow(), 2, 2)
             iterator = iter(loader)           # the workers are forked here ...
-            os.killpg(os.getpgrp(), sig)      # ... and the group signal lands while they start
+            killer.communicate("go\\n")       # ... and the group signal lands while they start
             seen = sorted(float(v) for batch in iterator for v in batch[:, 0])
             assert seen == [float(i) for i in range(8)], seen
         print(flag.signal_name, flag.count)
@@ -42,6 +45,22 @@ def test_a_group_sigterm_while_workers_start_reaches_only_the_flag():
     proc = _run("SIGTERM")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == ["SIGTERM", "5"]  # five signals in a row: one flag, every one counted
+
+
+EXIT_WITH_A_LIVE_LOADER = textwrap.dedent("""
+    import torch
+    from deepsports.train.evaluation import make_loader
+
+    kept = iter(make_loader(torch.utils.data.TensorDataset(torch.zeros(64, 2)), 2, 2))
+    next(kept)
+    print("exiting", flush=True)  # the iterator is never closed: multiprocessing's exit terminates its workers
+""")
+
+
+def test_a_process_exiting_with_a_live_loader_still_ends_its_workers():
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITH_A_LIVE_LOADER], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "exiting", proc.stderr[-4000:]
 
 
 def test_a_group_sigusr1_while_workers_start_reaches_only_the_flag():
