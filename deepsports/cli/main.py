@@ -22,13 +22,15 @@ log = logging.getLogger("deepsports")
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.slurm.jobs import requeue_if_slurm
-    from deepsports.train.distributed import detect
-    from deepsports.train.loop import train
 
-    config = config_from_args(args)
-    main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
+    # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.train.distributed import detect
+        from deepsports.train.loop import train
+
+        config = config_from_args(args)
+        main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
         try:
             result = train(config, stop_requested=flag.requested)
         except PreemptedError:
@@ -123,8 +125,10 @@ EXIT_CODES = (
     (3, "data: annotations, splits, videos or the clip cache missing or malformed"),
     (4, "checkpoint: unreadable, unsafe, or not fitting the model"),
     (5, "training failed: non-finite loss, out of memory, a data-loader worker died"),
-    (6, "storage: the MLflow store or the study storage cannot be opened or lacks what was asked for"),
+    (6, "storage: the MLflow store or the study storage cannot be opened or lacks what was asked for, or a full "
+        "disk / quota (the message names the path, the free space and what was written)"),
     (7, "SLURM: sbatch/scontrol missing or refused the request"),
+    (8, "the checkpoint_dir is in use by another live process (named: pid, host, since)"),
     (75, "stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume "
          "(under SLURM the job requeued itself)"),
     (130, "interrupted by Ctrl-C"),

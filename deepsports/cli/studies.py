@@ -77,24 +77,27 @@ def _tune_settings(args: argparse.Namespace):
 def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
-    if not args.under_workers:
-        _check_tune_args(args)  # once, before any worker, storage or study exists
     if args.workers > 1:
+        _check_tune_args(args)  # once, before any worker, storage or study exists
         code = _run_local_workers(args)
         if code == 0:
             _print_study_summary(args)
         return code
-    from deepsports.train.distributed import detect
-
-    if detect().enabled:
-        raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
-                          "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-    from deepsports.slurm.jobs import requeue_if_slurm
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.tune.worker import tune
 
-    settings = _tune_settings(args)
+    # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        if not args.under_workers:
+            _check_tune_args(args)  # once, before any storage or study exists
+        from deepsports.train.distributed import detect
+
+        if detect().enabled:
+            raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
+                              "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.tune.worker import tune
+
+        settings = _tune_settings(args)
         try:
             summary = tune(settings, stop_requested=flag.requested)
         except PreemptedError:
