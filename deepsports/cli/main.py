@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extension_registrars():
     """Subcommands owned by the study and SLURM modules (each module adds its own parser)."""
+    from deepsports.cli import evaluate as cli_evaluate
     from deepsports.cli import studies as cli_studies
 
-    return [cli_studies.register]
+    return [cli_studies.register, cli_evaluate.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
