@@ -175,7 +175,8 @@ def plot_groups(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, titl
             ticks = [f"{row['group']}\n(n={row['count']})" for row in part]
             ax_rho.bar(x - 0.2, [row["spearman"] for row in part], 0.4, label="as predicted")
             ax_rho.bar(x + 0.2, [row["spearman_dd"] for row in part], 0.4, label="w/ true DD")
-            ax_rho.set_ylim(min(0.0, *[r["spearman"] for r in part if not math.isnan(r["spearman"])] or [0.0]), 1.0)
+            shown = [r[k] for r in part for k in ("spearman", "spearman_dd") if not math.isnan(r[k])]
+            ax_rho.set_ylim(min([0.0, *shown]), 1.0)  # negative correlations stay visible
             ax_rho.set_ylabel(f"{name}\nSpearman")
             ax_mae.bar(x, [row["score_mae"] for row in part], 0.6, color="tab:red")
             ax_mae.set_ylabel("score MAE")
