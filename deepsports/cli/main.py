@@ -51,14 +51,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.seeds is not None:
+        return _train_seeds(config_from_args(args), args.seeds)
     from deepsports.slurm.preemption import PreemptionFlag
     from deepsports.slurm.jobs import requeue_if_slurm
     from deepsports.train.distributed import detect
     from deepsports.train.loop import train
 
     config = config_from_args(args)
-    if args.seeds is not None:
-        return _train_seeds(config, args.seeds)
     main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
     with PreemptionFlag() as flag:
         try:

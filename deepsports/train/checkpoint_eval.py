@@ -109,8 +109,6 @@ def checkpoint_config(state: Mapping[str, Any], path: Path, overrides: Mapping[s
 def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | None = None,
              n_resamples: int | None = None) -> EvaluationResult:
     """Evaluate ``source`` (run id or checkpoint) on ``split`` and log it as a new MLflow run."""
-    from deepsports.tracking import runs as tracking
-    from deepsports.train.checkpoints import load_checkpoint
     from deepsports.train.metrics import BOOTSTRAP_RESAMPLES
 
     if split not in SPLITS:
@@ -119,6 +117,9 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
     if resamples < 100:
         raise ConfigError(f"evaluate: --resamples {resamples} is too few for a 95 % interval: expected >= 100")
     _check_source_form(source)  # before opening the store: a typo fails fast
+    from deepsports.tracking import runs as tracking
+    from deepsports.train.checkpoints import load_checkpoint
+
     tracker = tracking.RunTracker()
     with tempfile.TemporaryDirectory(prefix="deepsports-evaluate-") as tmp:
         tmp_dir = Path(tmp)

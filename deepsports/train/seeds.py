@@ -92,13 +92,13 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
                 **train_kwargs: Any) -> SeedsResult:
     """Train seeds ``config.seed .. config.seed + n_seeds - 1`` under one parent run (itself a child of
     ``parent_run_id`` when given) and log their aggregates on it. ``train_kwargs`` go to every ``train``."""
-    from deepsports.tracking import runs as tracking
-    from deepsports.train import distributed
-
     if n_seeds < 2:
         raise ConfigError(f"--seeds {n_seeds}: expected 2 or more (one seed is a plain run)")
     if not config.evaluate:
         raise ConfigError("--seeds aggregates test metrics: it needs evaluate=true")
+    from deepsports.tracking import runs as tracking
+    from deepsports.train import distributed
+
     if distributed.detect().enabled:
         raise ConfigError("--seeds runs its seeds one after another in one process: not under torchrun or srun")
     if train_fn is None:
