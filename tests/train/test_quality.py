@@ -78,6 +78,10 @@ def test_bootstrap_interval_equals_scipy_with_the_unvectorised_statistic():
                                 vectorized=False, n_resamples=500, method="BCa", batch=250,
                                 rng=np.random.default_rng(5)).confidence_interval
     assert ours == pytest.approx((reference.low, reference.high), abs=1e-12)
+    ours_l2 = bootstrap_interval(rel_l2_rows, pred, true_score, n_resamples=500, seed=5)
+    reference = stats.bootstrap((pred, true_score), _rel_l2, paired=True, vectorized=False, n_resamples=500,
+                                method="BCa", batch=250, rng=np.random.default_rng(5)).confidence_interval
+    assert ours_l2 == pytest.approx((reference.low, reference.high), rel=1e-9)
     assert bootstrap_interval(spearman_rows, pred, true_score, n_resamples=500, seed=5) == ours  # seeded
     assert all(math.isnan(v) for v in bootstrap_interval(spearman_rows, pred[:2], true_score[:2]))
 
