@@ -48,6 +48,15 @@ class EvaluationResult:
     differs_from_logged: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
+def log_config(tracker, config: Config, leave_out: tuple[str, ...] = ()) -> None:
+    """Config keys as params, as ``train`` logs them: the location keys as ``deepsports.config.<key>`` tags."""
+    from deepsports.config import LOCATION_KEYS
+
+    params = {k: v for k, v in config.to_params().items() if k not in leave_out}
+    tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
+    tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS if k in params})
+
+
 def _source_run(tracker, run_id: str):
     from mlflow.exceptions import MlflowException
 
@@ -140,7 +149,7 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
         tracker.start(experiment_name=experiment, run_name=f"evaluate-{split}-{(source_run_id or 'ckpt')[:8]}",
                       parent_run_id=run.info.run_id if run is not None else None, tags=tags)
         with tracker:
-            tracker.log_params(config.to_params())
+            log_config(tracker, config)
             metrics = _predict_and_log(config, state, split, tracker, epoch, tmp_dir, resamples)
     logged = run.data.metrics if run is not None else {}
     differs = {k: (logged[f"{split}_{k}"], v) for k, v in metrics.items()

@@ -98,6 +98,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
         raise ConfigError("--seeds aggregates test metrics: it needs evaluate=true")
     from deepsports.tracking import runs as tracking
     from deepsports.train import distributed
+    from deepsports.train.checkpoint_eval import log_config
 
     if distributed.detect().enabled:
         raise ConfigError("--seeds runs its seeds one after another in one process: not under torchrun or srun")
@@ -114,8 +115,8 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
     record.update(parent_run_id=parent, n_seeds=n_seeds, first_seed=config.seed)
     _save_record(ckpt_dir, record)
     with tracker:
-        tracker.log_params({**{k: v for k, v in config.to_params().items() if k != "seed"},
-                            "seeds": ",".join(map(str, seeds))})
+        log_config(tracker, config, leave_out=("seed",))
+        tracker.log_params({"seeds": ",".join(map(str, seeds))})
         for seed in seeds:
             if str(seed) in record["done"]:
                 continue

@@ -36,14 +36,14 @@ from optuna.trial import FrozenTrial, TrialState
 from deepsports.tracking import runs as tracking
 from deepsports.config import config_fields
 from deepsports.errors import SearchSpaceError, StorageError
+from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
                                     SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
 from deepsports.tune.search_space import SearchSpace
+from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
 log = logging.getLogger("deepsports.study")
 
-PRUNERS = ("median", "hyperband", "none")
-DEFAULT_STORAGE = "optuna-journal.log"
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 _SCHEMA_ATTEMPTS = 6
 
@@ -103,15 +103,11 @@ def worker_seed(seed: int | None, worker_id: int | None) -> int | None:
 
 def default_worker_id() -> int | None:
     """The SLURM array task (or step rank) this process is, if any."""
-    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return None
+    return ClusterEnv.read().worker_id
 
 
 def worker_label() -> str:
-    slurm = "/".join(os.environ[v] for v in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID")
-                     if os.environ.get(v))
+    slurm = ClusterEnv.read().job_label
     return f"{socket.gethostname()}:{os.getpid()}" + (f" slurm {slurm}" if slurm else "")
 
 
