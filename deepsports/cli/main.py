@@ -21,6 +21,8 @@ log = logging.getLogger("deepsports")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.seeds is not None:
+        return _train_seeds(config_from_args(args), args.seeds)
     from deepsports.slurm.preemption import PreemptionFlag
 
     # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
@@ -43,6 +45,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
                "resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(result.checkpoint_dir),
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _train_seeds(config: Config, n_seeds: int) -> int:
+    from deepsports.slurm.jobs import requeue_if_slurm
+    from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.train.seeds import train_seeds
+
+    with PreemptionFlag() as flag:
+        try:
+            result = train_seeds(config, n_seeds, stop_requested=flag.requested)
+        except PreemptedError:
+            requeue_if_slurm()
+            raise
+    print(json.dumps({"parent_run_id": result.run_id, "seeds": result.seeds, "run_ids": result.run_ids,
+                      **result.test_metrics}, indent=2))
     return 0
 
 
@@ -158,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
     _add_config_arguments(p)
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train seeds seed..seed+N-1 as sibling runs under one parent that logs the mean, sd and "
+                        "95%% interval of every test metric")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="decode the videos once into the clip cache (resumable)")
@@ -200,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extension_registrars():
     """Subcommands owned by the study and SLURM modules (each module adds its own parser)."""
+    from deepsports.cli import evaluate as cli_evaluate
     from deepsports.cli import studies as cli_studies
 
-    return [cli_studies.register]
+    return [cli_studies.register, cli_evaluate.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

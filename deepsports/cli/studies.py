@@ -224,11 +224,14 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
+    from deepsports.tune.checks import check_study_name
     from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots, retrain_best
 
-    from deepsports.tune.checks import check_study_name
-
     check_study_name(args.study, "study")
+    if args.seeds is not None and not args.retrain:
+        raise ConfigError(f"--seeds {args.seeds} needs --retrain (it sets how many seeds the retraining runs)")
+    if args.seeds is not None and args.seeds < 2:
+        raise ConfigError(f"--seeds {args.seeds}: expected 2 or more (one seed is a plain --retrain)")
     study = load_existing_study(args.study, args.storage)
     best = best_trial(study)
     path = export_best(best, args.out or Path("experiments") / f"{args.study}_best.yaml")
@@ -239,8 +242,19 @@ def _cmd_best(args: argparse.Namespace) -> int:
     if args.retrain:
         from deepsports.config import parse_overrides
 
-        trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
-        result["retrain"] = {"run_id": trained.run_id, **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
+        if args.seeds is not None:
+            import functools
+
+            from deepsports.train.seeds import train_seeds
+
+            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides),
+                                   train_fn=functools.partial(train_seeds, n_seeds=args.seeds))
+            result["retrain"] = {"parent_run_id": trained.run_id, "seeds": trained.seeds, "run_ids": trained.run_ids,
+                                 **trained.test_metrics}
+        else:
+            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
+            result["retrain"] = {"run_id": trained.run_id,
+                                 **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -348,6 +362,8 @@ def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="with --retrain: N seeds as sibling runs under one parent (mean, sd, 95%% interval)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the retraining run")
     p.set_defaults(func=_cmd_best)

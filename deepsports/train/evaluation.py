@@ -110,6 +110,9 @@ class Predictions:
     true_difficulty: np.ndarray
     pred_difficulty: np.ndarray
     loss: float
+    #: Predicted execution (final / difficulty, ``out0 * 30``): times the true difficulty it is the
+    #: literature's "w/ DD" score (:mod:`deepsports.train.quality`).
+    pred_execution: np.ndarray | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         return [dict(video=int(v), clip=int(c), true_score=float(ts), pred_score=float(ps), true_difficulty=float(td),
@@ -136,7 +139,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_f
     all_sizes = batch_sampler.global_sizes if isinstance(batch_sampler, ShardedBatchSampler) else None
     was_training = gmodel.training
     gmodel.eval()
-    cols: dict[str, list] = {k: [] for k in ("meta", "ps", "pd")}
+    cols: dict[str, list] = {k: [] for k in ("meta", "ps", "pd", "pe")}
     loss_sum, count = 0.0, 0
     try:
         for i, batch in enumerate(loader):
@@ -155,6 +158,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_f
             cols["meta"].append(meta.cpu().numpy())
             cols["ps"].append((out[:, 0] * out[:, 1] * SCORE_SCALE).double().cpu().numpy())
             cols["pd"].append(out[:, 1].double().cpu().numpy())
+            cols["pe"].append((out[:, 0] * SCORE_SCALE).double().cpu().numpy())
     finally:
         gmodel.train(was_training)
     meta_all = np.concatenate(cols["meta"]) if cols["meta"] else np.zeros((0, 4))
@@ -162,4 +166,5 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_f
                        true_score=meta_all[:, 2], pred_score=np.concatenate(cols["ps"]) if cols["ps"] else np.zeros(0),
                        true_difficulty=meta_all[:, 3],
                        pred_difficulty=np.concatenate(cols["pd"]) if cols["pd"] else np.zeros(0),
-                       loss=loss_sum / count if count else math.nan)
+                       loss=loss_sum / count if count else math.nan,
+                       pred_execution=np.concatenate(cols["pe"]) if cols["pe"] else np.zeros(0))

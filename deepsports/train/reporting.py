@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import deepsports
-from deepsports.train import plots
+from deepsports.train import plots, quality
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import Config
@@ -56,10 +56,13 @@ def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: t
                                title=f"{name}: Spearman {metrics['spearman']:.3f} (best epoch)")
             tracker.log_artifact(scatter, "plots")
             if name == "test":
-                test_metrics = metrics
-                tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=config.epochs)
-                log.info("test: spearman %.4f rel_l2 %.4f mse %.3f difficulty_mae %.4f", metrics["spearman"],
-                         metrics["rel_l2"], metrics["mse"], metrics["difficulty_mae"])
+                # Both protocols, bootstrap intervals and the per-group table, on these same predictions.
+                report = quality.assess(preds, dataset.clips)
+                test_metrics = report.metrics
+                quality.log_report(tracker, "test", report, config.epochs, tmp_dir)
+                log.info("test: spearman %s rel_l2 %.4f mse %.3f difficulty_mae %.4f",
+                         quality.summary_line(report.prefixed("test")), metrics["rel_l2"], metrics["mse"],
+                         metrics["difficulty_mae"])
         if config.log_checkpoint and manager.best_path.exists():
             tracker.log_artifact(manager.best_path, "checkpoints")
         if config.log_model and env.is_main:
