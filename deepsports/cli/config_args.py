@@ -1,5 +1,7 @@
-"""The config arguments every training-like subcommand takes (``train``, ``prepare``, ``config``), and the
-:class:`~deepsports.config.Config` they build; ``submit`` checks a job's arguments with the same two."""
+"""The config keys on a command line: ``--config FILE``, ``key=value`` overrides and one ``--key`` flag per
+config field (the original ``train.py`` flags keep their names). Shared by ``train``/``prepare``/``config``
+(cli/main.py) and ``submit``'s check of a job's arguments (cli/studies.py).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +11,7 @@ from typing import Any
 from deepsports.config import Config, config_fields, format_value, load_config
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``key=value`` overrides and one ``--key`` flag per config key."""
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
                         help="experiment YAML: a path or a name under experiments/ (e.g. seed_best)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 topology=512,256")

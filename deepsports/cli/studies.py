@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from deepsports.errors import ConfigError, PreemptedError
 
@@ -77,24 +77,27 @@ def _tune_settings(args: argparse.Namespace):
 def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
-    if not args.under_workers:
-        _check_tune_args(args)  # once, before any worker, storage or study exists
     if args.workers > 1:
+        _check_tune_args(args)  # once, before any worker, storage or study exists
         code = _run_local_workers(args)
         if code == 0:
             _print_study_summary(args)
         return code
-    from deepsports.train.distributed import detect
-
-    if detect().enabled:
-        raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
-                          "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-    from deepsports.slurm.jobs import requeue_if_slurm
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.tune.worker import tune
 
-    settings = _tune_settings(args)
+    # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        if not args.under_workers:
+            _check_tune_args(args)  # once, before any storage or study exists
+        from deepsports.train.distributed import detect
+
+        if detect().enabled:
+            raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
+                              "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.tune.worker import tune
+
+        settings = _tune_settings(args)
         try:
             summary = tune(settings, stop_requested=flag.requested)
         except PreemptedError:
@@ -221,11 +224,14 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
+    from deepsports.tune.checks import check_study_name
     from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots, retrain_best
 
-    from deepsports.tune.checks import check_study_name
-
     check_study_name(args.study, "study")
+    if args.seeds is not None and not args.retrain:
+        raise ConfigError(f"--seeds {args.seeds} needs --retrain (it sets how many seeds the retraining runs)")
+    if args.seeds is not None and args.seeds < 2:
+        raise ConfigError(f"--seeds {args.seeds}: expected 2 or more (one seed is a plain --retrain)")
     study = load_existing_study(args.study, args.storage)
     best = best_trial(study)
     path = export_best(best, args.out or Path("experiments") / f"{args.study}_best.yaml")
@@ -236,8 +242,19 @@ def _cmd_best(args: argparse.Namespace) -> int:
     if args.retrain:
         from deepsports.config import parse_overrides
 
-        trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
-        result["retrain"] = {"run_id": trained.run_id, **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
+        if args.seeds is not None:
+            import functools
+
+            from deepsports.train.seeds import train_seeds
+
+            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides),
+                                   train_fn=functools.partial(train_seeds, n_seeds=args.seeds))
+            result["retrain"] = {"parent_run_id": trained.run_id, "seeds": trained.seeds, "run_ids": trained.run_ids,
+                                 **trained.test_metrics}
+        else:
+            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
+            result["retrain"] = {"run_id": trained.run_id,
+                                 **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -256,7 +273,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     elif args.array_size or args.array_concurrency or args.storage:
         raise ConfigError("--array-size, --array-concurrency and --storage apply to `submit tune` only")
     else:
-        _check_submitted_config(args.kind, rest)
+        _check_submitted_config(args.kind, rest, args.build_parser)
     if profile.time is None and not args.dry_run:
         print(f"deepsports: warning: SLURM profile {profile.source} sets no `time`: the job gets the partition's "
               "limit (UNLIMITED on many clusters), so the USR1 before the time limit never comes and a job killed "
@@ -315,25 +332,23 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile) ->
     return resolve_storage(storage, source), f" ({source})"
 
 
-#: Flags of the train/prepare subcommands besides the config arguments (they take no value).
-_JOB_SWITCHES = {"train": (), "prepare": ("--skip-bad", "--quiet")}
-
-
-def _check_submitted_config(kind: str, rest: list[str]) -> None:
+def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]) -> None:
     """A train/prepare job's arguments build a valid config here before the job is submitted."""
-    from deepsports.cli.config_args import add_config_arguments, config_from_args
+    from deepsports.cli.config_args import config_from_args
 
-    parser = _strict(argparse.ArgumentParser(prog=f"deepsports {kind}", add_help=False), kind)
-    add_config_arguments(parser)
-    job, extra = parser.parse_known_args(rest)
-    unknown = [arg for arg in extra if arg not in _JOB_SWITCHES[kind]]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    config_from_args(job)
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # argparse keeps the subcommand parsers there
+        for name, sub in action.choices.items():
+            _strict(sub, name)
+    config_from_args(_strict(parser, kind).parse_args([kind, *rest]))
 
 
-def register(sub) -> None:
-    """Add the study and SLURM subcommands to the ``deepsports`` parser."""
+def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """Add the study and SLURM subcommands to the ``deepsports`` parser.
+
+    ``build_parser`` makes the whole parser (cli/main.py passes it in, so that this module never imports
+    it back): ``submit`` parses a job's arguments with it as the job will.
+    """
     from deepsports.tune.settings import DEFAULT_STORAGE, STORAGE_ENV
 
     p = sub.add_parser("tune", help="run trials of an Optuna study (each a child MLflow run of the study's run)")
@@ -347,6 +362,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="with --retrain: N seeds as sibling runs under one parent (mean, sd, 95%% interval)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the retraining run")
     p.set_defaults(func=_cmd_best)
@@ -362,4 +379,4 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow store exported to every task [profile env]")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
                    help="after --, the deepsports arguments of the job, e.g. -- head --study s1 --max-trials 32")
-    p.set_defaults(func=_cmd_submit)
+    p.set_defaults(func=_cmd_submit, build_parser=build_parser)
