@@ -250,9 +250,10 @@ def _train(ctx: dict[str, Any], name: str, extra: dict[str, str]) -> dict[str, A
 def stage_epoch(ctx: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for frames, size, cache in ctx["epoch_settings"]:
-        out[f"{frames}x{size}"] = _train(ctx, f"epoch-{frames}x{size}", {
+        name = f"{frames}x{size}" + ("" if ctx["epoch_videos"] == "all" else f" videos {ctx['epoch_videos']}")
+        out[name] = _train(ctx, f"epoch-{frames}x{size}", {
             "_cache": cache, "frame_num": str(frames), "spatial_size": str(size), "epochs": "1", "warmup_epochs": "0",
-            "train_val_split_ratio": "0.99", "evaluate": "false"})
+            "train_val_split_ratio": "0.99", "evaluate": "false", "videos": ctx["epoch_videos"]})
     return out
 
 
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-clips", type=int, default=48)
     parser.add_argument("--learn-epochs", type=int, default=4)
     parser.add_argument("--epoch-settings", default="8x112,16x224", help="FRAMESxSIZE of the epoch stage")
+    parser.add_argument("--epoch-videos", default="all", help="videos the epoch stage trains on, e.g. 13,14 [all]")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
            "epoch_settings": [(4, 32, "cache-112")] if args.quick else [
                (int(f), int(z), "cache-112" if int(z) == 112 else "cache-224")
                for f, z in (setting.split("x") for setting in args.epoch_settings.split(","))],
-           "learn_epochs": 1 if args.quick else args.learn_epochs}
+           "learn_epochs": 1 if args.quick else args.learn_epochs, "epoch_videos": args.epoch_videos}
     if args.quick:
         TINY.update(batch_size="2", embed_dim="32", topology="32", dropout="0.1")
     results_path = work / "results.json"
