@@ -7,7 +7,7 @@ committed file equals the rendered one.
 from __future__ import annotations
 
 
-from deepsports.config import config_fields, format_value
+from deepsports.config import LOCATION_KEYS, config_fields, format_value
 from deepsports.tune.settings import tune_options
 
 _HEADER = """\
@@ -34,7 +34,8 @@ def _yaml_scalar(text: str) -> str:
 
 def render_mlproject() -> str:
     lines = [_HEADER, "entry_points:"]
-    fields = config_fields()
+    # Paths are not parameters to compare runs by; MLflow would also log them shell-quoted ('~/...').
+    fields = {name: spec for name, spec in config_fields().items() if name not in LOCATION_KEYS}
 
     def params_block(items):
         out = ["    parameters:"]

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from deepsports.errors import ConfigError, PreemptedError
 
@@ -30,7 +30,7 @@ def _seconds_or_none(text: str) -> float | None:
 
 #: How each TuneOption kind's text is parsed (argparse ``type``).
 _OPTION_TYPES = {"path": None, "text": None, "int": int, "count": _positive_or_none, "seconds": _seconds_or_none,
-                 "choice": None, "overrides": None}
+                 "choice": None, "overrides": None, "switch": None}
 
 
 def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,12 +53,16 @@ def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
             kwargs["default"] = os.environ.get(option.env, default) if option.env else default
         if option.kind == "overrides":
             kwargs.update(action="append", default=list(option.cli_default), metavar="KEY=VALUE")
+        elif option.kind == "switch":
+            kwargs.update(action="store_true", default=False)
+            del kwargs["metavar"]
         elif option.kind == "choice":
             kwargs.update(choices=option.choices)
             del kwargs["metavar"]
         elif _OPTION_TYPES[option.kind] is not None:
             kwargs["type"] = _OPTION_TYPES[option.kind]
         p.add_argument(option.flag, **kwargs)
+    p.add_argument("--under-workers", action="store_true", help=argparse.SUPPRESS)  # set by --workers N for its workers
 
 
 def _tune_settings(args: argparse.Namespace):
@@ -74,29 +78,61 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
     if args.workers > 1:
-        return _run_local_workers(args)  # before any heavy import: the workers start at once
-    from deepsports.train.distributed import detect
-
-    if detect().enabled:
-        raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
-                          "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-    from deepsports.slurm.jobs import requeue_if_slurm
+        _check_tune_args(args)  # once, before any worker, storage or study exists
+        code = _run_local_workers(args)
+        if code == 0:
+            _print_study_summary(args)
+        return code
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.tune.worker import tune
 
-    settings = _tune_settings(args)
+    # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        if not args.under_workers:
+            _check_tune_args(args)  # once, before any storage or study exists
+        from deepsports.train.distributed import detect
+
+        if detect().enabled:
+            raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
+                              "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.tune.worker import tune
+
+        settings = _tune_settings(args)
         try:
             summary = tune(settings, stop_requested=flag.requested)
         except PreemptedError:
             requeue_if_slurm()
             raise
     _tag_project_run(summary.parent_run_id)
-    print(json.dumps({"study": summary.study_name, "parent_run_id": summary.parent_run_id, "states": summary.states,
-                      "trials_run_by_this_worker": summary.trials_run, "best_value": summary.best_value,
-                      "best_trial": summary.best_number, "best_params": summary.best_params,
-                      "best_run_id": summary.best_run_id}, indent=2, default=str))
+    if not args.under_workers:  # with --workers N the parent prints one summary for all
+        _print_summary(summary, {"trials_run_by_this_worker": summary.trials_run})
     return 0
+
+
+def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, storage_source: str = "--storage") -> None:
+    """What a tune worker would refuse, checked before any worker, storage, study or job exists."""
+    from deepsports.config import parse_overrides
+    from deepsports.tune.checks import check_overrides, check_study_name, resolve_storage
+    from deepsports.tune.search_space import load_search_space
+
+    check_study_name(args.study_name)
+    if check_storage:
+        resolve_storage(args.storage, storage_source)
+    check_overrides(load_search_space(args.search_space), parse_overrides(args.overrides))
+
+
+def _print_summary(summary, extra: dict[str, Any]) -> None:
+    print(json.dumps({"study": summary.study_name, "parent_run_id": summary.parent_run_id, "states": summary.states,
+                      **extra, "best_value": summary.best_value, "best_trial": summary.best_number,
+                      "best_params": summary.best_params, "best_run_id": summary.best_run_id}, indent=2, default=str))
+
+
+def _print_study_summary(args: argparse.Namespace) -> None:
+    from deepsports.tune.report import load_existing_study
+    from deepsports.tune.study import summarize
+
+    summary = summarize(load_existing_study(args.study_name, args.storage))
+    _print_summary(summary, {"workers": args.workers})
 
 
 def _tag_project_run(parent_run_id: str) -> None:
@@ -127,7 +163,8 @@ def _run_local_workers(args: argparse.Namespace) -> int:
     env.pop("MLFLOW_RUN_ID", None)  # the project run belongs to this parent process
 
     def start(worker_id: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "deepsports.cli", *base, "--worker-id", str(worker_id)], env=env)
+        return subprocess.Popen([sys.executable, "-m", "deepsports.cli", *base, "--worker-id", str(worker_id),
+                                 "--under-workers"], env=env)
 
     running = {worker_id: start(worker_id) for worker_id in range(args.workers)}
     restarts = dict.fromkeys(running, 0)
@@ -187,8 +224,14 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
+    from deepsports.tune.checks import check_study_name
     from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots, retrain_best
 
+    check_study_name(args.study, "study")
+    if args.seeds is not None and not args.retrain:
+        raise ConfigError(f"--seeds {args.seeds} needs --retrain (it sets how many seeds the retraining runs)")
+    if args.seeds is not None and args.seeds < 2:
+        raise ConfigError(f"--seeds {args.seeds}: expected 2 or more (one seed is a plain --retrain)")
     study = load_existing_study(args.study, args.storage)
     best = best_trial(study)
     path = export_best(best, args.out or Path("experiments") / f"{args.study}_best.yaml")
@@ -199,8 +242,19 @@ def _cmd_best(args: argparse.Namespace) -> int:
     if args.retrain:
         from deepsports.config import parse_overrides
 
-        trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
-        result["retrain"] = {"run_id": trained.run_id, **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
+        if args.seeds is not None:
+            import functools
+
+            from deepsports.train.seeds import train_seeds
+
+            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides),
+                                   train_fn=functools.partial(train_seeds, n_seeds=args.seeds))
+            result["retrain"] = {"parent_run_id": trained.run_id, "seeds": trained.seeds, "run_ids": trained.run_ids,
+                                 **trained.test_metrics}
+        else:
+            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
+            result["retrain"] = {"run_id": trained.run_id,
+                                 **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -213,10 +267,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     rest = list(args.args)
     kwargs: dict[str, Any] = {}
     if args.kind == "tune":
+        storage, where = _check_submitted_tune(rest, args.storage, profile)
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
-                      study_storage=args.storage)
+                      study_storage=args.storage if args.storage is not None or "--storage" in rest else storage)
     elif args.array_size or args.array_concurrency or args.storage:
         raise ConfigError("--array-size, --array-concurrency and --storage apply to `submit tune` only")
+    else:
+        _check_submitted_config(args.kind, rest, args.build_parser)
+    if profile.time is None and not args.dry_run:
+        print(f"deepsports: warning: SLURM profile {profile.source} sets no `time`: the job gets the partition's "
+              "limit (UNLIMITED on many clusters), so the USR1 before the time limit never comes and a job killed "
+              "at the limit loses its last epoch; set `time:` in the profile", file=sys.stderr)
     uri = args.tracking_uri or profile.env.get("MLFLOW_TRACKING_URI") or None
     script = slurm.render_script(args.kind, profile, slurm.worker_command(args.kind, *rest), job_name=args.job_name,
                                  tracking_uri=args.tracking_uri, **kwargs)
@@ -225,13 +286,69 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         return 0
     job_id = slurm.submit(script)
     print(f"submitted {args.kind} job {job_id}")
+    if args.kind == "tune":
+        print(f"  study storage: {storage}{where}")
     for hint in slurm.watch_hints(job_id, profile, uri or tracking_uri()):
         print(f"  {hint}")
     return 0
 
 
-def register(sub) -> None:
-    """Add the study and SLURM subcommands to the ``deepsports`` parser."""
+class _JobArgumentError(ConfigError):
+    """A job argument after ``--`` that the job would refuse."""
+
+
+def _strict(parser: argparse.ArgumentParser, kind: str) -> argparse.ArgumentParser:
+    """A parser of a job's arguments that raises (one line, exit 2) instead of printing usage and exiting."""
+    def error(message: str):
+        raise _JobArgumentError(f"submit {kind}: the job's arguments after --: {message}")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile) -> tuple[str, str]:
+    """Parse and check a tune job's arguments as its workers will; returns (storage, how it was found)."""
+    from deepsports.tune.checks import resolve_storage
+    from deepsports.tune.study import DEFAULT_STORAGE
+
+    parser = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
+    _add_tune_arguments(parser)
+    job = parser.parse_args(rest)
+    if "--storage" in rest or any(a.startswith("--storage=") for a in rest):
+        storage, source = job.storage, "--storage after --"
+    elif storage_flag is not None:
+        storage, source = storage_flag, "submit --storage"
+    elif profile.env.get("DEEPSPORTS_STUDY_STORAGE"):
+        storage, source = profile.env["DEEPSPORTS_STUDY_STORAGE"], f"DEEPSPORTS_STUDY_STORAGE of {profile.source}"
+    else:
+        storage, source = DEFAULT_STORAGE, "the default: no --storage given"
+    job.storage = storage
+    if "://" not in storage and not Path(storage).expanduser().is_absolute() and profile.workdir:
+        # The job opens it relative to the profile's workdir, known only on the node.
+        where = f" (relative to the job's workdir {profile.workdir}; {source})"
+        _check_tune_args(job, check_storage=False)
+        return storage, where
+    _check_tune_args(job, storage_source=source)
+    return resolve_storage(storage, source), f" ({source})"
+
+
+def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """A train/prepare job's arguments build a valid config here before the job is submitted."""
+    from deepsports.cli.config_args import config_from_args
+
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # argparse keeps the subcommand parsers there
+        for name, sub in action.choices.items():
+            _strict(sub, name)
+    config_from_args(_strict(parser, kind).parse_args([kind, *rest]))
+
+
+def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """Add the study and SLURM subcommands to the ``deepsports`` parser.
+
+    ``build_parser`` makes the whole parser (cli/main.py passes it in, so that this module never imports
+    it back): ``submit`` parses a job's arguments with it as the job will.
+    """
     from deepsports.tune.settings import DEFAULT_STORAGE, STORAGE_ENV
 
     p = sub.add_parser("tune", help="run trials of an Optuna study (each a child MLflow run of the study's run)")
@@ -245,6 +362,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="with --retrain: N seeds as sibling runs under one parent (mean, sd, 95%% interval)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the retraining run")
     p.set_defaults(func=_cmd_best)
@@ -260,4 +379,4 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow store exported to every task [profile env]")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
                    help="after --, the deepsports arguments of the job, e.g. -- head --study s1 --max-trials 32")
-    p.set_defaults(func=_cmd_submit)
+    p.set_defaults(func=_cmd_submit, build_parser=build_parser)

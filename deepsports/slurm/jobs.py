@@ -29,8 +29,7 @@ __all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile",
            "time_limit_seconds", "watch_hints", "worker_command"]
 
 KINDS = ("tune", "train", "prepare")
-REPO_DIR = Path(__file__).resolve().parents[2]
-TEMPLATE_DIR = REPO_DIR / "slurm" / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "assets" / "slurm" / "templates"  # shipped (deepsports.locate)
 #: What a job knows about itself (``slurm_env``); the tuning workers tag their MLflow runs with these.
 SLURM_ENV_VARS = tuple(SLURM_TAGS)
 
@@ -189,11 +188,18 @@ def submit(script_text: str, dry_run: bool = False, *, cwd: str | os.PathLike | 
     return job_id
 
 
-def watch_hints(job_id: str, profile: SlurmProfile, tracking_uri: str | None = None) -> list[str]:
-    """Commands that follow a submitted job (printed by ``deepsports submit``)."""
-    hints = [f"squeue -j {job_id}", f"tail -f {profile.logdir}/*_{job_id}*.log"]
+def watch_hints(job_id: str, profile: SlurmProfile, tracking_uri: str | None = None,
+                submit_dir: str | os.PathLike | None = None) -> list[str]:
+    """Commands that follow a submitted job (printed by ``deepsports submit``), ready to paste: the job's
+    ``$SLURM_SUBMIT_DIR`` and relative paths are spelled out as the submit directory."""
+    base = Path(submit_dir) if submit_dir is not None else Path.cwd()
+    logdir = profile.logdir if os.path.isabs(profile.logdir) else str(base / profile.logdir)
+    hints = [f"squeue -j {job_id}", f"tail -f {logdir}/*_{job_id}*.log"]
     if tracking_uri:
-        hints.append(f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}")
+        uri = re.sub(r"\$\{SLURM_SUBMIT_DIR\}|\$SLURM_SUBMIT_DIR\b", lambda _: str(base), tracking_uri)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{base / uri.removeprefix('sqlite:///')}"
+        hints.append(f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
     return hints
 
 
@@ -244,6 +250,12 @@ def requeue_if_slurm() -> str | None:
     """
     if not slurm_env().get("SLURM_JOB_ID"):
         return None
-    requeued = requeue_self()
+    try:
+        requeued = requeue_self()
+    except SlurmError as exc:
+        # SLURM may be requeueing or ending the task itself (scontrol requeue, preemption, scancel: the
+        # SIGTERM that stopped us). The checkpoint is written and the trial paused either way.
+        print(f"deepsports: warning: this task was not requeued: {exc}", file=sys.stderr)
+        return None
     print(f"deepsports: requeued SLURM task {requeued}", file=sys.stderr)
     return requeued

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -42,6 +43,9 @@ from deepsports.slurm.env import ClusterEnv
 log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+#: Tags of the experiments DeepSports creates: MLflow's UI opens a model-training experiment on its runs
+#: table (one without a kind opens on the GenAI overview, "Traces 0").
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _MAX_METRICS, _MAX_PARAMS_TAGS, _MAX_TAG_VALUE = 1000, 100, 8000  # MLflow log_batch limits
 _T = TypeVar("_T")
 
@@ -194,12 +198,13 @@ class RunTracker:
         return self._buffer
 
     # --- lifecycle ---
-    def _experiment(self, name: str, artifact_location: str | None) -> str:
+    def ensure_experiment(self, name: str, artifact_location: str | None = None) -> str:
+        """The id of the active experiment ``name``, created (as a model-training experiment) when missing."""
         experiment = self._call("get experiment", self.client.get_experiment_by_name, name)
         if experiment is None:
             try:
                 return call_with_retry("create experiment", self.uri, self.client.create_experiment, name,
-                                       artifact_location=artifact_location, policy=self.retry)
+                                       artifact_location=artifact_location, tags=EXPERIMENT_TAGS, policy=self.retry)
             except StorageError as exc:  # another process created it between our two calls
                 if getattr(exc.__cause__, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -240,7 +245,7 @@ class RunTracker:
             if run_name:
                 new_tags["mlflow.runName"] = run_name
         else:
-            self.experiment_id = self._experiment(experiment_name, artifact_location)
+            self.experiment_id = self.ensure_experiment(experiment_name, artifact_location)
             if parent_run_id is not None:
                 context["mlflow.parentRunId"] = parent_run_id
             run = self._call("create run", self.client.create_run, self.experiment_id, tags=context,
@@ -275,7 +280,7 @@ class RunTracker:
             value = redact_uri(str(value))
             if key not in existing:
                 fresh.append(Param(key, value))
-            elif existing[key] != value:
+            elif existing[key] not in (value, shlex.quote(value)):  # `mlflow run` logs its -P values shell-quoted
                 changed[f"deepsports.param_changed.{key}"] = value
                 log.warning("param %s was logged as %r; this attempt uses %r (recorded as a tag)", key,
                             existing[key], value)

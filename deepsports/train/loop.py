@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from deepsports.train import distributed
 
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from deepsports.config import Config, build_config
+from deepsports.config import LOCATION_KEYS, Config, build_config
 from deepsports.data import build_datasets
 from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
@@ -31,7 +32,8 @@ from deepsports.train.evaluation import EpochSampler, eval_loader, make_loader, 
 from deepsports.train.losses import aqa_loss
 from deepsports.model import build_model
 from deepsports.train.optim import build_optimizer, build_scheduler
-from deepsports.train.reporting import log_final_artifacts
+from deepsports.train.dir_lock import checkpoint_dir_lock
+from deepsports.train.reporting import EpochMetricLog, log_final_artifacts
 from deepsports.train.runtime import select_runtime, seed_everything, setup_logging
 
 log = logging.getLogger("deepsports.train")
@@ -44,6 +46,7 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
 #: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
 RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "loglevel", "log_every_steps", "gpu", "evaluate", "log_model",
+                               "log_checkpoint",
                                "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
 
 
@@ -137,7 +140,9 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
     env = distributed.setup(use_cuda, config.dist_backend)
     hooks = TrainHooks(epoch_callback=epoch_callback, stop_requested=stop_requested, fault_hook=fault_hook)
     try:
-        return _train_process(config, env, hooks, parent_run_id=parent_run_id, tags=tags)
+        # One process per checkpoint_dir (rank 0 speaks for its job): a second would resume the same run.
+        with checkpoint_dir_lock(_resolve_checkpoint_dir(config) if env.is_main else None):
+            return _train_process(config, env, hooks, parent_run_id=parent_run_id, tags=tags)
     finally:
         if owns_group:
             distributed.teardown(env)
@@ -179,7 +184,8 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
     if not env.is_main and resume_path is not None:
         resume_state = load_checkpoint(resume_path)
     if ckpt_dir is None:
-        ckpt_dir = Path("checkpoints") / run_id
+        # `deepsports demo` runs us through `mlflow run`, in the project folder: it names the user's folder.
+        ckpt_dir = Path(os.environ.get("DEEPSPORTS_CHECKPOINT_ROOT") or "checkpoints") / run_id
     if resume_state is None and env.is_main:
         CheckpointManager(ckpt_dir).record_run(run_id, config.to_dict())
     try:
@@ -227,6 +233,7 @@ class _Run:
     start_epoch: int = 1
     start_step: int = 0
     partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "clips": 0, "seconds": 0.0})
+    epoch_log: EpochMetricLog | None = None  # set by _restore: what MLflow already holds
 
     def state(self, epoch: int, step: int, partial_now: dict | None) -> dict:
         """The checkpoint's contents."""
@@ -298,7 +305,9 @@ def _restore(run: _Run, resume_state: dict | None) -> None:
         run.start_epoch, run.start_step = resume_state["epoch"], resume_state["step"]
         run.partial = dict(resume_state.get("partial") or run.partial)
     else:
-        tracker.log_params(config.to_params())
+        params = config.to_params()
+        tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
+        tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS})
     tracker.set_tags({"deepsports.device": run.runtime.device_name,
                       "deepsports.checkpoint_dir": str(run.ckpt_dir.resolve()),
                       "deepsports.trainable_params": str(trainable), "deepsports.total_params": str(total_params),
@@ -307,7 +316,9 @@ def _restore(run: _Run, resume_state: dict | None) -> None:
         tracker.log_dict(data.split, "split.json")
         tracker.log_text(config.to_yaml(), "config.yaml")
     # Epochs the checkpoint holds but MLflow missed (killed between checkpoint and logging).
-    _log_missing_epochs(tracker, run.history)
+    run.epoch_log = EpochMetricLog(tracker, EPOCH_METRICS)
+    for row in run.history:
+        run.epoch_log.log(row, int(row["epoch"]))
     log.info("run %s: %d train / %d val / %d test clips, %s trainable of %s parameters, device %s", run.run_id,
              len(data.train), len(data.val), len(data.test), f"{trainable:,}", f"{total_params:,}",
              run.runtime.device_name)
@@ -386,7 +397,7 @@ def _report_epoch(run: _Run, epoch: int, acc: dict, tick: float, train_seconds: 
     if env.is_main:
         run.manager.save(epoch, run.state(epoch + 1, 0, None), is_best=is_best)
     hooks.fault("log", epoch)
-    run.tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+    run.epoch_log.log(row, epoch)  # once per step, also when resumed from an older checkpoint
     log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s)", epoch,
              config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"], row["clips_per_s"],
              epoch_seconds)
@@ -417,15 +428,6 @@ def _check_same_config(path: Path, saved_values: dict, config: Config) -> None:
     if diff:
         raise CheckpointError(f"{path}: the checkpoint was written with a different config "
                               f"({', '.join(diff)} differ); use another checkpoint_dir or resume=never")
-
-
-def _log_missing_epochs(tracker: "tracking.RunTracker", history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    logged = tracker.logged_steps("val_spearman")
-    for row in history:
-        if row["epoch"] not in logged:
-            tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=int(row["epoch"]))
 
 
 def load_training_checkpoint(path: str | Path) -> dict:

@@ -32,7 +32,8 @@ from deepsports.tune.attrs import CONFIG_ATTR, PARENT_RUN_ATTR, RUN_ATTR
 log = logging.getLogger("deepsports.study_report")
 
 #: Keys that belong to one trial's run, not to the configuration it trained.
-_RUN_KEYS = ("checkpoint_dir", "run_name")
+#: Keys of a trial's config that describe the trial's run, not the configuration: `best` resets them.
+_RUN_KEYS = ("checkpoint_dir", "run_name", "log_model", "log_checkpoint")
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
 
 
@@ -133,7 +134,8 @@ def _html(study: optuna.Study, name: str, out: Path) -> list[Path]:
     from optuna import visualization
 
     try:
-        getattr(visualization, f"plot_{name}")(study).write_html(out / f"{name}.html")
+        # plotly.js from its CDN: inlined it makes every file 4.8 MB (the PNGs work offline).
+        getattr(visualization, f"plot_{name}")(study).write_html(out / f"{name}.html", include_plotlyjs="cdn")
     except (ValueError, RuntimeError) as exc:
         log.info("plot %s (HTML) skipped: %s", name, exc)
         return []

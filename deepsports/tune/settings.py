@@ -20,8 +20,9 @@ DEFAULT_STORAGE = "optuna-journal.log"
 STORAGE_ENV = "DEEPSPORTS_STUDY_STORAGE"
 
 #: Option kinds: how a flag's text becomes the field's value (the CLI owns the parsing).
-#: ``count``/``seconds``: a number >= 0, 0 meaning no limit (None); ``overrides``: repeated KEY=VALUE.
-OPTION_KINDS = ("path", "text", "int", "count", "seconds", "choice", "overrides")
+#: ``count``/``seconds``: a number >= 0, 0 meaning no limit (None); ``overrides``: repeated KEY=VALUE;
+#: ``switch``: a flag without a value (true when given).
+OPTION_KINDS = ("path", "text", "int", "count", "seconds", "choice", "overrides", "switch")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ class TuneSettings:
         flag="--set", kind="overrides", cli_default=(),
         help="config override for every trial (e.g. --set epochs=3 --set cache_dir=/scratch/x)")})
     parent_wait_s: float = 60.0
+    keep_trial_artifacts: bool = _option(False, flag="--keep-trial-artifacts", kind="switch",
+                                         help="log every trial's best.pt and model to MLflow (default: they stay in the "
+                                              "trial's checkpoint folder; `deepsports best --retrain` logs the best "
+                                              "config's model)")
 
     def __post_init__(self) -> None:
         if self.pruner not in PRUNERS:
@@ -102,8 +107,9 @@ class TuneSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value}: expected a positive number of trials (or none)")
-        if not self.study_name.strip():
-            raise ConfigError("the study name is empty")
+        from deepsports.tune.checks import check_study_name  # standard library only, like this module
+
+        check_study_name(self.study_name, "study name")
         if self.heartbeat_interval < 1:
             raise ConfigError(f"heartbeat_interval={self.heartbeat_interval}: expected seconds >= 1")
         if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:

@@ -51,9 +51,11 @@ from deepsports.tune import recovery
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
-from deepsports.errors import CheckpointError, PreemptedError, SearchSpaceError, StorageError, TrainingError
+from deepsports.errors import (CheckpointError, ConfigError, DeepSportsError, DiskFullError, PreemptedError,
+                               SearchSpaceError, StorageError, TrainingError)
 from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.slurm.env import ClusterEnv
+from deepsports.tune.checks import check_overrides
 from deepsports.tune.settings import TuneSettings
 from deepsports.tune.attrs import CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR
 from deepsports.tune.study import (StudySummary, constant, default_worker_id, make_pruner, make_sampler, open_storage,
@@ -74,6 +76,8 @@ class _OverBudget(Exception):
 
 #: Per-trial failures after which the study goes on (anything else stops this worker).
 TRIAL_ERRORS = (TrainingError, SearchSpaceError, CheckpointError, _OverBudget)
+#: Consecutive trials of one worker failing with the same non-training error that stop the worker.
+SAME_FAILURES_STOP = 3
 
 
 def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = None,
@@ -87,6 +91,7 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     if train_fn is None:
         from deepsports.train.loop import train as train_fn
     space = load_search_space(settings.search_space)
+    check_overrides(space, settings.overrides)  # before any storage, study or trial exists
     worker_id = settings.worker_id if settings.worker_id is not None else default_worker_id()
     seed = worker_seed(settings.seed, worker_id)
     storage = open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
@@ -116,6 +121,7 @@ class _Worker:
         self.tracker = tracking.RunTracker()
         self.label = worker_label()
         self.trials_run = 0
+        self.same_failures: list[str] = []  # reasons of this worker's latest failed trials, all alike
         root = settings.checkpoint_root or constant(space, settings.overrides, "checkpoint_dir") or "checkpoints"
         # The parent id tells apart studies of the same name (another storage, or deleted and recreated).
         parent = study.user_attrs[PARENT_RUN_ATTR]
@@ -150,7 +156,7 @@ class _Worker:
 
     def _run_trial(self, trial: optuna.Trial) -> None:
         heartbeat = recovery.TrialHeartbeat(self.study, trial._trial_id, self.settings.heartbeat_interval)
-        state, value = None, None
+        state, value, failed = None, None, None
         with heartbeat:
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
@@ -160,11 +166,19 @@ class _Worker:
             except TRIAL_ERRORS as exc:
                 log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
                 state = TrialState.FAIL
+                failed = exc
             except (PreemptedError, KeyboardInterrupt):
                 heartbeat.stop()
                 if not heartbeat.lost:
                     self._pause(trial)
                     raise
+            except DiskFullError:
+                # Not the trial's fault, and every next trial would fail the same way: this worker stops,
+                # and the trial waits (paused) to resume from its newest good checkpoint once space is freed.
+                heartbeat.stop()
+                if not heartbeat.lost:
+                    self._pause_if_possible(trial)
+                raise
             except UpdateFinishedTrialError:
                 pass  # swept as dead while we ran (see heartbeat.lost)
             except BaseException as exc:
@@ -178,6 +192,22 @@ class _Worker:
         frozen = self._tell(trial, state, value)
         if frozen is not None:
             self.after_trial(frozen)
+        self._stop_if_failing_alike(failed)
+
+    def _stop_if_failing_alike(self, failed: BaseException | None) -> None:
+        """A configuration or data problem fails every trial the same way: stop instead of spinning
+        through the study's budget (a TrainingError, e.g. a NaN loss, depends on the sampled values)."""
+        if failed is None or isinstance(failed, (TrainingError, _OverBudget)):
+            self.same_failures.clear()
+            return
+        reason = f"{type(failed).__name__}: {failed.__cause__ or failed}"
+        if self.same_failures and self.same_failures[-1] != reason:
+            self.same_failures.clear()
+        self.same_failures.append(reason)
+        if len(self.same_failures) >= SAME_FAILURES_STOP:
+            error = failed if isinstance(failed, DeepSportsError) else ConfigError(str(failed))
+            raise type(error)(f"the last {len(self.same_failures)} trials of this worker failed alike, stopping: "
+                              f"{reason}")
 
     def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None = None) -> FrozenTrial | None:
         try:
@@ -194,6 +224,13 @@ class _Worker:
             trial.set_user_attr(key, value)
         except UpdateFinishedTrialError:
             pass
+
+    def _pause_if_possible(self, trial: optuna.Trial) -> None:
+        try:
+            self._pause(trial)
+        except (OSError, StorageError) as exc:  # the study storage may sit on the full disk too
+            log.warning("could not pause trial %d (%s); it stays RUNNING until the heartbeat sweep of a later "
+                        "worker retries it", trial.number, exc)
 
     def _pause(self, trial: optuna.Trial) -> None:
         frozen = self.study._storage.get_trial(trial._trial_id)
@@ -244,7 +281,7 @@ class _Worker:
         trial.set_user_attr(CKPT_ATTR, checkpoint_dir)
         trial.set_user_attr(WORKER_ATTR, self.label)
         trial.set_user_attr(recovery.TASK_ATTR, self.identity)
-        overrides = {**self.settings.overrides, "checkpoint_dir": checkpoint_dir,
+        overrides = {**self._artifact_defaults(), **self.settings.overrides, "checkpoint_dir": checkpoint_dir,
                      "run_name": f"{name}-trial-{trial.number:04d}",
                      "experiment_name": self.study.user_attrs[EXPERIMENT_ATTR]}
         try:
@@ -288,6 +325,14 @@ class _Worker:
             trial.set_user_attr(REASON_ATTR, reason)
             raise TrainingError(reason)
         return float(result.best_val_spearman)
+
+    def _artifact_defaults(self) -> dict[str, bool]:
+        """Trials log neither their best.pt nor their model to MLflow (tens of MB each, a study has many),
+        unless asked (``keep_trial_artifacts``) or set by the user (--set, the space's fixed/base values)."""
+        if self.settings.keep_trial_artifacts:
+            return {}
+        given = {**self.space.base_values, **self.space.fixed}
+        return {key: False for key in ("log_checkpoint", "log_model") if key not in given}
 
     def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path) -> dict[str, str]:
         """A resumed trial (paused, or a dead trial's retry): report to Optuna the checkpointed epochs it

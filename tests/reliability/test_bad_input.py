@@ -189,7 +189,7 @@ def test_bad_search_space_fails_before_any_study_or_run_exists(workdir, params, 
 @pytest.mark.parametrize("args, expected", [
     (("train", "--epochs", "abc"), "epochs='abc' is invalid: expected an integer >= 1"),
     (("train", "batch_size=0"), "batch_size='0' is invalid"),
-    (("train", "--gpu", "maybe"), "gpu='maybe' is invalid: expected a boolean (true/false/1/0)"),
+    (("train", "--gpu", "maybe"), "gpu='maybe' is invalid: expected a boolean (true/false, yes/no, on/off, 1/0)"),
     (("train", "nokey=1"), "unknown config key 'nokey' in overrides"),
     (("tune", "head", "--study", "s", "--n-trials", "-3"), "argument --n-trials: '-3': expected a whole number >= 0"),
     (("tune", "head", "--study", "s", "--pruner", "bogus"), "argument --pruner: invalid choice: 'bogus'"),
