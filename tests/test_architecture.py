@@ -194,7 +194,6 @@ def _calls(tree: ast.Module, names: set[tuple[str, str]]) -> list[int]:
 #: Modules that rename into place what fileio.atomic_write cannot write, each with its reason.
 OWN_RENAMES = {
     "deepsports.data.synth": "renames a finished dataset directory into place (a tree, not a file)",
-    "deepsports.data.rehearsal": "PyAV writes each video to a path it opens itself; the finished file is renamed",
 }
 
 

@@ -143,7 +143,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_f
     loss_sum, count = 0.0, 0
     try:
         for i, batch in enumerate(loader):
-            video = batch["video"].to(runtime.device, non_blocking=True)
+            video = runtime.video_input(batch["video"])
             sizes = all_sizes[i] if all_sizes is not None else [len(video)]
             with runtime.autocast():
                 out = gmodel(video, sizes)

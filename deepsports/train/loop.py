@@ -344,7 +344,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float,
     step = first_step
     try:
         for batch, sizes in zip(loader, batches.global_sizes):
-            video = batch["video"].to(runtime.device, non_blocking=True)
+            video = runtime.video_input(batch["video"])
             target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
             hooks.fault("step", step)
             with runtime.autocast():

@@ -66,7 +66,7 @@ def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: t
         if config.log_checkpoint and manager.best_path.exists():
             tracker.log_artifact(manager.best_path, "checkpoints")
         if config.log_model and env.is_main:
-            example = next(iter(make_loader(data.val, 1, 0)))["video"][:1]
+            example = runtime.video_input(next(iter(make_loader(data.val, 1, 0)))["video"][:1]).cpu()
             model_cpu = model.to("cpu").eval()
             # Ship the package with the pickled model so it loads where deepsports is not installed.
             tracker.log_model(model_cpu, example, code_paths=[str(Path(deepsports.__file__).parent)])
