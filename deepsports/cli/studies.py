@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from deepsports.errors import ConfigError, PreemptedError
 
@@ -77,24 +77,27 @@ def _tune_settings(args: argparse.Namespace):
 def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
-    if not args.under_workers:
-        _check_tune_args(args)  # once, before any worker, storage or study exists
     if args.workers > 1:
+        _check_tune_args(args)  # once, before any worker, storage or study exists
         code = _run_local_workers(args)
         if code == 0:
             _print_study_summary(args)
         return code
-    from deepsports.train.distributed import detect
-
-    if detect().enabled:
-        raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
-                          "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-    from deepsports.slurm.jobs import requeue_if_slurm
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.tune.worker import tune
 
-    settings = _tune_settings(args)
+    # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        if not args.under_workers:
+            _check_tune_args(args)  # once, before any storage or study exists
+        from deepsports.train.distributed import detect
+
+        if detect().enabled:
+            raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
+                              "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.tune.worker import tune
+
+        settings = _tune_settings(args)
         try:
             summary = tune(settings, stop_requested=flag.requested)
         except PreemptedError:
@@ -270,7 +273,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     elif args.array_size or args.array_concurrency or args.storage:
         raise ConfigError("--array-size, --array-concurrency and --storage apply to `submit tune` only")
     else:
-        _check_submitted_config(args.kind, rest)
+        _check_submitted_config(args.kind, rest, args.build_parser)
     if profile.time is None and not args.dry_run:
         print(f"deepsports: warning: SLURM profile {profile.source} sets no `time`: the job gets the partition's "
               "limit (UNLIMITED on many clusters), so the USR1 before the time limit never comes and a job killed "
@@ -329,9 +332,9 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile) ->
     return resolve_storage(storage, source), f" ({source})"
 
 
-def _check_submitted_config(kind: str, rest: list[str]) -> None:
+def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]) -> None:
     """A train/prepare job's arguments build a valid config here before the job is submitted."""
-    from deepsports.cli.main import build_parser, config_from_args
+    from deepsports.cli.config_args import config_from_args
 
     parser = build_parser()
     for action in parser._subparsers._group_actions:  # argparse keeps the subcommand parsers there
@@ -340,8 +343,12 @@ def _check_submitted_config(kind: str, rest: list[str]) -> None:
     config_from_args(_strict(parser, kind).parse_args([kind, *rest]))
 
 
-def register(sub) -> None:
-    """Add the study and SLURM subcommands to the ``deepsports`` parser."""
+def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """Add the study and SLURM subcommands to the ``deepsports`` parser.
+
+    ``build_parser`` makes the whole parser (cli/main.py passes it in, so that this module never imports
+    it back): ``submit`` parses a job's arguments with it as the job will.
+    """
     from deepsports.tune.settings import DEFAULT_STORAGE, STORAGE_ENV
 
     p = sub.add_parser("tune", help="run trials of an Optuna study (each a child MLflow run of the study's run)")
@@ -372,4 +379,4 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow store exported to every task [profile env]")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
                    help="after --, the deepsports arguments of the job, e.g. -- head --study s1 --max-trials 32")
-    p.set_defaults(func=_cmd_submit)
+    p.set_defaults(func=_cmd_submit, build_parser=build_parser)

@@ -45,6 +45,7 @@ from deepsports.data.annotations import ClipAnnotation, load_annotations, load_s
 from deepsports.data.synth import MARKER, _sample_scene, difficulty
 from deepsports.data.synth_render import Canvas, Dive, Scene, background, render_clip
 from deepsports.errors import ConfigError, DataError
+from deepsports.fileio import atomic_write
 
 __all__ = ["REHEARSAL_VERSION", "BROADCAST_SIZE", "REHEARSAL_FPS", "MARGIN_FRAMES", "RehearsalReport",
            "packaged_mtl_aqa_files", "rehearsal_dive", "generate_rehearsal"]
@@ -229,9 +230,8 @@ def _read_status(root: Path, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()), temp_prefix=f".{path.name}.{os.getpid()}.")
 
 
 def _write_files(root: Path, sources: Sequence[Path], subset: Mapping[int, list[ClipAnnotation]],

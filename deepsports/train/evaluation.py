@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deepsports.train.distributed import SINGLE, DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows
 from deepsports.errors import TrainingError
+from deepsports.slurm.preemption import ignore_stop_signals, stop_signals_blocked
 from deepsports.train.losses import SCORE_SCALE
 from deepsports.train.metrics import regression_metrics
 from deepsports.train.runtime import Runtime
@@ -44,8 +45,11 @@ class _WorkerCheckedLoader(DataLoader):
     """A DataLoader whose worker failures surface as one :class:`TrainingError` (see :func:`_checked`)."""
 
     def __iter__(self) -> Iterator[Any]:
-        iterator = super().__iter__()
-        return _checked(iterator) if self.num_workers else iterator
+        if not self.num_workers:
+            return super().__iter__()
+        with stop_signals_blocked():  # the workers start here (see ignore_stop_signals)
+            iterator = super().__iter__()
+        return _checked(iterator)
 
 
 #: How torch words an exception re-raised from a worker, and a worker that died (segfault, OOM killer).
@@ -80,12 +84,14 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: Sa
     """A DataLoader over ``dataset``; with ``batch_sampler`` (e.g. :class:`ShardedBatchSampler`) the
     batches are its index lists and ``batch_size``/``sampler``/``drop_last`` are not used."""
     prefetch = 4 if num_workers else None
+    # Workers ignore the job's stop signals (SLURM sends them to every process): the main process
+    # stops at the next step boundary, checkpoints and shuts the workers down.
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, prefetch_factor=prefetch,
+                  worker_init_fn=ignore_stop_signals if num_workers else None)
     if batch_sampler is not None:
-        return _WorkerCheckedLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                    pin_memory=pin_memory, persistent_workers=False, prefetch_factor=prefetch)
+        return _WorkerCheckedLoader(dataset, batch_sampler=batch_sampler, **common)
     return _WorkerCheckedLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-                                num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-                                prefetch_factor=prefetch)
+                                **common)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, env: DistEnv = SINGLE,
