@@ -81,8 +81,8 @@ def _load_record(ckpt_dir: Path | None, n_seeds: int, config: Config) -> dict[st
 def _save_record(ckpt_dir: Path | None, record: dict[str, Any]) -> None:
     if ckpt_dir is None:
         return
-    text = json.dumps(record, indent=2)
-    atomic_write(ckpt_dir / _RECORD, lambda handle: handle.write(text.encode()))  # a kill leaves the old or the new
+    # atomic: a kill leaves the old record or the new one
+    atomic_write(ckpt_dir / _RECORD, lambda f: f.write(json.dumps(record, indent=2).encode()), what="seeds record")
 
 
 def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = None,
