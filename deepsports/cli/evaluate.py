@@ -19,7 +19,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub, build_parser=None) -> None:
+    """Add ``evaluate`` to the ``deepsports`` parser (``build_parser``: the registrar signature; unused)."""
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint again (both protocols, intervals, groups) "
                                         "as a new MLflow run linked to it")
     p.add_argument("source", metavar="RUN_ID|CHECKPOINT",

@@ -173,7 +173,7 @@ def _predict_and_log(config: Config, state: Mapping[str, Any], split: str, track
     runtime = select_runtime(config, None)
     data = build_datasets(config, progress=True)
     dataset = data.test if split == "test" else data.val
-    model = build_model(config)
+    model = build_model(config).model
     model.load_state_dict(state["model"])
     model = model.to(runtime.device)
     loader = eval_loader(dataset, config.batch_size, config.num_workers, pin_memory=runtime.device.type == "cuda")
