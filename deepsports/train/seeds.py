@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from deepsports.config import Config
 from deepsports.errors import ConfigError
+from deepsports.fileio import atomic_write
 
 #: Confidence of the interval of the mean across seeds.
 SEEDS_CONFIDENCE = 0.95
@@ -81,10 +81,8 @@ def _load_record(ckpt_dir: Path | None, n_seeds: int, config: Config) -> dict[st
 def _save_record(ckpt_dir: Path | None, record: dict[str, Any]) -> None:
     if ckpt_dir is None:
         return
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / f".{_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, ckpt_dir / _RECORD)  # atomic: a kill leaves the old record or the new one
+    # atomic: a kill leaves the old record or the new one
+    atomic_write(ckpt_dir / _RECORD, lambda f: f.write(json.dumps(record, indent=2).encode()), what="seeds record")
 
 
 def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = None,
