@@ -219,9 +219,16 @@ def _exit_calls(tree: ast.Module) -> list[int]:
     return _calls(tree, {("sys", "exit"), ("os", "_exit")})
 
 
+#: Modules outside the CLI that may end a process, each with the reason.
+EXITS_ALLOWED = {
+    "deepsports.slurm.preemption": "a DataLoader worker process ends when its parent terminates it (torch's own "
+                                   "worker SIGTERM handler does _exit(0) too); never the main process",
+}
+
+
 def test_only_the_cli_exits():
     exits = {module: lines for module, (_path, tree) in _modules().items()
-             if _room(module) != "cli" and (lines := _exit_calls(tree))}
+             if _room(module) != "cli" and module not in EXITS_ALLOWED and (lines := _exit_calls(tree))}
     assert exits == {}
 
 
