@@ -58,7 +58,9 @@ def _exit_on_parents_sigterm(parent: int) -> None:
     while True:
         info = signal.sigwaitinfo({signal.SIGTERM})
         if info.si_pid == parent:
-            os._exit(0)  # as torch's worker handler does: the parent is shutting the loader down
+            # The parent is shutting the loader down and waits for this worker: end at once and quietly,
+            # as torch's own worker handler does (exit status 0, which torch's SIGCHLD check accepts).
+            os._exit(0)
 
 
 @contextlib.contextmanager
