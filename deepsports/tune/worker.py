@@ -48,18 +48,17 @@ from mlflow.entities import Metric
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tune.worker import recovery
-
-from deepsports.tracking.runs import runs as tracking
+from deepsports.tune import recovery
+from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
 from deepsports.errors import CheckpointError, ConfigError, PreemptedError, SearchSpaceError, StorageError, TrainingError
 from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.slurm.jobs import slurm_env
-from deepsports.tune.study import DEFAULT_STORAGE, PRUNERS, StudySummary, constant, default_worker_id
+from deepsports.tune.study import (DEFAULT_STORAGE, PRUNERS, StudySummary, constant, default_worker_id,
+                                   make_pruner, make_sampler, open_storage, open_study, retried_from, storage_label,
+                                   summarize, worker_label, worker_seed)
 from deepsports.tune.attrs import CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR
-                              make_pruner, make_sampler, open_storage, open_study, retried_from, storage_label,
-                              summarize, worker_label, worker_seed)
 
 log = logging.getLogger("deepsports.tune")
 
