@@ -54,6 +54,19 @@ def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-retry", type=int, default=3, help="re-runs of a dead worker's trial [3]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every trial (e.g. --set epochs=3 --set cache_dir=/scratch/x)")
+    _add_relaunch_arguments(p)
+
+
+def _add_relaunch_arguments(p: argparse.ArgumentParser) -> None:
+    """The targeted re-launch options of ``tune`` (TuneSettings.rerun_failed / rerun_causes)."""
+    from deepsports.tune.accounting import CAUSES
+
+    p.add_argument("--rerun-failed", action="store_true",
+                   help="queue the params of the study's failed trials again as new linked trials (fresh training), "
+                        "run those and sample nothing new")
+    p.add_argument("--cause", dest="rerun_causes", action="append", default=[], metavar="CAUSE",
+                   help=f"with --rerun-failed: only trials failed for this cause (repeatable; {', '.join(CAUSES)}) "
+                        "[every cause but not_run]")
 
 
 def _tune_settings(args: argparse.Namespace):
@@ -64,13 +77,16 @@ def _tune_settings(args: argparse.Namespace):
                         n_trials=args.n_trials, timeout=args.timeout, max_trials=args.max_trials, pruner=args.pruner,
                         seed=args.seed, worker_id=args.worker_id, heartbeat_interval=args.heartbeat,
                         grace_period=args.grace_period, max_retry=args.max_retry,
-                        overrides=parse_overrides(args.overrides))
+                        overrides=parse_overrides(args.overrides), rerun_failed=args.rerun_failed,
+                        rerun_causes=tuple(args.rerun_causes))
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
     if args.workers > 1:
+        if args.rerun_failed:  # queued once here, before the workers race to queue them
+            _enqueue_reruns(args.study, args.storage, args.rerun_causes)
         return _run_local_workers(args)  # before any heavy import: the workers start at once
     from deepsports.train.distributed import detect
 
@@ -183,6 +199,79 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def _existing_study(name: str, storage: str):
+    """The study, or a ConfigError (exit 2) naming the study and the storage given."""
+    from deepsports.errors import StorageError
+    from deepsports.tune.report import load_existing_study
+
+    try:
+        return load_existing_study(name, storage)
+    except StorageError as exc:
+        raise ConfigError(f"study {name!r} (--storage {storage}): {exc}") from exc
+
+
+def _enqueue_reruns(name: str, storage: str, causes: list[str]) -> list[tuple[int, int]]:
+    from deepsports.tune.accounting import check_causes, enqueue_reruns
+
+    checked = check_causes(causes)
+    return enqueue_reruns(_existing_study(name, storage), checked)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from deepsports.tune.status import render_text, study_status
+    from deepsports.tune.study import storage_label
+
+    doc = study_status(_existing_study(args.study, args.storage), storage_label(args.storage))
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(render_text(doc), end="")
+    return 0
+
+
+class _ArgsError(argparse.ArgumentParser):
+    """A parser for the ``tune`` arguments after ``submit tune ... --``: bad ones are a ConfigError (one line)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"the tune arguments after `--`: {message}")
+
+
+def _missing_work(args: argparse.Namespace, rest: list[str]) -> int:
+    """``submit tune --missing``: how many array tasks the study still needs (queues the re-runs asked for)."""
+    from pathlib import Path as _Path
+
+    from deepsports.tune import accounting
+
+    parser = _ArgsError(prog="deepsports tune", add_help=False)
+    _add_tune_arguments(parser)
+    tune_args = parser.parse_args(rest)
+    if tune_args.max_trials is None:
+        raise ConfigError("--missing: the tune arguments after `--` need --max-trials N (the study's size)")
+    causes = accounting.check_causes(tune_args.rerun_causes)
+    storage = tune_args.storage if any(a == "--storage" or a.startswith("--storage=") for a in rest) else (
+        args.storage or tune_args.storage)
+    if "://" not in str(storage) and not _Path(storage).expanduser().is_file():
+        return tune_args.max_trials  # nothing run yet
+    from deepsports.tune.study import open_storage
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=tune_args.study, storage=open_storage(storage))
+    except KeyError:
+        return tune_args.max_trials
+    reruns = 0
+    if tune_args.rerun_failed:
+        reruns = len(accounting.rerunnable(study, causes)) if args.dry_run else len(
+            accounting.enqueue_reruns(study, causes))
+    trials = study.get_trials(deepcopy=False)
+    left = accounting.work_left(trials, tune_args.max_trials, reruns if args.dry_run else 0)
+    if left == 0:
+        states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        print(f"study {tune_args.study!r} is complete ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+              f"{states['FAIL']} failed of max_trials={tune_args.max_trials}; nothing runs or waits): nothing submitted")
+    return left
+
+
 def _cmd_best(args: argparse.Namespace) -> int:
     from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots, retrain_best
 
@@ -212,8 +301,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if args.kind == "tune":
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
                       study_storage=args.storage)
-    elif args.array_size or args.array_concurrency or args.storage:
-        raise ConfigError("--array-size, --array-concurrency and --storage apply to `submit tune` only")
+    elif args.array_size or args.array_concurrency or args.storage or args.missing:
+        raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
+    if args.missing:
+        left = _missing_work(args, rest)
+        if left == 0:
+            return 0
+        kwargs["array_size"] = min(left, args.array_size or profile.array_size)
     uri = args.tracking_uri or profile.env.get("MLFLOW_TRACKING_URI") or None
     script = slurm.render_script(args.kind, profile, slurm.worker_command(args.kind, *rest), job_name=args.job_name,
                                  tracking_uri=args.tracking_uri, **kwargs)
@@ -244,6 +338,14 @@ def register(sub) -> None:
                    help="config override for the retraining run")
     p.set_defaults(func=_cmd_best)
 
+    p = sub.add_parser("status", help="what happened to every trial of a study: states, failures by cause, "
+                                      "pauses, retries, compute spent and lost, best")
+    p.add_argument("study", help="study name")
+    p.add_argument("--storage", default=os.environ.get("DEEPSPORTS_STUDY_STORAGE", "optuna-journal.log"),
+                   help="Optuna storage of the study [$DEEPSPORTS_STUDY_STORAGE or optuna-journal.log]")
+    p.add_argument("--json", action="store_true", help="one JSON document (keys: README, Watching a study)")
+    p.set_defaults(func=_cmd_status)
+
     p = sub.add_parser("submit", help="render an sbatch script from a profile and submit it (or --dry-run)")
     p.add_argument("kind", choices=("tune", "train", "prepare"))
     p.add_argument("--profile", default="local", help="slurm/profiles/<name>.yaml or a path [local]")
@@ -253,6 +355,9 @@ def register(sub) -> None:
     p.add_argument("--array-concurrency", type=int, default=None, help="tune: tasks running at once [profile]")
     p.add_argument("--storage", default=None, help="tune: the study storage exported to every task")
     p.add_argument("--tracking-uri", default=None, help="MLflow store exported to every task [profile env]")
+    p.add_argument("--missing", action="store_true",
+                   help="tune: size the array to the study's work left (max_trials - trials created + waiting "
+                        "+ re-runs asked for, at most --array-size/profile); submit nothing when it is complete")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
                    help="after --, the deepsports arguments of the job, e.g. -- head --study s1 --max-trials 32")
     p.set_defaults(func=_cmd_submit)

@@ -116,10 +116,14 @@ def worker_label() -> str:
 
 
 def make_sampler(seed: int | None, n_startup_trials: int = 10) -> optuna.samplers.TPESampler:
-    """TPE, multivariate with groups so that conditional parameters are modelled together."""
+    """TPE, multivariate with groups so that conditional parameters are modelled together, with the
+    constant liar for parallel workers."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials)
+        # constant_liar: a trial running in another worker counts as a poor result while its value is
+        # unknown, so concurrent workers do not propose the same region (benchmarks/constant_liar.py).
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials,
+                                          constant_liar=True)
 
 
 def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_epochs: int = 1
