@@ -20,7 +20,7 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
 
     from deepsports.tracking.runs import redact_uri, tracking_uri
 
-    project_dir = Path(__file__).resolve().parent.parent
+    project_dir = Path(__file__).resolve().parents[2]
     uri = tracking_uri()
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
     # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.

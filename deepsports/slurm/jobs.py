@@ -28,7 +28,7 @@ __all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile",
            "time_limit_seconds", "watch_hints", "worker_command"]
 
 KINDS = ("tune", "train", "prepare")
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 TEMPLATE_DIR = REPO_DIR / "slurm" / "templates"
 #: What a job knows about itself (``slurm_env``); the tuning workers tag their MLflow runs with these.
 SLURM_ENV_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURMD_NODENAME", "SLURM_RESTART_COUNT")

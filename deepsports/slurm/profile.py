@@ -18,7 +18,7 @@ import yaml
 
 from deepsports.errors import ConfigError
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm" / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
 
 
 @dataclass(frozen=True)

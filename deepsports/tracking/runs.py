@@ -57,7 +57,7 @@ from deepsports.tracking.store import (DEFAULT_TRACKING_URI, RetryPolicy, _defau
 # --- Context tags ---
 
 def _git(*args: str) -> str | None:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     try:
         done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):

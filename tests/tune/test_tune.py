@@ -19,8 +19,8 @@ from deepsports.errors import PreemptedError, SearchSpaceError, StorageError
 from deepsports.tune.recovery import StaleTrialRetry, task_identity
 from deepsports.tune.attrs import PAUSED_BY_ATTR, RESUMED_ATTR
 from deepsports.tune.search_space import load_search_space
-from deepsports.tune.study import make_pruner, make_sampler, open_storage, open_study, worker_seed
 from deepsports.tune.attrs import CKPT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
+from deepsports.tune.study import make_pruner, make_sampler, open_storage, open_study, worker_seed
 from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots
 from deepsports.train.loop import load_training_checkpoint, train
 from deepsports.tune.worker import TuneSettings, tune
