@@ -115,15 +115,16 @@ def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}" + (f" slurm {slurm}" if slurm else "")
 
 
-def make_sampler(seed: int | None, n_startup_trials: int = 10) -> optuna.samplers.TPESampler:
+def make_sampler(seed: int | None, n_startup_trials: int = 10, constant_liar: bool = True
+                 ) -> optuna.samplers.TPESampler:
     """TPE, multivariate with groups so that conditional parameters are modelled together, with the
     constant liar for parallel workers."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         # constant_liar: a trial running in another worker counts as a poor result while its value is
-        # unknown, so concurrent workers do not propose the same region (benchmarks/constant_liar.py).
+        # unknown, so concurrent workers do not propose the same region (benchmarks/bench_constant_liar.py).
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials,
-                                          constant_liar=True)
+                                          constant_liar=constant_liar)
 
 
 def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_epochs: int = 1
