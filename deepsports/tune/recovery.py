@@ -23,8 +23,10 @@ RDB storages, Optuna's own heartbeat row). Before asking for a trial every worke
 Either way the failed trial's MLflow run is ended FAILED (tag ``deepsports.failure_reason``), and
 :func:`retry_trial` queues a WAITING copy with the same params (a new trial number), linked by the
 user attribute ``deepsports.retried_from`` and Optuna's ``failed_trial``/``retry_history`` system
-attributes, carrying the original's checkpoint directory and MLflow run id: the retry resumes the
-dead trial's last checkpoint in the same MLflow run, so no finished epoch is trained or logged twice.
+attributes (and forward by the study attribute ``deepsports.retried_by.<number>``), carrying the
+original's checkpoint directory and MLflow run id: the retry resumes the dead trial's last
+checkpoint in the same MLflow run, so no finished epoch is trained or logged twice. That run then
+lists every attempt that wrote it (:func:`deepsports.tune.status.record_run_attempts`).
 """
 
 from __future__ import annotations
@@ -45,9 +47,8 @@ from optuna.trial import FrozenTrial, TrialState
 from deepsports.tracking import runs as tracking
 from deepsports.errors import StorageError
 from deepsports.tune.attrs import (CKPT_ATTR, EXPERIMENT_ATTR, HEARTBEAT_ATTR, PAUSED_AT_ATTR, PAUSED_BY_ATTR, PAUSES_ATTR,
-                                    REASON_ATTR, RESUMED_ATTR, RETRIED_FROM_ATTR, RETRY_REASON_ATTR, RUN_ATTR, TASK_ATTR,
-                                    WORKER_ATTR)
-from deepsports.tune.attrs import RETRIED_BY_PREFIX
+                                    REASON_ATTR, RESUMED_ATTR, RETRIED_BY_PREFIX, RETRIED_FROM_ATTR, RETRY_REASON_ATTR,
+                                    RUN_ATTR, TASK_ATTR, WORKER_ATTR)
 
 log = logging.getLogger("deepsports.recovery")
 

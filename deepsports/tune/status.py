@@ -178,6 +178,10 @@ def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 120 else str(dt.timedelta(seconds=round(value)))
 
 
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
 def _numbers(numbers: list[int]) -> str:
     return ", ".join(str(n) for n in numbers)
 
@@ -213,7 +217,7 @@ def render_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
                                + "; ".join(f"trial {e['trial']} at {e['at']}" for e in p["events"])))
     for r in doc["retries"]:
         rows.append(("retries", f"trial {r['trial']} retries {r['retry_of']} (dead on {r['dead_task']}), "
-                                f"{r['state']}: {r['reason'][:90]}"))
+                                f"{r['state']}: {_short(r['reason'])}"))
     for r in doc["reruns"]:
         rows.append(("re-runs", f"trial {r['trial']} re-runs {r['rerun_of']} ({r['cause']}), {r['state']}"))
     rate = "n/a" if c["trials_per_hour"] is None else f"{c['trials_per_hour']:.1f}"

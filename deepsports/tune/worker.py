@@ -30,6 +30,12 @@ storages); before asking for a trial each worker fails trials silent for ``grace
 a retry with the same params that resumes the dead trial's checkpoint and MLflow run (see
 :mod:`deepsports.tune.recovery`). A worker that finds ``max_trials`` reached waits, at most one grace
 period, for other workers' RUNNING trials to prove alive, so that the last retry is not left behind.
+
+Accounting (:mod:`deepsports.tune.accounting`, :mod:`deepsports.tune.status`): every attempt at a trial
+(a first run, a resume, a retry) is recorded in the trial's ``deepsports.attempts`` as it starts, after
+each epoch and as it ends; after each finished or paused trial the worker writes the attempts that
+wrote the trial's MLflow run to that run and refreshes the study status on the parent run.
+``rerun_failed`` queues the failed trials' params again and runs only waiting trials.
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ class PrunedTrial(optuna.TrialPruned):
 class _OverBudget(Exception):
     """The trial's number is past ``max_trials``: it is not trained."""
 
+
+#: The attempt outcome (deepsports.tune.accounting) of each way a trial ends here.
+_OUTCOMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
 #: Per-trial failures after which the study goes on (anything else stops this worker).
 TRIAL_ERRORS = (TrainingError, SearchSpaceError, CheckpointError, _OverBudget)
@@ -241,7 +250,7 @@ class _Worker:
         if state is None:
             return
         reason = self.study._storage.get_trial(trial._trial_id).user_attrs.get(REASON_ATTR)
-        ledger.finish(state.name.lower().replace("fail", "failed"), reason if state == TrialState.FAIL else None)
+        ledger.finish(_OUTCOMES[state], reason if state == TrialState.FAIL else None)
         frozen = self._tell(trial, state, value)
         if frozen is not None:
             self.after_trial(frozen)
