@@ -152,10 +152,8 @@ def test_bad_input_exits_2_with_one_line(study_dir):
         accounting.check_causes(["gremlins"])
 
 
-def test_rerun_failed_reruns_only_the_failed_trial_and_submit_missing_then_submits_nothing(study_dir, monkeypatch):
+def test_rerun_failed_reruns_only_the_failed_trial_and_submit_missing_then_submits_nothing(study_dir):
     path, settings, uri = study_dir
-    monkeypatch.chdir(path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     study = optuna.load_study(study_name="s", storage=open_storage(settings.storage))
     assert accounting.enqueue_reruns(study, ["non_finite_loss"]) == []  # no trial failed for that cause
     (failed,) = study.get_trials(states=(TrialState.FAIL,))
@@ -165,11 +163,15 @@ def test_rerun_failed_reruns_only_the_failed_trial_and_submit_missing_then_submi
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "#SBATCH --array=0-0" in proc.stdout, proc.stderr  # one task: the re-run
 
-    summary = tune(TuneSettings(**{**settings.__dict__, "rerun_failed": True, "rerun_causes": ("out_of_memory",),
-                                   "max_trials": None}))
+    sets = [arg for key, value in settings.overrides.items() for arg in ("--set", f"{key}={value}")]
+    proc = subprocess.run(deepsports_cmd("tune", settings.search_space, "--study", "s", "--storage", settings.storage,
+                                         "--rerun-failed", "--cause", "out_of_memory", "--pruner", "none", *sets),
+                          env=subprocess_env(uri), cwd=path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["trials_run_by_this_worker"] == 1
     study = optuna.load_study(study_name="s", storage=open_storage(settings.storage))
     trials = sorted(study.trials, key=lambda t: t.number)
-    assert len(trials) == 4 and summary.trials_run == 1  # nothing new sampled
+    assert len(trials) == 4  # nothing new sampled
     rerun = trials[3]
     assert rerun.state == TrialState.COMPLETE and rerun.params == failed.params
     assert rerun.user_attrs[RERUN_OF_ATTR] == failed.number
