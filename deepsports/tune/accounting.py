@@ -3,14 +3,18 @@
 Attempts. Optuna resets a trial's ``datetime_start`` when a paused trial is claimed again, and a dead
 worker's trial is finished by somebody else, so Optuna's own times cannot say what a trial cost. The
 worker therefore keeps a ledger in the trial's user attribute ``deepsports.attempts``: a JSON list with
-one record per attempt (a first run, a resume after a pause, ...), written when the attempt starts,
-after every epoch and when it ends (before the trial leaves RUNNING: Optuna refuses writes to a
-finished trial)::
+one record per attempt (a first run, a resume after a pause, ...), written when the attempt starts
+and when it ends (before the trial leaves RUNNING: Optuna refuses writes to a finished trial)::
 
     {"attempt": 1, "trial": 3, "task": "812_1", "worker": "node1:4242 slurm 812/1/815",
      "start": 1764222000.1, "end": 1764222031.9, "outcome": "complete", "reason": null,
-     "resumed_epoch": null, "checkpoint_at": null,
-     "epochs": [{"epoch": 1, "end": 1764222011.0, "seconds": 10.9}, ...]}
+     "resumed_epoch": null, "checkpoint_at": null}
+
+and, as each epoch finishes, one small attribute ``deepsports.epoch_end.<attempt>.<epoch>`` = its
+end time (one write of a few bytes per epoch: the journal grows linearly with the epochs, not with
+their square). :func:`attempts_of` joins them into each record's ``epochs`` list
+(``{"epoch": 1, "end": 1764222011.0, "seconds": 10.9}``, seconds since the previous epoch or the
+attempt's start).
 
 ``outcome`` is ``running``, ``complete``, ``pruned``, ``failed``, ``paused`` or ``dead``. A killed
 worker writes nothing more: its attempt stays ``running`` and is read as ``dead`` once the trial is
@@ -36,7 +40,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from deepsports.errors import ConfigError
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, HEARTBEAT_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR,
+from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR,
                                     RETRIED_BY_PREFIX, RETRIED_FROM_ATTR)
 
 log = logging.getLogger("deepsports.accounting")
@@ -71,20 +75,19 @@ class AttemptLedger:
         self._previous = [dict(a) for a in frozen.user_attrs.get(ATTEMPTS_ATTR, [])]
         for old in self._previous:  # an attempt still "running" in a trial we now hold was cut off
             if old.get("outcome") == "running":
-                old.update(outcome="dead", end=_last_beat(frozen, old))
+                old.update(outcome="dead", end=_last_beat(frozen, {**old, "epochs": _epochs(frozen, old)}))
         self.record.update(attempt=len(self._previous) + 1, start=time.time(), end=None, outcome="running",
-                           reason=None, resumed_epoch=resumed_epoch, checkpoint_at=None, epochs=[])
+                           reason=None, resumed_epoch=resumed_epoch, checkpoint_at=None)
+        self._last_epoch_end = self.record["start"]
         self.started = True
         self._write()
 
     def epoch(self, epoch: int) -> None:
         if not self.started:
             return
-        now = time.time()
-        epochs = self.record["epochs"]
-        previous_end = epochs[-1]["end"] if epochs else self.record["start"]
-        epochs.append({"epoch": int(epoch), "end": now, "seconds": round(now - previous_end, 3)})
-        self._write()
+        self._last_epoch_end = time.time()
+        self.storage.set_trial_user_attr(self.trial_id, f"{EPOCH_END_PREFIX}{self.record['attempt']}.{int(epoch)}",
+                                         self._last_epoch_end)
 
     def finish(self, outcome: str, reason: str | None = None, checkpoint_at: float | None = None) -> None:
         """Close the attempt (before the trial is told or paused). Never raises for a finished trial."""
@@ -125,11 +128,24 @@ def _last_beat(trial: FrozenTrial, attempt: dict[str, Any]) -> float:
     return max(candidates)
 
 
+def _epochs(trial: FrozenTrial, attempt: dict[str, Any]) -> list[dict[str, Any]]:
+    prefix = f"{EPOCH_END_PREFIX}{attempt['attempt']}."
+    ends = sorted((int(key[len(prefix):]), float(value)) for key, value in trial.user_attrs.items()
+                  if key.startswith(prefix) and key[len(prefix):].isdigit())
+    out, previous = [], float(attempt["start"])
+    for epoch, end in ends:
+        out.append({"epoch": epoch, "end": end, "seconds": round(end - previous, 3)})
+        previous = end
+    return out
+
+
 def attempts_of(trial: FrozenTrial) -> list[dict[str, Any]]:
-    """The trial's attempts; a ``running`` one of a trial that is no longer RUNNING is ``dead``."""
+    """The trial's attempts with their epochs; a ``running`` one of a trial that is no longer RUNNING is
+    ``dead``."""
     out = []
     for attempt in trial.user_attrs.get(ATTEMPTS_ATTR, []):
         attempt = dict(attempt)
+        attempt["epochs"] = _epochs(trial, attempt)
         if attempt.get("outcome") == "running" and trial.state != TrialState.RUNNING:
             attempt.update(outcome="dead", end=_last_beat(trial, attempt))
         out.append(attempt)

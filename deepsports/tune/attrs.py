@@ -32,7 +32,8 @@ FAILURE_REASON_TAG = REASON_ATTR
 INTERRUPTED_TAG = "deepsports.interrupted"
 
 #: Study accounting (deepsports.tune.accounting): every attempt of a trial, and the links of re-runs.
-ATTEMPTS_ATTR = "deepsports.attempts"          # trial: JSON list, one record per attempt (start, end, task, epochs...)
+ATTEMPTS_ATTR = "deepsports.attempts"          # trial: JSON list, one record per attempt (start, end, task...)
+EPOCH_END_PREFIX = "deepsports.epoch_end."     # trial: "<prefix><attempt>.<epoch>" -> time.time() the epoch ended
 RERUN_OF_ATTR = "deepsports.rerun_of"          # trial: number of the failed trial a --rerun-failed trial re-runs
 MAX_TRIALS_ATTR = "deepsports.max_trials"      # study: the last max_trials a worker was given
 #: Study attributes "<prefix><original number>" -> number of its retry / re-run. Optuna refuses any
