@@ -332,17 +332,7 @@ class _Worker:
             trial.set_user_attr(REASON_ATTR, f"invalid sampled config: {exc}"[:2000])
             raise
         trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
-        tags = {"optuna.study_name": name, "optuna.trial_number": str(trial.number),
-                "optuna.storage": storage_label(self.settings.storage),
-                "deepsports.search_space_sha256": self.space.sha256,
-                **{f"optuna.param.{k}": format_value(v) for k, v in trial.params.items()}}
-        if retry_of is not None:
-            # The run is the dead trial's: it keeps the number that created it, and every attempt is in
-            # attempts.json (deepsports.tune.status.record_run_attempts).
-            tags.update({"optuna.retry_of": str(retry_of), "optuna.trial_number": str(retry_of),
-                         "optuna.retry_trial_number": str(trial.number)})
-        # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
-        tags.update({tracking.SLURM_TAGS[k]: v for k, v in slurm_env().items()})
+        tags = self._run_tags(trial, retry_of)
         tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
@@ -371,6 +361,20 @@ class _Worker:
             trial.set_user_attr(REASON_ATTR, reason)
             raise TrainingError(reason)
         return float(result.best_val_spearman)
+
+    def _run_tags(self, trial: optuna.Trial, retry_of: int | None) -> dict[str, str]:
+        tags = {"optuna.study_name": self.settings.study_name, "optuna.trial_number": str(trial.number),
+                "optuna.storage": storage_label(self.settings.storage),
+                "deepsports.search_space_sha256": self.space.sha256,
+                **{f"optuna.param.{k}": format_value(v) for k, v in trial.params.items()}}
+        if retry_of is not None:
+            # The run is the dead trial's: it keeps the number that created it, and every attempt is in
+            # attempts.json (deepsports.tune.status.record_run_attempts).
+            tags.update({"optuna.retry_of": str(retry_of), "optuna.trial_number": str(retry_of),
+                         "optuna.retry_trial_number": str(trial.number)})
+        # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
+        tags.update({tracking.SLURM_TAGS[k]: v for k, v in slurm_env().items()})
+        return tags
 
     def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path) -> dict[str, str]:
         """A resumed trial (paused, or a dead trial's retry): report to Optuna the checkpointed epochs it
