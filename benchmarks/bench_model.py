@@ -88,7 +88,7 @@ def count_step_flops(model, video, target) -> int:
 def _model(device: torch.device, **overrides):
     torch.manual_seed(0)
     config = build_config({"dropout": [0.0, 0.0], **overrides})
-    return build_model(config).to(device).train()
+    return build_model(config).model.to(device).train()
 
 
 def _cpu_steal_ticks() -> int | None:

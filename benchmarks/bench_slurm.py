@@ -9,7 +9,7 @@ checkpoints and logging dominates a trial), single-threaded (``cpus_per_task: 1`
 OMP_NUM_THREADS=1), on a synthetic set prepared beforehand. Two rates
 are printed: over the trials' own span (first trial start to last trial end, from the study) and end
 to end (``sbatch`` until the array left the queue, which adds worker start-up and scheduling). Needs
-a running cluster (``slurm/local-cluster.sh start``); without ``sbatch`` it says so and exits 0.
+a running cluster (``deploy/slurm-local.sh start``); without ``sbatch`` it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     if shutil.which("sbatch") is None:
-        print("bench_slurm: sbatch not found; start the local cluster (sudo slurm/local-cluster.sh start). Skipped.")
+        print("bench_slurm: sbatch not found; start the local cluster (sudo deploy/slurm-local.sh start). Skipped.")
         return 0
     trials, epochs = (4, 2) if args.quick else (args.trials, args.epochs)
     frames, size = (4, 32) if args.quick else (args.trial_frames, args.trial_size)

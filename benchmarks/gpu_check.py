@@ -60,7 +60,7 @@ def train_step_figures(preset: str, size: int, batch: int, steps: int, dtype: to
     config = build_config({"backbone": preset, "frame_num": 8, "spatial_size": size, "patch_size": 16,
                            "batch_size": batch})
     torch.manual_seed(0)
-    model = GlobalBatchModel(build_model(config)).cuda().train()
+    model = GlobalBatchModel(build_model(config).model).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(1)
     video = torch.randn(batch, 3, 8, size, size, generator=gen).cuda()

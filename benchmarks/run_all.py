@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: Hours at full scale: run only when named in --only, or with --quick (its smoke mode).
+_LONG = {"bench_fullscale.py"}
 
 
 def _accepts(script: Path, flag: str) -> bool:
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--only {args.only!r}: no bench_{{{','.join(sorted(unknown))}}}.py in {HERE}")
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in wanted]
+    elif not args.quick:
+        skipped = [s.name for s in scripts if s.name in _LONG]
+        scripts = [s for s in scripts if s.name not in _LONG]
+        if skipped:
+            print(f"skipping {', '.join(skipped)} (hours at full scale; run it with --only or --quick)")
     failed, times = [], []
     for script in scripts:
         command = [sys.executable, str(script)]

@@ -12,6 +12,7 @@ naming the key, the value and what is allowed. Nothing is ever silently replaced
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -35,12 +36,21 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("none", "cosine")
 RESUME_MODES = ("auto", "never")
 FEATURE_NORMS = ("batchnorm", "none")
+CACHE_GEOMETRIES = ("fit", "original")
+#: The original's intermediate frame, (height, width): 256 px high, 16:9.
+ORIGINAL_FRAME_SIZE = (256, 455)
+
+#: Keys that say where files are, not what is trained: MLflow gets them as tags ``deepsports.config.<key>``, not
+#: params (params are what runs are compared by), and the MLproject leaves them out (``-P key=value`` still works).
+LOCATION_KEYS = ("root_dir", "train_path", "test_path", "annotation_path", "output", "cache_dir", "checkpoint_dir")
 
 #: Keys whose allowed values are matched case-insensitively and stored in their canonical case.
 _CANONICAL_CASE = {"optimizer": OPTIMIZERS, "activation": ACTIVATIONS, "loglevel": LOGLEVELS}
 
-_TRUE = {"true", "1", "yes"}
-_FALSE = {"false", "0", "no"}
+# What a YAML file may already write (PyYAML reads yes/no/on/off as booleans), so that a key=value, a
+# --flag and an MLproject -P accept the same spellings as an experiment file; anything else is refused.
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
 
 
 def _opt(default: Any, help: str, *, original: Any = dataclasses.MISSING, choices: tuple | None = None,
@@ -67,8 +77,10 @@ class Config:
     loglevel: str = _opt("INFO", "Logging level.", choices=LOGLEVELS)
     gpu: bool = _opt(True, "Use a CUDA GPU when one is present (falls back to CPU with a warning).")
     root_dir: str = _opt("./", "Dataset root holding whole_videos/NN.mp4 (dataset=mtl_aqa).")
-    train_path: str = _opt("./train_split_0.pkl", "Train split pickle/JSON (dataset=mtl_aqa).")
-    test_path: str = _opt("./test_split_0.pkl", "Test split pickle/JSON (dataset=mtl_aqa).")
+    train_path: str = _opt("", "Train split pickle/JSON (dataset=mtl_aqa; '' = MTL-AQA's split 0 shipped with DeepSports).",
+                           original="./train_split_0.pkl")
+    test_path: str = _opt("", "Test split pickle/JSON (dataset=mtl_aqa; '' = MTL-AQA's split 0 shipped with DeepSports).",
+                          original="./test_split_0.pkl")
     batch_size: int = _opt(8, "Batch size.", original=4, min=1)
     epochs: int = _opt(10, "Number of training epochs.", original=5, min=1)
     learning_rate: float = _opt(3e-4, "Learning rate.", original=1e-5, min=0.0)
@@ -85,7 +97,8 @@ class Config:
     activation: str = _opt("none", "Activation of the MLP head.", choices=ACTIVATIONS)
     topology: tuple[int, ...] = _opt((512, 256), "Hidden units of the MLP head between backbone and output.", min=1)
     output: str = _opt("./losses.png", "File name of the loss-curve figure (logged as an MLflow artifact).")
-    annotation_path: str = _opt("./final_annotations_dict.pkl", "Annotations pickle/JSON (dataset=mtl_aqa).")
+    annotation_path: str = _opt("", "Annotations pickle/JSON (dataset=mtl_aqa; '' = MTL-AQA's annotations shipped with "
+                                "DeepSports).", original="./final_annotations_dict.pkl")
     attention_type: str = _opt("divided_space_time", "Attention of the TimeSformer.", choices=ATTENTION_TYPES)
     optimizer: str = _opt("AdamW", "Optimizer.", choices=OPTIMIZERS)
     patch_size: int = _opt(16, "Patch side in pixels.", min=1)
@@ -117,18 +130,26 @@ class Config:
     precision: str = _platform("auto", "Mixed precision: auto (bf16 on CUDA where supported, else fp32), fp32, bf16, fp16.",
                                choices=PRECISIONS)
     lr_scheduler: str = _platform("cosine", "Learning-rate schedule over the epochs.", choices=LR_SCHEDULERS)
-    warmup_epochs: int = _platform(1, "Linear warm-up epochs of the schedule.", min=0)
+    warmup_epochs: int = _platform(1, "Linear warm-up epochs of the schedule (at most epochs; a one-epoch run warms up "
+                                   "all along).", min=0)
     grad_clip_norm: float = _platform(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
     cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live ($DEEPSPORTS_CACHE_DIR overrides the default).")
-    cache_height: int = _platform(0, "Height of cached frames (0 = spatial_size * 256/224, as the original's 256 px for 224).", min=0)
-    cache_width: int = _platform(0, "Width of cached frames (0 = 16:9 of the height).", min=0)
-    checkpoint_dir: str = _platform("", "Checkpoint directory ('' = checkpoints/<mlflow run id>). With resume=auto the newest "
+    cache_geometry: str = _platform("fit", "Frames the clip cache holds: fit = what training reads (spatial_size square; "
+                                    "with data_aug the 16:9 frame the crops come from, spatial_size * 256/224 high); "
+                                    "original = the original's 256x455 intermediate.", choices=CACHE_GEOMETRIES)
+    cache_height: int = _platform(0, "Height of cached frames (0 = set by cache_geometry; else spatial_size * 256/224 "
+                                  "when only cache_width is given).", min=0)
+    cache_width: int = _platform(0, "Width of cached frames (0 = set by cache_geometry, or 16:9 of cache_height).", min=0)
+    checkpoint_dir: str = _platform("", "Checkpoint directory ('' = checkpoints/<mlflow run id>; $DEEPSPORTS_CHECKPOINT_ROOT "
+                                    "replaces checkpoints/). With resume=auto the newest "
                                     "valid checkpoint there (epoch-NNNN[-partial].pt) is resumed into its MLflow run.")
     resume: str = _platform("auto", "auto: resume from checkpoint_dir when it holds a checkpoint; never: start fresh.",
                             choices=RESUME_MODES)
     experiment_name: str = _platform("deepsports", "MLflow experiment.")
     run_name: str = _platform("", "MLflow run name ('' = generated).")
     log_model: bool = _platform(True, "Log the final model with mlflow.pytorch.log_model.")
+    log_checkpoint: bool = _platform(True, "Log the best checkpoint (best.pt) as an MLflow artifact; it stays in "
+                                     "checkpoint_dir either way.")
     log_every_steps: int = _platform(20, "Without a terminal, print a progress line every this many steps.", min=1)
 
     def __post_init__(self) -> None:
@@ -138,31 +159,40 @@ class Config:
 
     def _check_relations(self) -> None:
         if len(self.dropout) != len(self.topology):
-            raise ConfigError(f"dropout={list(self.dropout)!r} has {len(self.dropout)} values but topology="
-                              f"{list(self.topology)!r} has {len(self.topology)}: give one dropout per topology entry")
+            raise _relation_error(f"dropout={list(self.dropout)!r} has {len(self.dropout)} values but topology="
+                                  f"{list(self.topology)!r} has {len(self.topology)}: give one dropout per topology entry",
+                                  "dropout", "topology")
         if self.dataset == "synthetic":
             for key in ("root_dir", "train_path", "test_path", "annotation_path"):
                 if getattr(self, key) != _FIELDS[key].default:
-                    raise ConfigError(f"{key}={getattr(self, key)!r} is only used with dataset=mtl_aqa "
-                                      f"(dataset is 'synthetic'); set dataset=mtl_aqa or drop {key}")
+                    raise _relation_error(f"{key}={getattr(self, key)!r} is only used with dataset=mtl_aqa "
+                                          f"(dataset is 'synthetic'); set dataset=mtl_aqa or drop {key}", key, "dataset")
         if self.feature_norm == "batchnorm" and self.batch_size == 1 and not self.use_decoder:
-            raise ConfigError("feature_norm=batchnorm needs batch_size >= 2 (batch statistics of one clip are "
-                              "undefined); use feature_norm=none with batch_size=1")
+            raise _relation_error("feature_norm=batchnorm needs batch_size >= 2 (batch statistics of one clip are "
+                                  "undefined); use feature_norm=none with batch_size=1", "feature_norm", "batch_size")
         if self.spatial_size % self.patch_size:
-            raise ConfigError(f"spatial_size={self.spatial_size} is not a multiple of patch_size={self.patch_size}: "
-                              "the frame must split into whole patches")
+            raise _relation_error(f"spatial_size={self.spatial_size} is not a multiple of patch_size={self.patch_size}: "
+                                  "the frame must split into whole patches", "spatial_size", "patch_size")
         if self.cache_height and self.cache_height < self.spatial_size:
-            raise ConfigError(f"cache_height={self.cache_height} is smaller than spatial_size={self.spatial_size}")
-        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0 and self.lr_scheduler != "none":
-            raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be smaller than epochs={self.epochs}")
+            raise _relation_error(f"cache_height={self.cache_height} is smaller than spatial_size={self.spatial_size}",
+                                  "cache_height", "spatial_size")
+        if self.warmup_epochs > self.epochs and self.lr_scheduler != "none":
+            raise _relation_error(f"warmup_epochs={self.warmup_epochs} is longer than the run (epochs={self.epochs}): "
+                                  "use warmup_epochs <= epochs or lr_scheduler=none", "warmup_epochs", "epochs")
 
     # --- derived values -------------------------------------------------------------------
     @property
     def frame_size(self) -> tuple[int, int]:
-        """(height, width) of the frames stored in the clip cache."""
-        height = self.cache_height or round(self.spatial_size * 256 / 224)
-        width = self.cache_width or round(height * 16 / 9)
-        return height, width
+        """(height, width) of the frames stored in the clip cache (see ``cache_geometry``)."""
+        intermediate = round(self.spatial_size * ORIGINAL_FRAME_SIZE[0] / 224)
+        if self.cache_height or self.cache_width:  # explicit pixels win
+            height = self.cache_height or intermediate
+            return height, self.cache_width or round(height * 16 / 9)
+        if self.cache_geometry == "original":
+            return ORIGINAL_FRAME_SIZE
+        if self.data_aug:  # random crops of the 16:9 frame scaled to spatial_size (the original's 256x455 at 224)
+            return intermediate, round(intermediate * 16 / 9)
+        return self.spatial_size, self.spatial_size  # the whole frame squeezed to a square, as training reads it
 
     @property
     def cache_path(self) -> Path:
@@ -184,6 +214,10 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         return build_config({**self.to_dict(), **changes})
+
+
+def _relation_error(message: str, *keys: str) -> ConfigError:
+    return ConfigError(message, keys=keys)
 
 
 def _plain(value: Any) -> Any:
@@ -222,7 +256,7 @@ class FieldSpec:
     def describe_allowed(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
-        base = {"bool": "a boolean (true/false/1/0)", "int": "an integer", "float": "a number", "str": "a string",
+        base = {"bool": "a boolean (true/false, yes/no, on/off, 1/0)", "int": "an integer", "float": "a number", "str": "a string",
                 "int_list": "a list of integers", "float_list": "a list of numbers",
                 "videos": "'all' or a list of video ids like 01 02"}[self.kind]
         bounds = []
@@ -276,7 +310,7 @@ def config_fields() -> dict[str, FieldSpec]:
 # --------------------------------------------------------------------------------------------
 
 def _fail(spec: FieldSpec, value: Any, extra: str = "") -> ConfigError:
-    return ConfigError(f"{spec.name}={value!r} is invalid{extra}: expected {spec.describe_allowed()}")
+    return ConfigError(f"{spec.name}={value!r} is invalid{extra}: expected {spec.describe_allowed()}", keys=(spec.name,))
 
 
 def _split_list(raw: str) -> list[str]:
@@ -329,8 +363,8 @@ def _scalar(spec: FieldSpec, kind: str, value: Any, whole: Any) -> Any:
 
 
 def _check_bounds(spec: FieldSpec, number: float, whole: Any) -> None:
-    if number != number:  # NaN
-        raise _fail(spec, whole)
+    if not math.isfinite(number):  # NaN or infinite: no key has a use for either
+        raise _fail(spec, whole, " (not a finite number)")
     if spec.min is not None and (number < spec.min or (spec.min_exclusive and number == spec.min)):
         raise _fail(spec, whole)
     if spec.max is not None and (number > spec.max or (spec.max_exclusive and number == spec.max)):
@@ -399,18 +433,31 @@ def unknown_key_message(name: str, where: str = "") -> str:
     return f"unknown config key {name!r}{src}{hint} (allowed keys: {', '.join(_FIELDS)})"
 
 
-def build_config(values: Mapping[str, Any] | None = None, *, source: str = "") -> Config:
-    """Build a validated :class:`Config` from a mapping of key -> value; unknown keys are errors."""
+def build_config(values: Mapping[str, Any] | None = None, *, source: str = "",
+                 sources: Mapping[str, str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a mapping of key -> value; unknown keys are errors.
+
+    ``sources`` says where each value came from (key -> e.g. a file name, ``the command line``),
+    ``source`` where the others did; an error names the origin of every value it is about.
+    """
     values = dict(values or {})
+    origin = {key: (sources or {}).get(key) or source for key in values}
     for key in values:
         if key not in _FIELDS:
-            raise ConfigError(unknown_key_message(str(key), source))
+            raise ConfigError(unknown_key_message(str(key), origin[key]))
     try:
         return Config(**values)
     except ConfigError as exc:
-        if source:
-            raise ConfigError(f"{source}: {exc}") from None
-        raise
+        raise ConfigError(_with_origins(exc, origin), keys=exc.keys) from None
+
+
+def _with_origins(exc: ConfigError, origin: Mapping[str, str]) -> str:
+    if len(exc.keys) == 1 and origin.get(exc.keys[0]):
+        return f"{origin[exc.keys[0]]}: {exc}"
+    if len(exc.keys) > 1 and any(origin.get(key) for key in exc.keys):
+        where = "; ".join(f"{key} from {origin.get(key) or 'the defaults'}" for key in exc.keys)
+        return f"{exc} ({where})"
+    return str(exc)
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -428,7 +475,12 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 
 def resolve_experiment_path(name_or_path: str | os.PathLike, experiments_dir: str | os.PathLike | None = None) -> Path:
-    """``seed_best`` -> ``experiments/seed_best.yaml``; a path is used as it is."""
+    """``seed_best`` -> ``experiments/seed_best.yaml`` (here, else the one shipped with DeepSports); a path is used
+    as it is."""
+    if experiments_dir is None:
+        from deepsports.locate import find_named
+
+        return find_named(name_or_path, "experiments", "config file")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         candidate = path
@@ -459,17 +511,20 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_config(config: str | os.PathLike | None = None, overrides: Mapping[str, Any] | Iterable[str] | None = None) -> Config:
+def load_config(config: str | os.PathLike | None = None, overrides: Mapping[str, Any] | Iterable[str] | None = None,
+                overrides_source: str = "the overrides") -> Config:
     """Experiment file (name or path, optional) + overrides (``key=value`` strings or a mapping)."""
     values: dict[str, Any] = {}
-    source = ""
+    sources: dict[str, str] = {}
     if config:
         path = resolve_experiment_path(config)
         values.update(read_config_file(path))
-        source = str(path)
+        sources.update(dict.fromkeys(values, str(path)))
     if overrides:
-        values.update(overrides if isinstance(overrides, Mapping) else parse_overrides(overrides))
-    return build_config(values, source=source)
+        given = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        values.update(given)
+        sources.update(dict.fromkeys(given, overrides_source))
+    return build_config(values, sources=sources)
 
 
 _FIELDS: dict[str, FieldSpec] = _build_specs()

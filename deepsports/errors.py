@@ -13,9 +13,17 @@ class DeepSportsError(Exception):
 
 
 class ConfigError(DeepSportsError, ValueError):
-    """A configuration value (file, key, override or flag) is invalid."""
+    """A configuration value (file, key, override or flag) is invalid.
+
+    ``keys`` names the config keys the error is about, so a caller that knows where each value came
+    from (a file, the command line, a default) can say so.
+    """
 
     exit_code = 2
+
+    def __init__(self, *args: object, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.keys = tuple(keys)
 
 
 class DataError(DeepSportsError):

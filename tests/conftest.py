@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,12 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def mtl_aqa_dir() -> Path:
-    """The real MTL-AQA annotation pickles: ``$DEEPSPORTS_SHARED_DIR/mtl_aqa``, else ``<repo>/../shared/mtl_aqa``."""
-    shared = os.environ.get("DEEPSPORTS_SHARED_DIR")
-    path = (Path(shared) if shared else REPO.parent / "shared") / "mtl_aqa"
-    if not (path / "final_annotations_dict.pkl").is_file():
-        pytest.fail(f"MTL-AQA annotations not found in {path}: set DEEPSPORTS_SHARED_DIR to the folder holding mtl_aqa/")
-    return path.resolve()
+    """The folder of the real MTL-AQA annotation and split pickles shipped inside the package."""
+    from deepsports.data.annotations import shipped_annotation_files
+
+    return shipped_annotation_files().annotations.parent
 
 
 @pytest.fixture(scope="session")
@@ -31,12 +28,12 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
-    """A running local SLURM cluster (slurm/local-cluster.sh start; idempotent: a running one is used as it is).
+    """A running local SLURM cluster (deploy/slurm-local.sh start; idempotent: a running one is used as it is).
 
     Installs slurm-wlm and munge when they are missing (needs root and apt, as in CI) and leaves the
     cluster running; `.ci/run` stops it at the end.
     """
-    script = REPO / "slurm" / "local-cluster.sh"
+    script = REPO / "deploy" / "slurm-local.sh"
     proc = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"{script} start failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deepsports.config import Config, config_fields, format_value, load_config
-from deepsports.errors import DeepSportsError, PreemptedError
+from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
 log = logging.getLogger("deepsports")
 
@@ -47,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raw = " ".join(raw) if raw else None
         if raw is not None:
             flags[name] = raw
-    return load_config(args.config, {**parse_overrides(overrides), **flags})
+    return load_config(args.config, {**parse_overrides(overrides), **flags}, overrides_source="the command line")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -103,6 +103,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    if args.rehearsal:
+        return _cmd_rehearsal(args)
     from deepsports.data.synth import generate_synthetic_dataset
 
     out = generate_synthetic_dataset(Path(args.out), n_clips=args.clips, seed=args.seed, progress=not args.quiet)
@@ -110,6 +112,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
           f"  train split: {out.train_path}\n  test split:  {out.test_path}\n"
           f"train on it with: deepsports train dataset=mtl_aqa root_dir={out.root} annotation_path={out.annotation_path} "
           f"train_path={out.train_path} test_path={out.test_path}")
+    return 0
+
+
+def _cmd_rehearsal(args: argparse.Namespace) -> int:
+    from deepsports.config import parse_value
+    from deepsports.data.rehearsal import generate_rehearsal
+
+    if args.clips != 600:
+        raise ConfigError(f"--clips={args.clips} does not apply to --rehearsal: the real annotations fix the clips")
+    videos = None if args.videos is None else [int(v) for v in parse_value("videos", " ".join(args.videos))]
+    report = generate_rehearsal(Path(args.out), annotation_path=args.annotation_path, train_path=args.train_path,
+                                test_path=args.test_path, videos=videos, clips_per_video=args.clips_per_video,
+                                seed=args.seed, workers=args.workers,
+                                progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    root = report.root
+    print(f"{report.summary()}\ntrain on it with: deepsports train dataset=mtl_aqa root_dir={root} "
+          f"annotation_path={root / 'final_annotations_dict.pkl'} train_path={root / 'train_split_0.pkl'} "
+          f"test_path={root / 'test_split_0.pkl'}" + (f" videos={','.join(f'{v:02d}' for v in videos)}" if videos else ""))
     return 0
 
 
@@ -125,8 +145,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(epochs=args.epochs, params=args.params)
 
 
+#: Every exit status of ``deepsports`` (``tests/cli/test_new_user.py`` checks each error type has its line).
+EXIT_CODES = (
+    (0, "success"),
+    (1, "an unexpected error (a bug: please report the traceback)"),
+    (2, "bad input: a config value, flag, file name, search space, study name or storage (nothing was started)"),
+    (3, "data: annotations, splits, videos or the clip cache missing or malformed"),
+    (4, "checkpoint: unreadable, unsafe, or not fitting the model"),
+    (5, "training failed: non-finite loss, out of memory, a data-loader worker died"),
+    (6, "storage: the MLflow store or the study storage cannot be opened or lacks what was asked for"),
+    (7, "SLURM: sbatch/scontrol missing or refused the request"),
+    (75, "stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume "
+         "(under SLURM the job requeued itself)"),
+    (130, "interrupted by Ctrl-C"),
+)
+
+
+def _epilog() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from deepsports import __version__
+
+    try:
+        return version("deepsports")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.")
+    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.",
+                                     epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"deepsports {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
@@ -144,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=int, default=600, help="number of clips [600]")
     p.add_argument("--seed", type=int, default=0, help="seed [0]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    rehearsal = p.add_argument_group("full-scale rehearsal (--rehearsal): the real MTL-AQA files over synthetic videos")
+    rehearsal.add_argument("--rehearsal", action="store_true",
+                           help="write whole videos at the real MTL-AQA frame ranges (2.36 M frames; resumable)")
+    rehearsal.add_argument("--videos", nargs="+", default=None, metavar="NN", help="only these videos, e.g. 13 14 [all]")
+    rehearsal.add_argument("--clips-per-video", type=int, default=None, metavar="N",
+                           help="keep each video's first N clips (shorter videos; the pickles then hold those clips)")
+    rehearsal.add_argument("--annotation-path", default=None, help="annotations pickle [the packaged MTL-AQA file]")
+    rehearsal.add_argument("--train-path", default=None, help="train split pickle [the packaged MTL-AQA file]")
+    rehearsal.add_argument("--test-path", default=None, help="test split pickle [the packaged MTL-AQA file]")
+    rehearsal.add_argument("--workers", type=int, default=None, help="encoding processes [one per usable CPU]")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("config", help="print the resolved config as YAML")

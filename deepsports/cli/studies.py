@@ -28,66 +28,67 @@ def _seconds_or_none(text: str) -> float | None:
     return value or None
 
 
+#: How each TuneOption kind's text is parsed (argparse ``type``).
+_OPTION_TYPES = {"path": None, "text": None, "int": int, "count": _positive_or_none, "seconds": _seconds_or_none,
+                 "choice": None, "overrides": None, "switch": None, "list": None}
+
+
 def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
-    from deepsports.tune.study import DEFAULT_STORAGE, PRUNERS
+    """One argument per :func:`~deepsports.tune.settings.tune_options` entry (dest = the field name)."""
+    from deepsports.tune.settings import tune_options
 
-    p.add_argument("search_space", help="search-space YAML: a path or a name under search_spaces/ (e.g. head)")
-    p.add_argument("--study", required=True, help="study name (created, or joined when it exists)")
-    p.add_argument("--storage", default=os.environ.get("DEEPSPORTS_STUDY_STORAGE", DEFAULT_STORAGE),
-                   help="Optuna storage: a journal file path (default, safe on shared file systems), sqlite:///... "
-                        f"or postgresql://... [$DEEPSPORTS_STUDY_STORAGE or {DEFAULT_STORAGE}]")
-    p.add_argument("--n-trials", type=_positive_or_none, default=None, help="trials this worker runs (0 = no limit)")
-    p.add_argument("--max-trials", type=_positive_or_none, default=None,
-                   help="trials of the whole study, counted across all workers (0 = no limit)")
-    p.add_argument("--timeout", type=_seconds_or_none, default=None, help="seconds this worker runs (0 = no limit)")
-    p.add_argument("--pruner", default="median", choices=PRUNERS, help="pruner [median]")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed, mixed with the worker id [0]")
-    p.add_argument("--workers", type=int, default=1,
-                   help="local worker processes on this machine, all on the same study (without SLURM) [1]")
-    p.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--heartbeat", type=int, default=60,
-                   help="seconds between the heartbeats of a running trial (every storage) [60]")
-    p.add_argument("--grace-period", type=int, default=None,
-                   help="a RUNNING trial without heartbeat for this long is failed and retried with the same "
-                        "params, resuming its checkpoint (a paused, preempted trial is WAITING and never "
-                        "expires) [2 x heartbeat]")
-    p.add_argument("--max-retry", type=int, default=3, help="re-runs of a dead worker's trial [3]")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every trial (e.g. --set epochs=3 --set cache_dir=/scratch/x)")
-    _add_relaunch_arguments(p)
-
-
-def _add_relaunch_arguments(p: argparse.ArgumentParser) -> None:
-    """The targeted re-launch options of ``tune`` (TuneSettings.rerun_failed / rerun_causes)."""
-    from deepsports.tune.accounting import CAUSES
-
-    p.add_argument("--rerun-failed", action="store_true",
-                   help="queue the params of the study's failed trials again as new linked trials (fresh training), "
-                        "run those and sample nothing new")
-    p.add_argument("--cause", dest="rerun_causes", action="append", default=[], metavar="CAUSE",
-                   help=f"with --rerun-failed: only trials failed for this cause (repeatable; {', '.join(CAUSES)}) "
-                        "[every cause but not_run]")
+    for name, option in tune_options().items():
+        if name == "worker_id":  # before the hidden worker id, as `--help` always listed it
+            p.add_argument("--workers", type=int, default=1,
+                           help="local worker processes on this machine, all on the same study (without SLURM) [1]")
+        help_text = argparse.SUPPRESS if option.hidden else option.help
+        if not option.flag:
+            p.add_argument(name, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text, "metavar": option.param.upper()}
+        if option.required:
+            kwargs["required"] = True
+        else:
+            default = option.cli_default
+            kwargs["default"] = os.environ.get(option.env, default) if option.env else default
+        if option.kind == "overrides":
+            kwargs.update(action="append", default=list(option.cli_default), metavar="KEY=VALUE")
+        elif option.kind == "list":
+            kwargs.update(action="append", default=list(option.cli_default or ()))
+        elif option.kind == "switch":
+            kwargs.update(action="store_true", default=False)
+            del kwargs["metavar"]
+        elif option.kind == "choice":
+            kwargs.update(choices=option.choices)
+            del kwargs["metavar"]
+        elif _OPTION_TYPES[option.kind] is not None:
+            kwargs["type"] = _OPTION_TYPES[option.kind]
+        p.add_argument(option.flag, **kwargs)
+    p.add_argument("--under-workers", action="store_true", help=argparse.SUPPRESS)  # set by --workers N for its workers
 
 
 def _tune_settings(args: argparse.Namespace):
     from deepsports.config import parse_overrides
-    from deepsports.tune.worker import TuneSettings
+    from deepsports.tune.settings import TuneSettings, tune_options
 
-    return TuneSettings(search_space=args.search_space, study_name=args.study, storage=args.storage,
-                        n_trials=args.n_trials, timeout=args.timeout, max_trials=args.max_trials, pruner=args.pruner,
-                        seed=args.seed, worker_id=args.worker_id, heartbeat_interval=args.heartbeat,
-                        grace_period=args.grace_period, max_retry=args.max_retry,
-                        overrides=parse_overrides(args.overrides), rerun_failed=args.rerun_failed,
-                        rerun_causes=tuple(args.rerun_causes))
+    values = {name: getattr(args, name) for name in tune_options()}
+    values["overrides"] = parse_overrides(values["overrides"])
+    values["rerun_causes"] = tuple(values["rerun_causes"])
+    return TuneSettings(**values)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
+    if not args.under_workers:
+        _check_tune_args(args)  # once, before any worker, storage or study exists
     if args.workers > 1:
         if args.rerun_failed:  # queued once here, before the workers race to queue them
-            _enqueue_reruns(args.study, args.storage, args.rerun_causes)
-        return _run_local_workers(args)  # before any heavy import: the workers start at once
+            _enqueue_reruns(args.study_name, args.storage, args.rerun_causes)
+        code = _run_local_workers(args)
+        if code == 0:
+            _print_study_summary(args)
+        return code
     from deepsports.train.distributed import detect
 
     if detect().enabled:
@@ -105,11 +106,36 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             requeue_if_slurm()
             raise
     _tag_project_run(summary.parent_run_id)
-    print(json.dumps({"study": summary.study_name, "parent_run_id": summary.parent_run_id, "states": summary.states,
-                      "trials_run_by_this_worker": summary.trials_run, "best_value": summary.best_value,
-                      "best_trial": summary.best_number, "best_params": summary.best_params,
-                      "best_run_id": summary.best_run_id}, indent=2, default=str))
+    if not args.under_workers:  # with --workers N the parent prints one summary for all
+        _print_summary(summary, {"trials_run_by_this_worker": summary.trials_run})
     return 0
+
+
+def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, storage_source: str = "--storage") -> None:
+    """What a tune worker would refuse, checked before any worker, storage, study or job exists."""
+    from deepsports.config import parse_overrides
+    from deepsports.tune.checks import check_overrides, check_rerun, check_study_name, resolve_storage
+    from deepsports.tune.search_space import load_search_space
+
+    check_study_name(args.study_name)
+    check_rerun(args.rerun_failed, args.rerun_causes)
+    if check_storage:
+        resolve_storage(args.storage, storage_source)
+    check_overrides(load_search_space(args.search_space), parse_overrides(args.overrides))
+
+
+def _print_summary(summary, extra: dict[str, Any]) -> None:
+    print(json.dumps({"study": summary.study_name, "parent_run_id": summary.parent_run_id, "states": summary.states,
+                      **extra, "best_value": summary.best_value, "best_trial": summary.best_number,
+                      "best_params": summary.best_params, "best_run_id": summary.best_run_id}, indent=2, default=str))
+
+
+def _print_study_summary(args: argparse.Namespace) -> None:
+    from deepsports.tune.report import load_existing_study
+    from deepsports.tune.study import summarize
+
+    summary = summarize(load_existing_study(args.study_name, args.storage))
+    _print_summary(summary, {"workers": args.workers})
 
 
 def _tag_project_run(parent_run_id: str) -> None:
@@ -140,7 +166,8 @@ def _run_local_workers(args: argparse.Namespace) -> int:
     env.pop("MLFLOW_RUN_ID", None)  # the project run belongs to this parent process
 
     def start(worker_id: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "deepsports.cli", *base, "--worker-id", str(worker_id)], env=env)
+        return subprocess.Popen([sys.executable, "-m", "deepsports.cli", *base, "--worker-id", str(worker_id),
+                                 "--under-workers"], env=env)
 
     running = {worker_id: start(worker_id) for worker_id in range(args.workers)}
     restarts = dict.fromkeys(running, 0)
@@ -211,16 +238,18 @@ def _existing_study(name: str, storage: str):
 
 
 def _enqueue_reruns(name: str, storage: str, causes: list[str]) -> list[tuple[int, int]]:
-    from deepsports.tune.accounting import check_causes, enqueue_reruns
+    from deepsports.tune.accounting import enqueue_reruns
+    from deepsports.tune.checks import check_causes
 
-    checked = check_causes(causes)
-    return enqueue_reruns(_existing_study(name, storage), checked)
+    return enqueue_reruns(_existing_study(name, storage), check_causes(causes))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from deepsports.tune.status import render_text, study_status
+    from deepsports.tune.checks import check_study_name
     from deepsports.tune.study import storage_label
 
+    check_study_name(args.study, "study")
     doc = study_status(_existing_study(args.study, args.storage), storage_label(args.storage))
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
@@ -229,34 +258,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-class _ArgsError(argparse.ArgumentParser):
-    """A parser for the ``tune`` arguments after ``submit tune ... --``: bad ones are a ConfigError (one line)."""
+def _missing_work(args: argparse.Namespace, rest: list[str], storage: str, profile) -> int:
+    """``submit tune --missing``: how many array tasks the study still needs (queues the re-runs asked for).
+    ``storage`` is the one :func:`_check_submitted_tune` found (the job's arguments are checked there)."""
+    from deepsports.tune.checks import check_rerun
 
-    def error(self, message: str):
-        raise ConfigError(f"the tune arguments after `--`: {message}")
-
-
-def _missing_work(args: argparse.Namespace, rest: list[str]) -> int:
-    """``submit tune --missing``: how many array tasks the study still needs (queues the re-runs asked for)."""
-    from pathlib import Path as _Path
-
-    from deepsports.tune import accounting
-
-    parser = _ArgsError(prog="deepsports tune", add_help=False)
-    _add_tune_arguments(parser)
-    tune_args = parser.parse_args(rest)
+    job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
+    _add_tune_arguments(job)
+    tune_args = job.parse_args(rest)
     if tune_args.max_trials is None:
         raise ConfigError("--missing: the tune arguments after `--` need --max-trials N (the study's size)")
-    causes = accounting.check_causes(tune_args.rerun_causes)
-    storage = tune_args.storage if any(a == "--storage" or a.startswith("--storage=") for a in rest) else (
-        args.storage or tune_args.storage)
-    if "://" not in str(storage) and not _Path(storage).expanduser().is_file():
+    causes = check_rerun(tune_args.rerun_failed, tune_args.rerun_causes)
+    if "://" not in storage and not Path(storage).expanduser().is_absolute() and profile.workdir:
+        storage = str(Path(os.path.expandvars(profile.workdir)).expanduser() / storage)  # where the job opens it
+    if "://" not in storage and not Path(storage).expanduser().is_file():
         return tune_args.max_trials  # nothing run yet
-    from deepsports.tune.study import open_storage
     import optuna
 
+    from deepsports.tune import accounting
+    from deepsports.tune.study import open_storage
+
     try:
-        study = optuna.load_study(study_name=tune_args.study, storage=open_storage(storage))
+        study = optuna.load_study(study_name=tune_args.study_name, storage=open_storage(storage))
     except KeyError:
         return tune_args.max_trials
     reruns = 0
@@ -267,7 +290,7 @@ def _missing_work(args: argparse.Namespace, rest: list[str]) -> int:
     left = accounting.work_left(trials, tune_args.max_trials, reruns if args.dry_run else 0)
     if left == 0:
         states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        print(f"study {tune_args.study!r} is complete ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+        print(f"study {tune_args.study_name!r} is complete ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
               f"{states['FAIL']} failed of max_trials={tune_args.max_trials}; nothing runs or waits): nothing submitted")
     return left
 
@@ -275,6 +298,9 @@ def _missing_work(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_best(args: argparse.Namespace) -> int:
     from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots, retrain_best
 
+    from deepsports.tune.checks import check_study_name
+
+    check_study_name(args.study, "study")
     study = load_existing_study(args.study, args.storage)
     best = best_trial(study)
     path = export_best(best, args.out or Path("experiments") / f"{args.study}_best.yaml")
@@ -299,15 +325,22 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     rest = list(args.args)
     kwargs: dict[str, Any] = {}
     if args.kind == "tune":
+        storage, where = _check_submitted_tune(rest, args.storage, profile)
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
-                      study_storage=args.storage)
+                      study_storage=args.storage if args.storage is not None or "--storage" in rest else storage)
     elif args.array_size or args.array_concurrency or args.storage or args.missing:
         raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
+    else:
+        _check_submitted_config(args.kind, rest)
     if args.missing:
-        left = _missing_work(args, rest)
+        left = _missing_work(args, rest, storage, profile)
         if left == 0:
             return 0
         kwargs["array_size"] = min(left, args.array_size or profile.array_size)
+    if profile.time is None and not args.dry_run:
+        print(f"deepsports: warning: SLURM profile {profile.source} sets no `time`: the job gets the partition's "
+              "limit (UNLIMITED on many clusters), so the USR1 before the time limit never comes and a job killed "
+              "at the limit loses its last epoch; set `time:` in the profile", file=sys.stderr)
     uri = args.tracking_uri or profile.env.get("MLFLOW_TRACKING_URI") or None
     script = slurm.render_script(args.kind, profile, slurm.worker_command(args.kind, *rest), job_name=args.job_name,
                                  tracking_uri=args.tracking_uri, **kwargs)
@@ -316,21 +349,75 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         return 0
     job_id = slurm.submit(script)
     print(f"submitted {args.kind} job {job_id}")
+    if args.kind == "tune":
+        print(f"  study storage: {storage}{where}")
     for hint in slurm.watch_hints(job_id, profile, uri or tracking_uri()):
         print(f"  {hint}")
     return 0
 
 
+class _JobArgumentError(ConfigError):
+    """A job argument after ``--`` that the job would refuse."""
+
+
+def _strict(parser: argparse.ArgumentParser, kind: str) -> argparse.ArgumentParser:
+    """A parser of a job's arguments that raises (one line, exit 2) instead of printing usage and exiting."""
+    def error(message: str):
+        raise _JobArgumentError(f"submit {kind}: the job's arguments after --: {message}")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile) -> tuple[str, str]:
+    """Parse and check a tune job's arguments as its workers will; returns (storage, how it was found)."""
+    from deepsports.tune.checks import resolve_storage
+    from deepsports.tune.study import DEFAULT_STORAGE
+
+    parser = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
+    _add_tune_arguments(parser)
+    job = parser.parse_args(rest)
+    if "--storage" in rest or any(a.startswith("--storage=") for a in rest):
+        storage, source = job.storage, "--storage after --"
+    elif storage_flag is not None:
+        storage, source = storage_flag, "submit --storage"
+    elif profile.env.get("DEEPSPORTS_STUDY_STORAGE"):
+        storage, source = profile.env["DEEPSPORTS_STUDY_STORAGE"], f"DEEPSPORTS_STUDY_STORAGE of {profile.source}"
+    else:
+        storage, source = DEFAULT_STORAGE, "the default: no --storage given"
+    job.storage = storage
+    if "://" not in storage and not Path(storage).expanduser().is_absolute() and profile.workdir:
+        # The job opens it relative to the profile's workdir, known only on the node.
+        where = f" (relative to the job's workdir {profile.workdir}; {source})"
+        _check_tune_args(job, check_storage=False)
+        return storage, where
+    _check_tune_args(job, storage_source=source)
+    return resolve_storage(storage, source), f" ({source})"
+
+
+def _check_submitted_config(kind: str, rest: list[str]) -> None:
+    """A train/prepare job's arguments build a valid config here before the job is submitted."""
+    from deepsports.cli.main import build_parser, config_from_args
+
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # argparse keeps the subcommand parsers there
+        for name, sub in action.choices.items():
+            _strict(sub, name)
+    config_from_args(_strict(parser, kind).parse_args([kind, *rest]))
+
+
 def register(sub) -> None:
     """Add the study and SLURM subcommands to the ``deepsports`` parser."""
+    from deepsports.tune.settings import DEFAULT_STORAGE, STORAGE_ENV
+
     p = sub.add_parser("tune", help="run trials of an Optuna study (each a child MLflow run of the study's run)")
     _add_tune_arguments(p)
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("best", help="the best trial of a study: print it, export its config, plot the study")
     p.add_argument("study", help="study name")
-    p.add_argument("--storage", default=os.environ.get("DEEPSPORTS_STUDY_STORAGE", "optuna-journal.log"),
-                   help="Optuna storage of the study [$DEEPSPORTS_STUDY_STORAGE or optuna-journal.log]")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
+                   help=f"Optuna storage of the study [${STORAGE_ENV} or {DEFAULT_STORAGE}]")
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")
@@ -341,8 +428,8 @@ def register(sub) -> None:
     p = sub.add_parser("status", help="what happened to every trial of a study: states, failures by cause, "
                                       "pauses, retries, compute spent and lost, best")
     p.add_argument("study", help="study name")
-    p.add_argument("--storage", default=os.environ.get("DEEPSPORTS_STUDY_STORAGE", "optuna-journal.log"),
-                   help="Optuna storage of the study [$DEEPSPORTS_STUDY_STORAGE or optuna-journal.log]")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
+                   help=f"Optuna storage of the study [${STORAGE_ENV} or {DEFAULT_STORAGE}]")
     p.add_argument("--json", action="store_true", help="one JSON document (keys: README, Watching a study)")
     p.set_defaults(func=_cmd_status)
 

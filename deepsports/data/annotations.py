@@ -24,7 +24,6 @@ import math
 import numbers
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,9 @@ from typing import Any
 
 from deepsports.data.safe_pickle import restricted_load
 from deepsports.errors import DataError
+from deepsports.fileio import atomic_write
 
-__all__ = ["ClipAnnotation", "load_annotations", "load_split", "save_annotations", "save_split", "restricted_load",
+__all__ = ["ClipAnnotation", "MtlAqaFiles", "shipped_annotation_files", "load_annotations", "load_split", "save_annotations", "save_split", "restricted_load",
            "video_filename", "annotation_fingerprint", "REQUIRED_FIELDS", "INT_FIELDS"]
 
 #: Fields every annotation record must have.
@@ -48,6 +48,32 @@ _JSON_SPLIT = "deepsports-split"
 _FORMAT_VERSION = 1
 # Protocol 3 is what MTL-AQA's own files use; any Python 3 reader accepts it.
 _PICKLE_PROTOCOL = 3
+
+
+# --------------------------------------------------------------------------------------------
+# The MTL-AQA annotation and split files shipped with the package
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MtlAqaFiles:
+    """Paths of MTL-AQA's annotation pickle and its split-0 train/test pickles."""
+
+    annotations: Path
+    train: Path
+    test: Path
+
+
+def shipped_annotation_files() -> MtlAqaFiles:
+    """The MTL-AQA pickles shipped inside the package (package data ``deepsports/data/mtl_aqa``).
+
+    They are MTL-AQA's own files, as its repository distributes them, so ``dataset=mtl_aqa`` needs
+    only the videos. They are read by :func:`restricted_load` like any user-given pickle.
+    """
+    from importlib.resources import files
+
+    # A regular (non-zipped) install: the resource is a real file on disk.
+    folder = Path(str(files("deepsports.data") / "mtl_aqa"))
+    return MtlAqaFiles(folder / "final_annotations_dict.pkl", folder / "train_split_0.pkl", folder / "test_split_0.pkl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,15 +342,7 @@ def load_split(path: str | os.PathLike, annotations: Mapping[tuple[int, int], An
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def _as_annotations(annotations: Mapping[tuple[int, int], ClipAnnotation] | Iterable[ClipAnnotation]) -> list[ClipAnnotation]:

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from deepsports.errors import DataError
+from deepsports.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +69,9 @@ def is_temp_file(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(_TEMP_SUFFIX)
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write: Any) -> None:
-    temp = _temp_path(path)
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    # Temp names ".<name>.<pid>.<random>.tmp" (is_temp_file): prepare removes those of a killed writer.
+    atomic_write(path, write, temp_prefix=f".{path.name}.{os.getpid()}.", temp_suffix=_TEMP_SUFFIX)
 
 
 def write_clip(path: Path, frames: np.ndarray) -> int:

@@ -367,18 +367,24 @@ class Selection:
 
 
 def resolve_source(config: Any, progress: bool = True) -> DataSource:
-    """``dataset=synthetic``: the generated dataset under the cache dir (made on first use); ``mtl_aqa``: the paths."""
+    """``dataset=synthetic``: the generated dataset under the cache dir (made on first use); ``mtl_aqa``: the paths
+    (an empty annotation/split path is the MTL-AQA file shipped with the package)."""
     if config.dataset == "synthetic":
         from deepsports.data.synth import ensure_synthetic_dataset
 
         root = Path(ensure_synthetic_dataset(config.cache_path, config.synth_clips, config.synth_seed, progress=progress))
         return DataSource("synthetic", root, root / ANNOTATION_FILE, root / TRAIN_SPLIT_FILE, root / TEST_SPLIT_FILE)
 
-    def absolute(value: str) -> Path:
-        return Path(value).expanduser().resolve()
+    from deepsports.data.annotations import shipped_annotation_files
 
-    return DataSource(config.dataset, absolute(config.root_dir), absolute(config.annotation_path),
-                      absolute(config.train_path), absolute(config.test_path))
+    shipped = shipped_annotation_files()
+
+    def absolute(value: str, default: Path) -> Path:
+        return Path(value).expanduser().resolve() if value else default
+
+    return DataSource(config.dataset, Path(config.root_dir).expanduser().resolve(),
+                      absolute(config.annotation_path, shipped.annotations), absolute(config.train_path, shipped.train),
+                      absolute(config.test_path, shipped.test))
 
 
 def select_clips(config: Any, progress: bool = True) -> Selection:

@@ -4,7 +4,7 @@
 official TimeSformer ``.pyth`` files, timm image-ViT state dicts and this project's checkpoints.
 """
 
-from deepsports.model.aqa import AQAModel, build_model, count_parameters, trainable_parameter_count
+from deepsports.model.aqa import AQAModel, BuiltModel, build_model, count_parameters, trainable_parameter_count
 from deepsports.model.attention import ATTENTION_BACKENDS, Attention, attention_backend
 from deepsports.model.pretrained import LoadReport, checkpoint_filter_fn, load_pretrained, read_checkpoint
 from deepsports.model.heads import DecoderHead, MLPHead, make_activation
@@ -12,7 +12,7 @@ from deepsports.model.presets import PRESETS, BackbonePreset, get_preset
 from deepsports.model.timesformer import TimeSformer
 
 __all__ = [
-    "AQAModel", "build_model", "count_parameters", "trainable_parameter_count",
+    "AQAModel", "BuiltModel", "build_model", "count_parameters", "trainable_parameter_count",
     "ATTENTION_BACKENDS", "Attention", "attention_backend",
     "LoadReport", "checkpoint_filter_fn", "load_pretrained", "read_checkpoint",
     "DecoderHead", "MLPHead", "make_activation",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from deepsports.config import Config
-from deepsports.model.pretrained import load_pretrained
+from deepsports.model.pretrained import LoadReport, load_pretrained
 from deepsports.model.heads import DecoderHead, MLPHead
 from deepsports.model.presets import get_preset
 from deepsports.model.timesformer import TimeSformer
@@ -88,7 +89,18 @@ class AQAModel(nn.Module):
         return trainable_parameter_count(self)
 
 
-def build_model(config: Config) -> AQAModel:
+@dataclass(frozen=True)
+class BuiltModel:
+    """What :func:`build_model` made and knows about it."""
+
+    model: AQAModel
+    #: Whether the scoring head starts from random weights (the trainer then sets its output bias).
+    fresh_head: bool
+    #: What loading ``config.pretrained_model`` did; ``None`` when training from scratch.
+    load_report: LoadReport | None = None
+
+
+def build_model(config: Config) -> BuiltModel:
     """The model ``config`` describes, with ``config.pretrained_model`` loaded when it is a path.
 
     Uses the global torch RNG for initialisation (seed it first). Raises
@@ -102,13 +114,13 @@ def build_model(config: Config) -> AQAModel:
     else:
         head = MLPHead(config.embed_dim, config.topology, config.dropout, config.activation)
     model = AQAModel(backbone, head, feature_norm=config.feature_norm)
-    model.fresh_head = True  # whether the scoring head starts from random weights (the trainer sets its bias)
+    report = None
     if config.pretrained_model.strip().lower() not in NO_PRETRAINED:
         report = load_pretrained(model, Path(config.pretrained_model).expanduser())
-        model.fresh_head = any(key.startswith("head.") for key in report.initialised)
     if config.freeze:
         model.freeze_backbone()
     log.info("model: %s backbone (%s), %s head, %s of %s parameters trainable", config.backbone,
              config.attention_type, "decoder" if config.use_decoder else "MLP",
              f"{trainable_parameter_count(model):,}", f"{count_parameters(model):,}")
-    return model
+    fresh_head = report is None or any(key.startswith("head.") for key in report.initialised)
+    return BuiltModel(model=model, fresh_head=fresh_head, load_report=report)

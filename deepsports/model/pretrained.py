@@ -15,16 +15,13 @@ Position embeddings are resized over the patch grid (bicubic, class token kept),
 over frames (linear: 96 -> 48 averages neighbouring frames); the pretraining classifier ``head.*``
 is dropped. Everything else must match: an unexplained key or a shape that cannot be resized raises
 :class:`~deepsports.errors.CheckpointError` naming the keys. Files are only read with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)`` (:func:`deepsports.fileio.read_torch_file`, the reader of every torch file).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-import struct
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ import torch
 from torch import nn
 
 from deepsports.errors import CheckpointError
+from deepsports.fileio import read_torch_file
 from deepsports.model.embeddings import grid_of, resize_pos_embed, resize_time_embed
 from deepsports.model.timesformer import TimeSformer
 
@@ -85,27 +83,9 @@ def _brief(keys: Mapping[str, Any] | list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True, map_location="cpu")`` with :class:`CheckpointError` for a
-    missing file, a truncated or corrupt file, and a file that would need to run code to load."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "GLOBAL" in text:
-            refused = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), text)
-            raise CheckpointError(f"checkpoint {str(path)!r} refused: loading it would need to import and run "
-                                  f"arbitrary code ({refused}); only tensors and plain containers are "
-                                  "accepted (torch.load weights_only=True)") from None
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated: {text.splitlines()[-1]}") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, struct.error, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated (is it a complete torch.save "
-                              f"file?): {type(exc).__name__}: {str(exc)[:200]}") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+#: ``torch.load(path, weights_only=True, map_location="cpu")`` with :class:`CheckpointError` for a
+#: missing file, a truncated or corrupt file, and a file that would need to run code to load.
+read_checkpoint = read_torch_file
 
 
 def _unwrap(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
@@ -171,22 +151,42 @@ def _adapt_backbone(weights: dict[str, torch.Tensor], net: TimeSformer, report: 
         for key in [k for k in weights if ".temporal_" in k]:
             drop(key, f"{net.attention_type} has no temporal attention")
     elif not any(".temporal_" in k for k in weights):
-        for index in range(len(net.blocks)):
-            for temporal, spatial in _TEMPORAL_FROM_SPATIAL:
-                for name in (n for n in target if n.startswith(f"blocks.{index}.{temporal}")):
-                    source = name.replace(temporal, spatial, 1)
-                    if source in weights:
-                        weights[name] = weights[source].clone()
-                        report.derived[prefix + name] = f"copied from {source}"
-            for name in (f"blocks.{index}.temporal_fc.weight", f"blocks.{index}.temporal_fc.bias"):
-                weights[name] = torch.zeros_like(target[name])
-                report.derived[prefix + name] = "zeros (image checkpoint: the block starts as a spatial one)"
+        _derive_temporal(weights, target, len(net.blocks), report, prefix)
     if "time_embed" in weights and "time_embed" not in target:
         drop("time_embed", f"{net.attention_type} has no time embedding")
     elif "time_embed" in target and "time_embed" not in weights:
         weights["time_embed"] = torch.zeros_like(target["time_embed"])
         report.derived[prefix + "time_embed"] = "zeros (checkpoint has no time embedding)"
 
+    errors = _resize_embeddings(weights, target, report, prefix)
+    for key in [k for k in weights if k.startswith(_PROJECTION)]:
+        if key in target and weights[key].shape != target[key].shape:
+            drop(key, f"output projection {list(weights[key].shape)} does not fit the model's "
+                      f"{list(target[key].shape)} (embed_dim differs)")
+    for key, value in weights.items():
+        if key in target and value.shape != target[key].shape:
+            errors.append(f"{key}: checkpoint {list(value.shape)} vs model {list(target[key].shape)}")
+    return weights, errors
+
+
+def _derive_temporal(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], depth: int,
+                     report: LoadReport, prefix: str) -> None:
+    """An image checkpoint for divided attention: temporal parts copied from the spatial ones, ``temporal_fc`` zero."""
+    for index in range(depth):
+        for temporal, spatial in _TEMPORAL_FROM_SPATIAL:
+            for name in (n for n in target if n.startswith(f"blocks.{index}.{temporal}")):
+                source = name.replace(temporal, spatial, 1)
+                if source in weights:
+                    weights[name] = weights[source].clone()
+                    report.derived[prefix + name] = f"copied from {source}"
+        for name in (f"blocks.{index}.temporal_fc.weight", f"blocks.{index}.temporal_fc.bias"):
+            weights[name] = torch.zeros_like(target[name])
+            report.derived[prefix + name] = "zeros (image checkpoint: the block starts as a spatial one)"
+
+
+def _resize_embeddings(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], report: LoadReport,
+                       prefix: str) -> list[str]:
+    """Resize the position (2-D) and time (1-D) embeddings in place; returns what cannot be resized."""
     errors = []
     for key, resize in (("pos_embed", _resize_pos), ("time_embed", _resize_time)):
         if key in weights and key in target and weights[key].shape != target[key].shape:
@@ -200,15 +200,7 @@ def _adapt_backbone(weights: dict[str, torch.Tensor], net: TimeSformer, report: 
                 errors.append(f"{key}: {exc}")
                 continue
             report.resized[prefix + key] = (tuple(old.shape), tuple(target[key].shape))
-
-    for key in [k for k in weights if k.startswith(_PROJECTION)]:
-        if key in target and weights[key].shape != target[key].shape:
-            drop(key, f"output projection {list(weights[key].shape)} does not fit the model's "
-                      f"{list(target[key].shape)} (embed_dim differs)")
-    for key, value in weights.items():
-        if key in target and value.shape != target[key].shape:
-            errors.append(f"{key}: checkpoint {list(value.shape)} vs model {list(target[key].shape)}")
-    return weights, errors
+    return errors
 
 
 def _resize_pos(old: torch.Tensor, want: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from deepsports.errors import ConfigError, DeepSportsError
+from deepsports.slurm.env import SLURM_TAGS, ClusterEnv
 from deepsports.slurm.profile import (_NAME_RE, PROFILE_DIR, SlurmProfile, build_profile,
                                       load_profile, resolve_profile_path, time_limit_seconds)
 
@@ -28,10 +29,9 @@ __all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile",
            "time_limit_seconds", "watch_hints", "worker_command"]
 
 KINDS = ("tune", "train", "prepare")
-REPO_DIR = Path(__file__).resolve().parents[2]
-TEMPLATE_DIR = REPO_DIR / "slurm" / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "assets" / "slurm" / "templates"  # shipped (deepsports.locate)
 #: What a job knows about itself (``slurm_env``); the tuning workers tag their MLflow runs with these.
-SLURM_ENV_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURMD_NODENAME", "SLURM_RESTART_COUNT")
+SLURM_ENV_VARS = tuple(SLURM_TAGS)
 
 
 class SlurmError(DeepSportsError):
@@ -167,7 +167,7 @@ def submit(script_text: str, dry_run: bool = False, *, cwd: str | os.PathLike | 
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise SlurmError("sbatch was not found on PATH: submit from a SLURM login node "
-                         "(or start the local cluster: slurm/local-cluster.sh start), or use --dry-run")
+                         "(or start the local cluster: deploy/slurm-local.sh start), or use --dry-run")
     base = Path(cwd) if cwd is not None else Path.cwd()
     for directory in _log_dirs(script_text):
         try:
@@ -188,11 +188,18 @@ def submit(script_text: str, dry_run: bool = False, *, cwd: str | os.PathLike | 
     return job_id
 
 
-def watch_hints(job_id: str, profile: SlurmProfile, tracking_uri: str | None = None) -> list[str]:
-    """Commands that follow a submitted job (printed by ``deepsports submit``)."""
-    hints = [f"squeue -j {job_id}", f"tail -f {profile.logdir}/*_{job_id}*.log"]
+def watch_hints(job_id: str, profile: SlurmProfile, tracking_uri: str | None = None,
+                submit_dir: str | os.PathLike | None = None) -> list[str]:
+    """Commands that follow a submitted job (printed by ``deepsports submit``), ready to paste: the job's
+    ``$SLURM_SUBMIT_DIR`` and relative paths are spelled out as the submit directory."""
+    base = Path(submit_dir) if submit_dir is not None else Path.cwd()
+    logdir = profile.logdir if os.path.isabs(profile.logdir) else str(base / profile.logdir)
+    hints = [f"squeue -j {job_id}", f"tail -f {logdir}/*_{job_id}*.log"]
     if tracking_uri:
-        hints.append(f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}")
+        uri = re.sub(r"\$\{SLURM_SUBMIT_DIR\}|\$SLURM_SUBMIT_DIR\b", lambda _: str(base), tracking_uri)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{base / uri.removeprefix('sqlite:///')}"
+        hints.append(f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
     return hints
 
 
@@ -201,11 +208,7 @@ def slurm_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
     Empty outside a job. SLURM sets SLURM_RESTART_COUNT only after a requeue; inside a job it is "0" before.
     """
-    env = os.environ if environ is None else environ
-    out = {name: env[name] for name in SLURM_ENV_VARS if env.get(name)}
-    if "SLURM_JOB_ID" in out:
-        out.setdefault("SLURM_RESTART_COUNT", "0")
-    return out
+    return ClusterEnv.read(environ).job_vars()
 
 
 def task_job_id(environ: Mapping[str, str] | None = None) -> str | None:
@@ -214,10 +217,7 @@ def task_job_id(environ: Mapping[str, str] | None = None) -> str | None:
     For an array task that is ``<array job id>_<task id>``: the last task of an array runs under the
     array's own job id, and ``scontrol requeue <array job id>`` requeues every task of the array.
     """
-    env = slurm_env(environ)
-    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
+    return ClusterEnv.read(environ).task_job_id
 
 
 def requeue_self(environ: Mapping[str, str] | None = None) -> str:

@@ -18,7 +18,7 @@ import yaml
 
 from deepsports.errors import ConfigError
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "assets" / "slurm" / "profiles"  # shipped (deepsports.locate)
 
 
 @dataclass(frozen=True)
@@ -231,11 +231,10 @@ def build_profile(values: Mapping[str, Any], source: str = "<mapping>") -> Slurm
 
 
 def resolve_profile_path(name_or_path: str | os.PathLike) -> Path:
-    """``local`` -> ``slurm/profiles/local.yaml``; a path is used as it is."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    return PROFILE_DIR / f"{name_or_path}.yaml"
+    """``local`` -> ``slurm/profiles/local.yaml`` (here, else the one shipped with DeepSports); a path is used as it is."""
+    from deepsports.locate import find_named
+
+    return find_named(name_or_path, "slurm/profiles", "SLURM profile")
 
 
 def load_profile(path: str | os.PathLike) -> SlurmProfile:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -37,14 +38,14 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 
 from deepsports.errors import PreemptedError, StorageError
+from deepsports.slurm.env import ClusterEnv
 
 log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-#: Environment variables recorded as tags when present (SLURM sets them in every job step).
-SLURM_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
-              "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SLURMD_NODENAME": "slurm.node",
-              "SLURM_RESTART_COUNT": "slurm.restart_count"}
+#: Tags of the experiments DeepSports creates: MLflow's UI opens a model-training experiment on its runs
+#: table (one without a kind opens on the GenAI overview, "Traces 0").
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _MAX_METRICS, _MAX_PARAMS_TAGS, _MAX_TAG_VALUE = 1000, 100, 8000  # MLflow log_batch limits
 _T = TypeVar("_T")
 
@@ -76,7 +77,8 @@ def environment_tags() -> dict[str, str]:
             "deepsports.git_dirty": "unknown" if status is None else str(bool(status)).lower(),
             "deepsports.host": socket.gethostname(), "deepsports.version": __version__,
             "deepsports.python": sys.version.split()[0]}
-    tags.update({tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)})
+    # The SLURM ids present (SLURM sets them in every job step); restart count only once SLURM set it.
+    tags.update(ClusterEnv.read().tags(restart_count_default=False))
     return tags
 
 
@@ -196,12 +198,13 @@ class RunTracker:
         return self._buffer
 
     # --- lifecycle ---
-    def _experiment(self, name: str, artifact_location: str | None) -> str:
+    def ensure_experiment(self, name: str, artifact_location: str | None = None) -> str:
+        """The id of the active experiment ``name``, created (as a model-training experiment) when missing."""
         experiment = self._call("get experiment", self.client.get_experiment_by_name, name)
         if experiment is None:
             try:
                 return call_with_retry("create experiment", self.uri, self.client.create_experiment, name,
-                                       artifact_location=artifact_location, policy=self.retry)
+                                       artifact_location=artifact_location, tags=EXPERIMENT_TAGS, policy=self.retry)
             except StorageError as exc:  # another process created it between our two calls
                 if getattr(exc.__cause__, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -242,7 +245,7 @@ class RunTracker:
             if run_name:
                 new_tags["mlflow.runName"] = run_name
         else:
-            self.experiment_id = self._experiment(experiment_name, artifact_location)
+            self.experiment_id = self.ensure_experiment(experiment_name, artifact_location)
             if parent_run_id is not None:
                 context["mlflow.parentRunId"] = parent_run_id
             run = self._call("create run", self.client.create_run, self.experiment_id, tags=context,
@@ -277,7 +280,7 @@ class RunTracker:
             value = redact_uri(str(value))
             if key not in existing:
                 fresh.append(Param(key, value))
-            elif existing[key] != value:
+            elif existing[key] not in (value, shlex.quote(value)):  # `mlflow run` logs its -P values shell-quoted
                 changed[f"deepsports.param_changed.{key}"] = value
                 log.warning("param %s was logged as %r; this attempt uses %r (recorded as a tag)", key,
                             existing[key], value)

@@ -1,10 +1,10 @@
 """Atomic, weights-only checkpoints and the RNG state that makes a resumed run repeat itself.
 
-Every checkpoint is written to a temporary file in the target directory, flushed and fsynced, then
-moved over the final name with ``os.replace`` and the directory fsynced: a reader (or a process
-resumed after SIGKILL) sees either the previous complete file or the new complete file, never half
-of one. Checkpoints are read only with ``torch.load(weights_only=True)``: a pickle that asks for
-any callable (``os.system``, a class with ``__reduce__``, ...) is refused before anything runs.
+Every checkpoint is written with :func:`deepsports.fileio.atomic_write` (temp file in the target
+directory, fsync, ``os.replace``, directory fsync): a reader (or a process resumed after SIGKILL) sees
+either the previous complete file or the new complete file, never half of one. Checkpoints are read
+only with :func:`deepsports.fileio.read_torch_file` (``torch.load(weights_only=True)``): a pickle that
+asks for any callable (``os.system``, a class with ``__reduce__``, ...) is refused before anything runs.
 
 The state dicts written here therefore hold only tensors and plain containers of str/int/float/
 bool/None; :func:`capture_rng_state` converts numpy's and Python's RNG states to such values.
@@ -22,13 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
-import struct
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,46 +32,17 @@ import numpy as np
 import torch
 
 from deepsports.errors import CheckpointError
+from deepsports.fileio import atomic_write, read_torch_file
 
 log = logging.getLogger(__name__)
 
 _EPOCH_FILE = re.compile(r"^epoch-(\d{4,})(-partial)?\.pt$")
 _TMP_PREFIX = ".tmp-"
-_CORRUPT_ERRORS = (RuntimeError, EOFError, ValueError, IndexError, KeyError, AssertionError, struct.error,
-                   zipfile.BadZipFile, OSError)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself lives in the directory entry; without this a power loss can undo it.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave a half-written temp file behind.
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    # ".tmp-" temp names: _remove_stale_temp_files removes those of a writer killed mid-write.
+    return atomic_write(path, write, temp_prefix=f"{_TMP_PREFIX}{Path(path).name}.", temp_suffix="")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -89,36 +56,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises :class:`CheckpointError` naming the file when it is missing, truncated, corrupt, not a
     dict, or holds anything but tensors and plain values (such a pickle is refused unexecuted).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" not in str(exc).lower():
-            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {_first_line(exc)}") from exc
-        raise CheckpointError(f"checkpoint {str(path)!r} was refused: it holds objects other than tensors and plain "
-                              f"values, which are never unpickled (weights_only=True): {_refusal(exc)}") from exc
-    # A damaged file fails in whichever layer meets the damage first (zip directory, pickle opcodes,
-    # storage records); these are the types a fuzz of truncations and byte flips produced.
-    except _CORRUPT_ERRORS as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {type(exc).__name__}: "
-                              f"{_first_line(exc)}") from exc
+    state = read_torch_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, expected a dict of states")
     return state
-
-
-def _refusal(exc: BaseException) -> str:
-    # torch's message opens with advice to retry with weights_only=False; keep only what it refused.
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
-    return named[0] if named else (lines[-1] if lines else type(exc).__name__)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _copy_file_atomic(source: Path, target: Path) -> Path:

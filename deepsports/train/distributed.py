@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -31,6 +30,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from deepsports.errors import ConfigError
+from deepsports.slurm.env import ClusterEnv
 
 log = logging.getLogger(__name__)
 
@@ -60,35 +60,13 @@ class DistEnv:
 SINGLE = DistEnv()
 
 
-def _int_env(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r}: expected an integer") from None
-
-
 def detect() -> DistEnv:
-    """The rank layout the launcher gave this process (``SINGLE`` when launched alone).
-
-    torchrun's variables win. SLURM's are used only inside an ``srun`` step of several tasks
-    (``SLURM_STEP_NUM_TASKS``), never from the batch script itself, whose ``SLURM_NTASKS`` counts the
-    tasks it *could* start.
-    """
-    world = _int_env("WORLD_SIZE")
-    if world is not None and world > 1:
-        rank, local = _int_env("RANK"), _int_env("LOCAL_RANK")
-        if rank is None:
-            raise ConfigError("WORLD_SIZE is set but RANK is not: launch with torchrun (or set both)")
-        return DistEnv(rank=rank, world_size=world, local_rank=local if local is not None else rank,
-                       launcher="torchrun")
-    tasks = _int_env("SLURM_STEP_NUM_TASKS")
-    if tasks is not None and tasks > 1 and os.environ.get("SLURM_PROCID") is not None:
-        return DistEnv(rank=_int_env("SLURM_PROCID") or 0, world_size=tasks,
-                       local_rank=_int_env("SLURM_LOCALID") or 0, launcher="srun")
-    return SINGLE
+    """The rank layout the launcher gave this process (``SINGLE`` when launched alone); see
+    :meth:`deepsports.slurm.env.ClusterEnv.ranks` for which variables count."""
+    ranks = ClusterEnv.read().ranks()
+    if ranks is None:
+        return SINGLE
+    return DistEnv(rank=ranks.rank, world_size=ranks.world_size, local_rank=ranks.local_rank, launcher=ranks.launcher)
 
 
 def setup(use_cuda: bool, backend: str = "auto") -> DistEnv:
@@ -110,8 +88,9 @@ def setup(use_cuda: bool, backend: str = "auto") -> DistEnv:
                               f"{torch.cuda.device_count()} CUDA devices: start at most one process per GPU")
         torch.cuda.set_device(env.local_rank)
     if env.launcher == "srun":
-        for name in ("MASTER_ADDR", "MASTER_PORT"):
-            if not os.environ.get(name):
+        cluster = ClusterEnv.read()
+        for name, value in (("MASTER_ADDR", cluster.master_addr), ("MASTER_PORT", cluster.master_port)):
+            if not value:
                 raise ConfigError(f"{name} is not set: an srun-launched run needs MASTER_ADDR and MASTER_PORT "
                                   f"(slurm/templates/train.sbatch exports them)")
     if not dist.is_initialized():

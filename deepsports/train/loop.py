@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from deepsports.train import distributed
 
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from deepsports.config import Config, build_config
+from deepsports.config import LOCATION_KEYS, Config, build_config
 from deepsports.data import build_datasets
 from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
@@ -44,6 +45,7 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
 #: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
 RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "loglevel", "log_every_steps", "gpu", "evaluate", "log_model",
+                               "log_checkpoint",
                                "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
 
 
@@ -100,6 +102,19 @@ def _resolve_checkpoint_dir(config: Config) -> Path | None:
     return Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
 
 
+@dataclass(frozen=True)
+class TrainHooks:
+    """What a caller plugs into the loop (each optional); :func:`train` documents when each is called."""
+
+    epoch_callback: Callable[[EpochReport], None] | None = None
+    stop_requested: Callable[[], bool] | None = None
+    fault_hook: Callable[[str, int], None] | None = None
+
+    def fault(self, where: str, step: int) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(where, step)
+
+
 def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
           epoch_callback: Callable[[EpochReport], None] | None = None,
           stop_requested: Callable[[], bool] | None = None,
@@ -122,16 +137,16 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
         logging.getLogger("deepsports").setLevel(max(logging.WARNING, logging.getLogger("deepsports").level))
     owns_group = not torch.distributed.is_available() or not torch.distributed.is_initialized()
     env = distributed.setup(use_cuda, config.dist_backend)
+    hooks = TrainHooks(epoch_callback=epoch_callback, stop_requested=stop_requested, fault_hook=fault_hook)
     try:
-        return _train_process(config, env, parent_run_id, tags, epoch_callback, stop_requested, fault_hook)
+        return _train_process(config, env, hooks, parent_run_id=parent_run_id, tags=tags)
     finally:
         if owns_group:
             distributed.teardown(env)
 
 
-def _train_process(config: Config, env: DistEnv, parent_run_id, tags, epoch_callback, stop_requested,
-                   fault_hook) -> TrainResult:
-    ckpt_dir = _resolve_checkpoint_dir(config)
+def _find_resume(config: Config, env: DistEnv, ckpt_dir: Path | None) -> tuple[Path | None, dict | None, str | None]:
+    """Rank 0: the checkpoint to resume from, its state and the MLflow run to continue (each may be None)."""
     resume_path, resume_state, resume_run_id = None, None, None
     if env.is_main and ckpt_dir is not None and config.resume == "auto":
         manager = CheckpointManager(ckpt_dir)
@@ -146,6 +161,13 @@ def _train_process(config: Config, env: DistEnv, parent_run_id, tags, epoch_call
             _check_same_config(manager.run_record_path, record.get("config") or {}, config)
             resume_run_id = record["mlflow_run_id"]
             log.info("restarting MLflow run %s from epoch 1 (no checkpoint yet)", resume_run_id)
+    return resume_path, resume_state, resume_run_id
+
+
+def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_run_id: str | None,
+                   tags: dict[str, str] | None) -> TrainResult:
+    ckpt_dir = _resolve_checkpoint_dir(config)
+    resume_path, resume_state, resume_run_id = _find_resume(config, env, ckpt_dir)
     if env.is_main:
         tracker = tracking.RunTracker()
         run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
@@ -159,12 +181,12 @@ def _train_process(config: Config, env: DistEnv, parent_run_id, tags, epoch_call
     if not env.is_main and resume_path is not None:
         resume_state = load_checkpoint(resume_path)
     if ckpt_dir is None:
-        ckpt_dir = Path("checkpoints") / run_id
+        # `deepsports demo` runs us through `mlflow run`, in the project folder: it names the user's folder.
+        ckpt_dir = Path(os.environ.get("DEEPSPORTS_CHECKPOINT_ROOT") or "checkpoints") / run_id
     if resume_state is None and env.is_main:
         CheckpointManager(ckpt_dir).record_run(run_id, config.to_dict())
     try:
-        result = _train_tracked(config, env, tracker, run_id, ckpt_dir, resume_state, epoch_callback,
-                                stop_requested, fault_hook)
+        result = _train_tracked(config, env, tracker, run_id, ckpt_dir, resume_state, hooks)
     except PreemptedError:
         tracker.set_tags({"deepsports.interrupted": "true"})
         tracker.end("KILLED")
@@ -182,9 +204,62 @@ def _train_process(config: Config, env: DistEnv, parent_run_id, tags, epoch_call
     return result
 
 
+@dataclass
+class _Run:
+    """One run's parts (built once by :func:`_build_run`) and its progress (updated epoch by epoch)."""
+
+    config: Config
+    env: DistEnv
+    tracker: "tracking.RunTracker"
+    run_id: str
+    ckpt_dir: Path
+    runtime: Any
+    data: Any
+    model: torch.nn.Module
+    global_model: GlobalBatchModel
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: Callable
+    manager: CheckpointManager
+    n_steps: int
+    pin: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_spearman": -math.inf, "epoch": 0})
+    start_epoch: int = 1
+    start_step: int = 0
+    partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "clips": 0, "seconds": 0.0})
+
+    def state(self, epoch: int, step: int, partial_now: dict | None) -> dict:
+        """The checkpoint's contents."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": capture_rng_state(), "config": self.config.to_dict(), "mlflow_run_id": self.run_id,
+                "epoch": epoch, "step": step, "partial": partial_now, "history": self.history, "best": self.best}
+
+
 def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
-                   resume_state: dict | None, epoch_callback, stop_requested, fault_hook) -> TrainResult:
-    fault = fault_hook or (lambda where, step: None)
+                   resume_state: dict | None, hooks: TrainHooks) -> TrainResult:
+    run = _build_run(config, env, tracker, run_id, ckpt_dir, resume_state)
+    _restore(run, resume_state)
+    for epoch in range(run.start_epoch, config.epochs + 1):
+        acc, tick, train_seconds = _train_epoch(run, epoch, hooks)
+        _report_epoch(run, epoch, acc, tick, train_seconds, hooks)
+
+    tracker.set_tags({"deepsports.best_epoch": str(run.best["epoch"])})
+    tracker.log_metrics({"best_val_spearman": run.best["val_spearman"]}, step=config.epochs)
+    distributed.barrier(env)  # best.pt is on disk before every rank reads it
+    test_metrics = log_final_artifacts(config, tracker, run.model, run.manager, run.data, run.runtime, run.loss_fn,
+                                       run.history, env)
+    return TrainResult(run_id=run_id, best_val_spearman=run.best["val_spearman"], best_epoch=run.best["epoch"],
+                       test_metrics=test_metrics, history=run.history, checkpoint_dir=ckpt_dir,
+                       resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
+
+
+def _build_run(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
+               resume_state: dict | None) -> _Run:
+    """Data, model, optimizer and friends, the same on every rank (seeded alike)."""
     seed_everything(config.seed, config.deterministic)  # the same seed on every rank: identical init
     device = torch.device("cuda", env.local_rank) if env.enabled and config.gpu and torch.cuda.is_available() else None
     runtime = select_runtime(config, device)
@@ -193,8 +268,9 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
     distributed.barrier(env)
     if not env.is_main:
         data = build_datasets(config, progress=False)
-    model = build_model(config)
-    if resume_state is None and getattr(model, "fresh_head", False):
+    built = build_model(config)
+    model = built.model
+    if resume_state is None and built.fresh_head:
         model.init_output_bias(_mean_target(data.train))
     model = model.to(runtime.device)
     optimizer = build_optimizer(config, model.parameters())
@@ -204,121 +280,125 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
     pin = runtime.device.type == "cuda"
     scheduler = build_scheduler(config, optimizer, n_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
-    loss_fn = _loss_fn(config)
-    manager = CheckpointManager(ckpt_dir)
+    return _Run(config=config, env=env, tracker=tracker, run_id=run_id, ckpt_dir=ckpt_dir, runtime=runtime, data=data,
+                model=model, global_model=global_model, net=net, optimizer=optimizer, scheduler=scheduler,
+                scaler=scaler, loss_fn=_loss_fn(config), manager=CheckpointManager(ckpt_dir), n_steps=n_steps, pin=pin)
+
+
+def _restore(run: _Run, resume_state: dict | None) -> None:
+    """Load the checkpoint into the run (or log the new run's params), then tag the run and log what MLflow missed."""
+    config, tracker, model, data = run.config, run.tracker, run.model, run.data
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
-
-    history: list[dict[str, float]] = []
-    start_epoch, start_step, partial = 1, 0, {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
-    best = {"val_spearman": -math.inf, "epoch": 0}
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
+        run.optimizer.load_state_dict(resume_state["optimizer"])
+        run.scheduler.load_state_dict(resume_state["scheduler"])
+        run.scaler.load_state_dict(resume_state["scaler"])
         restore_rng_state(resume_state["rng"])
-        history = list(resume_state["history"])
-        best = dict(resume_state["best"])
-        start_epoch, start_step = resume_state["epoch"], resume_state["step"]
-        partial = dict(resume_state.get("partial") or partial)
+        run.history = list(resume_state["history"])
+        run.best = dict(resume_state["best"])
+        run.start_epoch, run.start_step = resume_state["epoch"], resume_state["step"]
+        run.partial = dict(resume_state.get("partial") or run.partial)
     else:
-        tracker.log_params(config.to_params())
-    tracker.set_tags({"deepsports.device": runtime.device_name, "deepsports.checkpoint_dir": str(ckpt_dir.resolve()),
+        params = config.to_params()
+        tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
+        tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS})
+    tracker.set_tags({"deepsports.device": run.runtime.device_name,
+                      "deepsports.checkpoint_dir": str(run.ckpt_dir.resolve()),
                       "deepsports.trainable_params": str(trainable), "deepsports.total_params": str(total_params),
                       **{f"deepsports.dataset.{k}": str(v) for k, v in data.fingerprint.items()}})
     if resume_state is None:
         tracker.log_dict(data.split, "split.json")
         tracker.log_text(config.to_yaml(), "config.yaml")
     # Epochs the checkpoint holds but MLflow missed (killed between checkpoint and logging).
-    _log_missing_epochs(tracker, history)
-    log.info("run %s: %d train / %d val / %d test clips, %s trainable of %s parameters, device %s", run_id,
-             len(data.train), len(data.val), len(data.test), f"{trainable:,}", f"{total_params:,}", runtime.device_name)
+    _log_missing_epochs(tracker, run.history)
+    log.info("run %s: %d train / %d val / %d test clips, %s trainable of %s parameters, device %s", run.run_id,
+             len(data.train), len(data.val), len(data.test), f"{trainable:,}", f"{total_params:,}",
+             run.runtime.device_name)
 
-    def state(epoch: int, step: int, partial_now: dict | None) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": capture_rng_state(), "config": config.to_dict(),
-                "mlflow_run_id": run_id, "epoch": epoch, "step": step, "partial": partial_now,
-                "history": history, "best": best}
 
-    for epoch in range(start_epoch, config.epochs + 1):
-        first_step = start_step if epoch == start_epoch else 0
-        acc = partial if epoch == start_epoch and first_step else {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
-        data.train.set_epoch(epoch)
-        order = EpochSampler(len(data.train), config.seed, epoch, start=first_step * config.batch_size)
-        batches = ShardedBatchSampler(list(order), config.batch_size, env, train=True)
-        loader = make_loader(data.train, config.batch_size, config.num_workers, batch_sampler=batches,
-                             pin_memory=pin)
-        net.train()
-        progress = _Progress(n_steps, f"epoch {epoch}/{config.epochs}", config.log_every_steps)
-        tick = time.perf_counter()
-        step = first_step
-        try:
-            for batch, sizes in zip(loader, batches.global_sizes):
-                video = batch["video"].to(runtime.device, non_blocking=True)
-                target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
-                fault("step", step)
-                with runtime.autocast():
-                    out = net(video, sizes)  # the whole global batch's outputs, on every rank
-                loss, _ = loss_fn(out.float(), target)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss became {float(loss.detach())} at epoch {epoch} step {step + 1} "
-                                             f"(learning_rate={config.learning_rate}); try a lower learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                acc["loss_sum"] += float(loss.detach()) * len(target)
-                acc["clips"] += len(target)
-                if env.is_main:
-                    progress.update(float(loss.detach()), first_step)
-                if _stop(env, stop_requested, runtime.device) and step < n_steps:
-                    acc_now = {**acc, "seconds": acc["seconds"] + time.perf_counter() - tick}
-                    path = manager.save_partial(epoch, state(epoch, step, acc_now)) if env.is_main else ckpt_dir
-                    raise PreemptedError(f"stop requested at epoch {epoch} step {step}/{n_steps}; checkpoint {path}")
-        except torch.OutOfMemoryError as exc:
-            raise TrainingError(f"out of memory at epoch {epoch} step {step + 1} (batch_size={config.batch_size}, "
-                                f"frame_num={config.frame_num}, spatial_size={config.spatial_size}): {exc}") from exc
-        finally:
-            progress.close()
-        train_seconds = acc["seconds"] + time.perf_counter() - tick
-        val = predict(global_model, eval_loader(data.val, config.batch_size, config.num_workers, env, pin), runtime,
-                      loss_fn, env)
-        val_metrics = val.metrics()
-        epoch_seconds = time.perf_counter() - tick + acc["seconds"]
-        row = {"epoch": epoch, "train_loss": acc["loss_sum"] / max(1, acc["clips"]), "val_loss": val_metrics["loss"],
-               "val_spearman": val_metrics["spearman"], "val_rel_l2": val_metrics["rel_l2"], "val_mse": val_metrics["mse"],
-               "val_difficulty_mae": val_metrics["difficulty_mae"], "learning_rate": optimizer.param_groups[0]["lr"],
-               "epoch_seconds": epoch_seconds, "clips_per_s": acc["clips"] / max(train_seconds, 1e-9)}
-        history.append(row)
-        is_best = row["val_spearman"] > best["val_spearman"]
-        if is_best:
-            best = {"val_spearman": row["val_spearman"], "epoch": epoch}
-        fault("checkpoint", epoch)
-        if env.is_main:
-            manager.save(epoch, state(epoch + 1, 0, None), is_best=is_best)
-        fault("log", epoch)
-        tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
-        log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s)", epoch,
-                 config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"], row["clips_per_s"],
-                 epoch_seconds)
-        if _stop(env, stop_requested, runtime.device) and epoch < config.epochs:
-            raise PreemptedError(f"stop requested after epoch {epoch}; checkpoint in {ckpt_dir}")
-        if epoch_callback is not None:
-            epoch_callback(EpochReport(epoch=epoch, metrics={k: row[k] for k in EPOCH_METRICS}, run_id=run_id))
+def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float, float]:
+    """The optimisation steps of one epoch (from the checkpoint's step when resuming mid-epoch).
 
-    tracker.set_tags({"deepsports.best_epoch": str(best["epoch"])})
-    tracker.log_metrics({"best_val_spearman": best["val_spearman"]}, step=config.epochs)
-    distributed.barrier(env)  # best.pt is on disk before every rank reads it
-    test_metrics = log_final_artifacts(config, tracker, model, manager, data, runtime, loss_fn, history, env)
-    return TrainResult(run_id=run_id, best_val_spearman=best["val_spearman"], best_epoch=best["epoch"],
-                       test_metrics=test_metrics, history=history, checkpoint_dir=ckpt_dir,
-                       resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
+    Returns the epoch's running sums, its start time and its training seconds. Raises
+    :class:`PreemptedError` after writing a mid-epoch checkpoint when a stop was requested.
+    """
+    config, env, runtime, data, model, optimizer = run.config, run.env, run.runtime, run.data, run.model, run.optimizer
+    first_step = run.start_step if epoch == run.start_epoch else 0
+    acc = run.partial if epoch == run.start_epoch and first_step else {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
+    data.train.set_epoch(epoch)
+    order = EpochSampler(len(data.train), config.seed, epoch, start=first_step * config.batch_size)
+    batches = ShardedBatchSampler(list(order), config.batch_size, env, train=True)
+    loader = make_loader(data.train, config.batch_size, config.num_workers, batch_sampler=batches,
+                         pin_memory=run.pin)
+    run.net.train()
+    progress = _Progress(run.n_steps, f"epoch {epoch}/{config.epochs}", config.log_every_steps)
+    tick = time.perf_counter()
+    step = first_step
+    try:
+        for batch, sizes in zip(loader, batches.global_sizes):
+            video = batch["video"].to(runtime.device, non_blocking=True)
+            target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
+            hooks.fault("step", step)
+            with runtime.autocast():
+                out = run.net(video, sizes)  # the whole global batch's outputs, on every rank
+            loss, _ = run.loss_fn(out.float(), target)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss became {float(loss.detach())} at epoch {epoch} step {step + 1} "
+                                         f"(learning_rate={config.learning_rate}); try a lower learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            if config.grad_clip_norm > 0:
+                run.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            run.scheduler.step()
+            step += 1
+            acc["loss_sum"] += float(loss.detach()) * len(target)
+            acc["clips"] += len(target)
+            if env.is_main:
+                progress.update(float(loss.detach()), first_step)
+            if _stop(env, hooks.stop_requested, runtime.device) and step < run.n_steps:
+                acc_now = {**acc, "seconds": acc["seconds"] + time.perf_counter() - tick}
+                path = run.manager.save_partial(epoch, run.state(epoch, step, acc_now)) if env.is_main else run.ckpt_dir
+                raise PreemptedError(f"stop requested at epoch {epoch} step {step}/{run.n_steps}; checkpoint {path}")
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(f"out of memory at epoch {epoch} step {step + 1} (batch_size={config.batch_size}, "
+                            f"frame_num={config.frame_num}, spatial_size={config.spatial_size}): {exc}") from exc
+    finally:
+        progress.close()
+    return acc, tick, acc["seconds"] + time.perf_counter() - tick
+
+
+def _report_epoch(run: _Run, epoch: int, acc: dict, tick: float, train_seconds: float, hooks: TrainHooks) -> None:
+    """Validate, checkpoint, then log the epoch (in that order: nothing logged that is not on disk)."""
+    config, env, runtime = run.config, run.env, run.runtime
+    val = predict(run.global_model, eval_loader(run.data.val, config.batch_size, config.num_workers, env, run.pin),
+                  runtime, run.loss_fn, env)
+    val_metrics = val.metrics()
+    epoch_seconds = time.perf_counter() - tick + acc["seconds"]
+    row = {"epoch": epoch, "train_loss": acc["loss_sum"] / max(1, acc["clips"]), "val_loss": val_metrics["loss"],
+           "val_spearman": val_metrics["spearman"], "val_rel_l2": val_metrics["rel_l2"], "val_mse": val_metrics["mse"],
+           "val_difficulty_mae": val_metrics["difficulty_mae"], "learning_rate": run.optimizer.param_groups[0]["lr"],
+           "epoch_seconds": epoch_seconds, "clips_per_s": acc["clips"] / max(train_seconds, 1e-9)}
+    run.history.append(row)
+    is_best = row["val_spearman"] > run.best["val_spearman"]
+    if is_best:
+        run.best = {"val_spearman": row["val_spearman"], "epoch": epoch}
+    hooks.fault("checkpoint", epoch)
+    if env.is_main:
+        run.manager.save(epoch, run.state(epoch + 1, 0, None), is_best=is_best)
+    hooks.fault("log", epoch)
+    run.tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+    log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s)", epoch,
+             config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"], row["clips_per_s"],
+             epoch_seconds)
+    if _stop(env, hooks.stop_requested, runtime.device) and epoch < config.epochs:
+        raise PreemptedError(f"stop requested after epoch {epoch}; checkpoint in {run.ckpt_dir}")
+    if hooks.epoch_callback is not None:
+        hooks.epoch_callback(EpochReport(epoch=epoch, metrics={k: row[k] for k in EPOCH_METRICS}, run_id=run.run_id))
 
 
 def _stop(env: DistEnv, stop_requested: Callable[[], bool] | None, device: torch.device) -> bool:

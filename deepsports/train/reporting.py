@@ -60,7 +60,7 @@ def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: t
                 tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=config.epochs)
                 log.info("test: spearman %.4f rel_l2 %.4f mse %.3f difficulty_mae %.4f", metrics["spearman"],
                          metrics["rel_l2"], metrics["mse"], metrics["difficulty_mae"])
-        if manager.best_path.exists():
+        if config.log_checkpoint and manager.best_path.exists():
             tracker.log_artifact(manager.best_path, "checkpoints")
         if config.log_model and env.is_main:
             example = next(iter(make_loader(data.val, 1, 0)))["video"][:1]

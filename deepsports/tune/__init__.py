@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     'AttemptLedger': 'accounting',
-    'CAUSES': 'accounting',
+    'CAUSES': 'checks',
     'enqueue_reruns': 'accounting',
     'publish_status': 'status',
     'render_text': 'status',
@@ -27,7 +27,8 @@ _EXPORTS = {
     'StudySummary': 'study',
     'TOP_LEVEL_KEYS': 'search_space',
     'TrialHeartbeat': 'recovery',
-    'TuneSettings': 'worker',
+    'TuneSettings': 'settings',
+    'tune_options': 'settings',
     'best_trial': 'report',
     'claim_waiting': 'recovery',
     'constant': 'study',

@@ -32,28 +32,20 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.errors import ConfigError
+from deepsports.tune.checks import CAUSES
 from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR,
                                     RETRIED_BY_PREFIX, RETRIED_FROM_ATTR)
 
 log = logging.getLogger("deepsports.accounting")
 
-#: Failure causes, in the order ``deepsports status`` lists them (``--rerun-failed --cause`` takes these).
-CAUSES = {
-    "dead_worker": "dead worker (stale heartbeat)",
-    "non_finite_loss": "non-finite loss",
-    "out_of_memory": "out of memory",
-    "config_error": "configuration error",
-    "not_run": "not run (max_trials reached)",
-    "other": "other exception",
-}
 OUTCOMES = ("running", "complete", "pruned", "failed", "paused", "dead")
 
 
@@ -211,24 +203,21 @@ def link(study: optuna.Study, prefix: str, original: int, new: int) -> None:
     study._storage.set_study_user_attr(study._study_id, f"{prefix}{original}", int(new))
 
 
+def retried_from(trial: FrozenTrial) -> int | None:
+    """Number of the original trial when ``trial`` re-runs a stale or interrupted one, else None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
 def is_extra(trial: FrozenTrial) -> bool:
     """A retry or a re-run: not one of the study's ``max_trials`` originals."""
-    from deepsports.tune.study import retried_from
-
     return retried_from(trial) is not None or RERUN_OF_ATTR in trial.user_attrs or RETRIED_FROM_ATTR in trial.user_attrs
 
 
 # --------------------------------------------------------------------------------------------
 # Targeted re-launch
 # --------------------------------------------------------------------------------------------
-
-def check_causes(causes: Iterable[str], source: str = "--cause") -> tuple[str, ...]:
-    causes = tuple(causes)
-    for cause in causes:
-        if cause.replace("-", "_") not in CAUSES:
-            raise ConfigError(f"{source} {cause!r}: expected one of {', '.join(CAUSES)}")
-    return tuple(cause.replace("-", "_") for cause in causes)
-
 
 def rerunnable(study: optuna.Study, causes: Iterable[str] = ()) -> list[FrozenTrial]:
     """FAIL trials of the given causes (all but ``not_run`` when none are named) that nothing has retried

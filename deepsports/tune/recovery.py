@@ -46,6 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from deepsports.tracking import runs as tracking
 from deepsports.errors import StorageError
+from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.attrs import (CKPT_ATTR, EXPERIMENT_ATTR, HEARTBEAT_ATTR, PAUSED_AT_ATTR, PAUSED_BY_ATTR, PAUSES_ATTR,
                                     REASON_ATTR, RESUMED_ATTR, RETRIED_BY_PREFIX, RETRIED_FROM_ATTR, RETRY_REASON_ATTR,
                                     RUN_ATTR, TASK_ATTR, WORKER_ATTR)
@@ -57,9 +58,7 @@ log = logging.getLogger("deepsports.recovery")
 def task_identity(worker_id: int | None = None) -> str:
     """Who runs this worker, stable across a requeue: ``<array job>_<task>`` (or the job id) under SLURM,
     else ``<host>/worker-<id>`` (``deepsports tune --workers N`` restarts a worker with the same id)."""
-    from deepsports.slurm.jobs import task_job_id
-
-    return task_job_id() or f"{socket.gethostname()}/worker-{worker_id or 0}"
+    return ClusterEnv.read().task_job_id or f"{socket.gethostname()}/worker-{worker_id or 0}"
 
 
 def last_sign_of_life(trial: FrozenTrial) -> float:

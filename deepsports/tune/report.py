@@ -25,13 +25,15 @@ from optuna.trial import FrozenTrial, TrialState
 from deepsports.tracking import runs as tracking
 from deepsports.config import Config, build_config, config_fields
 from deepsports.errors import StorageError
+from deepsports.fileio import atomic_write
 from deepsports.tune.study import open_storage, storage_label
 from deepsports.tune.attrs import CONFIG_ATTR, PARENT_RUN_ATTR, RUN_ATTR
 
 log = logging.getLogger("deepsports.study_report")
 
 #: Keys that belong to one trial's run, not to the configuration it trained.
-_RUN_KEYS = ("checkpoint_dir", "run_name")
+#: Keys of a trial's config that describe the trial's run, not the configuration: `best` resets them.
+_RUN_KEYS = ("checkpoint_dir", "run_name", "log_model", "log_checkpoint")
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
 
 
@@ -87,11 +89,8 @@ def export_best(best: BestTrial, path: str | os.PathLike) -> Path:
     header = (f"# Best trial of study {best.study_name!r}: trial {best.number}, validation Spearman {best.value:.4f}\n"
               f"# MLflow run {best.run_id} (study run {best.parent_run_id}). Train it with\n"
               f"#   deepsports train --config {path}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(values, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    text = header + yaml.safe_dump(values, sort_keys=False)
+    return atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def _plotters() -> dict[str, Callable]:
@@ -135,7 +134,8 @@ def _html(study: optuna.Study, name: str, out: Path) -> list[Path]:
     from optuna import visualization
 
     try:
-        getattr(visualization, f"plot_{name}")(study).write_html(out / f"{name}.html")
+        # plotly.js from its CDN: inlined it makes every file 4.8 MB (the PNGs work offline).
+        getattr(visualization, f"plot_{name}")(study).write_html(out / f"{name}.html", include_plotlyjs="cdn")
     except (ValueError, RuntimeError) as exc:
         log.info("plot %s (HTML) skipped: %s", name, exc)
         return []

@@ -60,7 +60,7 @@ from deepsports.tune._space_format import LIST_KINDS, PARAM_TYPES, TOP_LEVEL_KEY
 from deepsports.config import Config, build_config, config_fields, format_value, parse_value
 from deepsports.errors import ConfigError, SearchSpaceError
 
-__all__ = ["PARAM_TYPES", "TOP_LEVEL_KEYS", "Param", "Range", "SearchSpace", "load_search_space",
+__all__ = ["PARAM_TYPES", "TOP_LEVEL_KEYS", "Param", "Range", "SearchSpace", "check_corners", "load_search_space",
            "resolve_search_space_path"]
 
 
@@ -207,7 +207,11 @@ class _CornerTrial:
 
 
 def resolve_search_space_path(name_or_path: str | os.PathLike, directory: str | os.PathLike = "search_spaces") -> Path:
-    """``head`` -> ``search_spaces/head.yaml``; a path is used as it is."""
+    """``head`` -> ``search_spaces/head.yaml`` (here, else the one shipped with DeepSports); a path is used as it is."""
+    if str(directory) == "search_spaces":
+        from deepsports.locate import find_named
+
+        return find_named(name_or_path, "search_spaces", "search space file", error=SearchSpaceError)
     path = Path(name_or_path)
     candidate = path if path.suffix in (".yaml", ".yml") or path.exists() else Path(directory) / f"{path}.yaml"
     if not candidate.is_file():
@@ -228,12 +232,19 @@ def load_search_space(path: str | os.PathLike) -> SearchSpace:
     space = SearchSpace(path=path, sha256=hashlib.sha256(raw).hexdigest(), params=parsed.params, fixed=parsed.fixed,
                         base_values=parsed.base_values, base_config_path=parsed.base_config_path,
                         description=parsed.description)
+    check_corners(space)
+    return space
+
+
+def check_corners(space: SearchSpace, overrides: Mapping[str, Any] | None = None, what: str = "") -> None:
+    """Build the configs of the trials with every parameter at its low and at its high end (with
+    ``overrides``, described by ``what``): relational mistakes fail here, before any trial."""
     for high in (False, True):
         corner = _CornerTrial(high)
         try:
-            space.build_config(corner)
+            space.build_config(corner, overrides)
         except SearchSpaceError as exc:
             end = "high" if high else "low"
-            raise SearchSpaceError(f"search space {path}: the trial with every parameter at its {end} end "
-                                   f"({corner.params}) gives an invalid config: {exc.__cause__ or exc}") from exc
-    return space
+            raise SearchSpaceError(f"search space {space.path}{' ' + what if what else ''}: the trial with every "
+                                   f"parameter at its {end} end ({corner.params}) gives an invalid config: "
+                                   f"{exc.__cause__ or exc}") from exc

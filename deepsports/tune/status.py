@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from deepsports.tune import accounting as acc
+from deepsports.tune.accounting import retried_from
 from deepsports.tune.attrs import (CKPT_ATTR, HEARTBEAT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, PAUSED_AT_ATTR,
                                     PAUSED_BY_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR, RETRIED_BY_PREFIX,
                                     RETRY_REASON_ATTR, RUN_ATTR, TASK_ATTR)
@@ -35,8 +36,6 @@ def _iso(ts: float | None) -> str | None:
 
 def study_status(study: optuna.Study, storage_label: str = "", now: float | None = None) -> dict[str, Any]:
     """The whole account of a study as one JSON-ready document (keys: README "Watching a study")."""
-    from deepsports.tune.study import retried_from
-
     now = time.time() if now is None else now
     trials = study.get_trials(deepcopy=False)
     attrs = study.user_attrs
@@ -85,8 +84,6 @@ def _running(t: FrozenTrial, attempts: list[dict[str, Any]], now: float) -> dict
 
 
 def _waiting(t: FrozenTrial) -> dict[str, Any]:
-    from deepsports.tune.study import retried_from
-
     if retried_from(t) is not None:
         kind = "retry"
     elif RERUN_OF_ATTR in t.user_attrs:

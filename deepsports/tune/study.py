@@ -36,14 +36,15 @@ from optuna.trial import FrozenTrial, TrialState
 from deepsports.tracking import runs as tracking
 from deepsports.config import config_fields
 from deepsports.errors import SearchSpaceError, StorageError
+from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
                                     SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
 from deepsports.tune.search_space import SearchSpace
+from deepsports.tune.accounting import retried_from  # noqa: F401 (re-exported; retry lineage is accounting's)
+from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
 log = logging.getLogger("deepsports.study")
 
-PRUNERS = ("median", "hyperband", "none")
-DEFAULT_STORAGE = "optuna-journal.log"
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 _SCHEMA_ATTEMPTS = 6
 
@@ -103,15 +104,11 @@ def worker_seed(seed: int | None, worker_id: int | None) -> int | None:
 
 def default_worker_id() -> int | None:
     """The SLURM array task (or step rank) this process is, if any."""
-    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return None
+    return ClusterEnv.read().worker_id
 
 
 def worker_label() -> str:
-    slurm = "/".join(os.environ[v] for v in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID")
-                     if os.environ.get(v))
+    slurm = ClusterEnv.read().job_label
     return f"{socket.gethostname()}:{os.getpid()}" + (f" slurm {slurm}" if slurm else "")
 
 
@@ -139,13 +136,6 @@ def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_e
     if name == "none":
         return optuna.pruners.NopPruner()
     raise SearchSpaceError(f"pruner={name!r}: expected one of {', '.join(PRUNERS)}")
-
-
-def retried_from(trial: FrozenTrial) -> int | None:
-    """Number of the original trial when ``trial`` re-runs a stale or interrupted one, else None."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
 def constant(space: SearchSpace, overrides: Mapping[str, Any], key: str) -> Any:

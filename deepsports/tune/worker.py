@@ -42,12 +42,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import optuna
 from mlflow.entities import Metric
@@ -59,14 +57,15 @@ from deepsports.tune import status as study_status
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
-from deepsports.errors import CheckpointError, ConfigError, PreemptedError, SearchSpaceError, StorageError, TrainingError
+from deepsports.errors import CheckpointError, ConfigError, DeepSportsError, PreemptedError, SearchSpaceError, StorageError, TrainingError
 from deepsports.tune.search_space import SearchSpace, load_search_space
-from deepsports.slurm.jobs import slurm_env
-from deepsports.tune.study import (DEFAULT_STORAGE, PRUNERS, StudySummary, constant, default_worker_id,
-                                   make_pruner, make_sampler, open_storage, open_study, retried_from, storage_label,
-                                   summarize, worker_label, worker_seed)
+from deepsports.slurm.env import ClusterEnv
+from deepsports.tune.checks import check_overrides
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, REASON_ATTR,
                                     RUN_ATTR, WORKER_ATTR)
+from deepsports.tune.study import (StudySummary, constant, default_worker_id, make_pruner, make_sampler, open_storage,
+                                   open_study, retried_from, storage_label, summarize, worker_label, worker_seed)
 
 log = logging.getLogger("deepsports.tune")
 
@@ -86,55 +85,8 @@ _OUTCOMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", Trial
 
 #: Per-trial failures after which the study goes on (anything else stops this worker).
 TRIAL_ERRORS = (TrainingError, SearchSpaceError, CheckpointError, _OverBudget)
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """One worker's options (the CLI and MLproject ``tune`` options)."""
-
-    search_space: str | os.PathLike
-    study_name: str
-    storage: str = DEFAULT_STORAGE
-    n_trials: int | None = None         # this worker
-    timeout: float | None = None        # this worker, seconds
-    max_trials: int | None = None       # the whole study, all workers
-    pruner: str = "median"
-    seed: int | None = None             # sampler seed, mixed with the worker id
-    worker_id: int | None = None        # default: $SLURM_ARRAY_TASK_ID, $SLURM_PROCID
-    n_startup_trials: int = 10          # TPE: random trials before modelling
-    pruner_startup_trials: int = 3      # median: completed trials before anything is pruned
-    pruner_warmup_epochs: int = 1       # median: epochs never pruned
-    heartbeat_interval: int = 60        # seconds, every storage
-    grace_period: int | None = None     # a RUNNING trial silent this long is dead; default 2 x heartbeat_interval
-    max_retry: int = 3                  # re-runs of a dead worker's trial
-    checkpoint_root: str | os.PathLike | None = None  # default: config checkpoint_dir, else checkpoints/
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    parent_wait_s: float = 60.0
-    # Targeted re-launch (deepsports.tune.accounting): queue the failed trials' params again, sample nothing new.
-    rerun_failed: bool = False
-    rerun_causes: tuple[str, ...] = ()  # accounting.CAUSES; empty = every cause but not_run
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rerun_causes", accounting.check_causes(self.rerun_causes))
-        if self.rerun_causes and not self.rerun_failed:
-            raise ConfigError(f"--cause {' '.join(self.rerun_causes)}: applies with --rerun-failed only")
-        if self.pruner not in PRUNERS:
-            raise ConfigError(f"pruner={self.pruner!r}: expected one of {', '.join(PRUNERS)}")
-        for name in ("n_trials", "max_trials"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name}={value}: expected a positive number of trials (or none)")
-        if not self.study_name.strip():
-            raise ConfigError("the study name is empty")
-        if self.heartbeat_interval < 1:
-            raise ConfigError(f"heartbeat_interval={self.heartbeat_interval}: expected seconds >= 1")
-        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
-            raise ConfigError(f"grace_period={self.grace_period}: expected more seconds than heartbeat_interval="
-                              f"{self.heartbeat_interval} (a live trial beats once per interval)")
-
-    @property
-    def grace(self) -> float:
-        return float(self.grace_period or 2 * self.heartbeat_interval)
+#: Consecutive trials of one worker failing with the same non-training error that stop the worker.
+SAME_FAILURES_STOP = 3
 
 
 def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = None,
@@ -148,6 +100,7 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     if train_fn is None:
         from deepsports.train.loop import train as train_fn
     space = load_search_space(settings.search_space)
+    check_overrides(space, settings.overrides)  # before any storage, study or trial exists
     worker_id = settings.worker_id if settings.worker_id is not None else default_worker_id()
     seed = worker_seed(settings.seed, worker_id)
     storage = open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
@@ -182,6 +135,7 @@ class _Worker:
         self.tracker = tracking.RunTracker()
         self.label = worker_label()
         self.trials_run = 0
+        self.same_failures: list[str] = []  # reasons of this worker's latest failed trials, all alike
         root = settings.checkpoint_root or constant(space, settings.overrides, "checkpoint_dir") or "checkpoints"
         # The parent id tells apart studies of the same name (another storage, or deleted and recreated).
         parent = study.user_attrs[PARENT_RUN_ATTR]
@@ -220,7 +174,7 @@ class _Worker:
         heartbeat = recovery.TrialHeartbeat(self.study, trial._trial_id, self.settings.heartbeat_interval)
         self.ledger = ledger = accounting.AttemptLedger(self.study, trial._trial_id, trial.number, self.identity,
                                                         self.label)
-        state, value = None, None
+        state, value, failed = None, None, None
         with heartbeat:
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
@@ -230,6 +184,7 @@ class _Worker:
             except TRIAL_ERRORS as exc:
                 log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
                 state = TrialState.FAIL
+                failed = exc
             except (PreemptedError, KeyboardInterrupt):
                 heartbeat.stop()
                 if not heartbeat.lost:
@@ -254,6 +209,22 @@ class _Worker:
         frozen = self._tell(trial, state, value)
         if frozen is not None:
             self.after_trial(frozen)
+        self._stop_if_failing_alike(failed)
+
+    def _stop_if_failing_alike(self, failed: BaseException | None) -> None:
+        """A configuration or data problem fails every trial the same way: stop instead of spinning
+        through the study's budget (a TrainingError, e.g. a NaN loss, depends on the sampled values)."""
+        if failed is None or isinstance(failed, (TrainingError, _OverBudget)):
+            self.same_failures.clear()
+            return
+        reason = f"{type(failed).__name__}: {failed.__cause__ or failed}"
+        if self.same_failures and self.same_failures[-1] != reason:
+            self.same_failures.clear()
+        self.same_failures.append(reason)
+        if len(self.same_failures) >= SAME_FAILURES_STOP:
+            error = failed if isinstance(failed, DeepSportsError) else ConfigError(str(failed))
+            raise type(error)(f"the last {len(self.same_failures)} trials of this worker failed alike, stopping: "
+                              f"{reason}")
 
     def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None = None) -> FrozenTrial | None:
         try:
@@ -323,7 +294,7 @@ class _Worker:
         trial.set_user_attr(CKPT_ATTR, checkpoint_dir)
         trial.set_user_attr(WORKER_ATTR, self.label)
         trial.set_user_attr(recovery.TASK_ATTR, self.identity)
-        overrides = {**self.settings.overrides, "checkpoint_dir": checkpoint_dir,
+        overrides = {**self._artifact_defaults(), **self.settings.overrides, "checkpoint_dir": checkpoint_dir,
                      "run_name": f"{name}-trial-{trial.number:04d}",
                      "experiment_name": self.study.user_attrs[EXPERIMENT_ATTR]}
         try:
@@ -373,8 +344,16 @@ class _Worker:
             tags.update({"optuna.retry_of": str(retry_of), "optuna.trial_number": str(retry_of),
                          "optuna.retry_trial_number": str(trial.number)})
         # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
-        tags.update({tracking.SLURM_TAGS[k]: v for k, v in slurm_env().items()})
+        tags.update(ClusterEnv.read().tags())
         return tags
+
+    def _artifact_defaults(self) -> dict[str, bool]:
+        """Trials log neither their best.pt nor their model to MLflow (tens of MB each, a study has many),
+        unless asked (``keep_trial_artifacts``) or set by the user (--set, the space's fixed/base values)."""
+        if self.settings.keep_trial_artifacts:
+            return {}
+        given = {**self.space.base_values, **self.space.fixed}
+        return {key: False for key in ("log_checkpoint", "log_model") if key not in given}
 
     def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path) -> dict[str, str]:
         """A resumed trial (paused, or a dead trial's retry): report to Optuna the checkpointed epochs it

@@ -252,3 +252,29 @@ def test_video_filename():
     for bad in (-1, "01", 1.0, True):
         with pytest.raises(DataError, match="video id"):
             video_filename(bad)
+
+
+def test_mtl_aqa_needs_only_the_videos(tmp_path, real):
+    """``dataset=mtl_aqa`` with only ``root_dir`` reads the annotations and splits shipped in the package."""
+    from deepsports.config import build_config
+    from deepsports.data.annotations import shipped_annotation_files
+    from deepsports.data.prepare import select_clips
+
+    selection = select_clips(build_config({"dataset": "mtl_aqa", "root_dir": str(tmp_path)}), progress=False)
+    shipped = shipped_annotation_files()
+    assert (selection.source.annotation_path, selection.source.train_path, selection.source.test_path) == \
+        (shipped.annotations, shipped.train, shipped.test)
+    assert selection.source.root == tmp_path.resolve()
+    annotations, train, test = real
+    assert (selection.train_keys, selection.test_keys) == (train, test) and len(selection.annotations) == len(annotations)
+
+
+def test_a_given_path_still_wins_over_the_shipped_file(tmp_path, real):
+    from deepsports.config import build_config
+    from deepsports.data.prepare import select_clips
+
+    annotations, train, test = real
+    save_split(test[:5], tmp_path / "mine.json")
+    selection = select_clips(build_config({"dataset": "mtl_aqa", "root_dir": str(tmp_path),
+                                           "test_path": str(tmp_path / "mine.json")}), progress=False)
+    assert selection.test_keys == test[:5] and selection.train_keys == train

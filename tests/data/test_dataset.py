@@ -23,7 +23,7 @@ CROP = intermediate_size(S)  # (37, 66): the original's 256 x 455 scaled to 32 p
 
 def test_intermediate_size_is_the_originals_256_by_455_at_224() -> None:
     assert intermediate_size(224) == (256, 455)
-    assert intermediate_size(112) == (128, 228) == build_config({"spatial_size": 112}).frame_size
+    assert intermediate_size(112) == (128, 228) == build_config({"spatial_size": 112, "data_aug": True}).frame_size
 
 
 # ---- a "coordinate" clip: R = column, G = row, B = 10 x frame index --------------------------------
@@ -217,7 +217,7 @@ def test_build_datasets_splits_the_train_split_with_the_seed_and_records_it(mtl_
     assert bundle.train.train and not bundle.val.train and not bundle.test.train
     assert bundle.fingerprint["annotations_sha256"] == annotation_fingerprint(mtl_layout["annotation_path"])
     assert (bundle.fingerprint["num_train"], bundle.fingerprint["num_val"], bundle.fingerprint["num_test"]) == (6, 2, 2)
-    assert bundle.cache.directory.parent.name == "37x66"
+    assert bundle.cache.directory.parent.name == f"{S}x{S}"  # cache_geometry=fit without data_aug
     item = bundle.test[0]
     assert item["video"].shape == (3, 4, S, S)
     again = build_datasets(config, progress=False)

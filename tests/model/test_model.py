@@ -63,7 +63,7 @@ def test_presets_use_their_widths_and_config_geometry(backbone):
     config = build_config({"backbone": backbone, "spatial_size": 64, "patch_size": 8, "frame_num": 5,
                            "embed_dim": 40})
     with torch.device("meta"):
-        model = build_model(config)
+        model = build_model(config).model
     preset = PRESETS[backbone]
     net = model.backbone
     assert len(net.blocks) == preset.depth and net.width == preset.width
@@ -83,7 +83,7 @@ def test_unknown_preset_is_a_config_error():
 @pytest.mark.parametrize("use_decoder", [False, True])
 def test_forward_shape(attention_type, use_decoder):
     torch.manual_seed(0)
-    model = build_model(_config(attention_type=attention_type, use_decoder=use_decoder))
+    model = build_model(_config(attention_type=attention_type, use_decoder=use_decoder)).model
     assert isinstance(model.head, DecoderHead if use_decoder else MLPHead)
     out = model(_video())
     assert out.shape == (2, 2) and out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -93,7 +93,7 @@ def test_forward_shape(attention_type, use_decoder):
 @pytest.mark.parametrize("use_decoder", [False, True])
 def test_every_parameter_receives_a_gradient(attention_type, use_decoder):
     torch.manual_seed(0)
-    model = build_model(_config(attention_type=attention_type, use_decoder=use_decoder, dropout=[0.0, 0.0]))
+    model = build_model(_config(attention_type=attention_type, use_decoder=use_decoder, dropout=[0.0, 0.0])).model
     model(_video()).square().sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
@@ -106,7 +106,7 @@ def test_every_parameter_receives_a_gradient(attention_type, use_decoder):
 
 def test_temporal_fc_is_zero_except_in_the_first_block():
     torch.manual_seed(0)
-    net = build_model(_config(backbone="tiny")).backbone
+    net = build_model(_config(backbone="tiny")).model.backbone
     assert net.blocks[0].temporal_fc.weight.abs().sum() > 0
     for block in list(net.blocks)[1:]:
         assert block.temporal_fc.weight.abs().sum() == 0 and block.temporal_fc.bias.abs().sum() == 0
@@ -116,7 +116,7 @@ def test_temporal_fc_is_zero_except_in_the_first_block():
 @pytest.mark.parametrize("use_decoder", [False, True])
 def test_freeze_leaves_only_the_projection_and_head_trainable(use_decoder):
     torch.manual_seed(0)
-    model = build_model(_config(freeze=True, use_decoder=use_decoder))
+    model = build_model(_config(freeze=True, use_decoder=use_decoder)).model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {"backbone.feature_proj.weight", "backbone.feature_proj.bias"} | {
         f"head.{n}" for n, _ in model.head.named_parameters()} | {
@@ -131,13 +131,13 @@ def test_freeze_leaves_only_the_projection_and_head_trainable(use_decoder):
 
 
 def test_unfrozen_model_trains_everything():
-    model = build_model(_config())
+    model = build_model(_config()).model
     assert trainable_parameter_count(model) == count_parameters(model) == sum(p.numel() for p in model.parameters())
 
 
 def test_drop_path_is_per_sample_and_only_in_training():
     torch.manual_seed(0)
-    model = build_model(_config(drop_path_rate=0.5, dropout=[0.0, 0.0]))
+    model = build_model(_config(drop_path_rate=0.5, dropout=[0.0, 0.0])).model
     video = _video(batch=1).expand(16, -1, -1, -1, -1)  # the same clip 16 times
     model.train()
     out = model(video)
@@ -151,8 +151,8 @@ def test_drop_path_is_per_sample_and_only_in_training():
 
 def test_forward_accepts_other_frame_counts_and_sizes_like_a_resized_checkpoint():
     torch.manual_seed(0)
-    source = build_model(_config()).eval()
-    target = build_model(_config(spatial_size=64, frame_num=4)).eval()
+    source = build_model(_config()).model.eval()
+    target = build_model(_config(spatial_size=64, frame_num=4)).model.eval()
     load_pretrained(target, {"model": source.state_dict()})
     video = _video(frames=4, size=64)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_forward_accepts_other_frame_counts_and_sizes_like_a_resized_checkpoint(
 
 
 def test_bad_input_shape_is_reported():
-    model = build_model(_config())
+    model = build_model(_config()).model
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model(torch.zeros(1, 3, 2, 40, 40))
     with pytest.raises(ValueError, match=r"\(B, C, T, H, W\)"):
@@ -168,6 +168,6 @@ def test_bad_input_shape_is_reported():
 
 
 def test_model_is_an_aqa_model_with_backbone_and_head():
-    model = build_model(_config())
+    model = build_model(_config()).model
     assert isinstance(model, AQAModel) and isinstance(model.backbone, TimeSformer)
     assert not model.uses_decoder

@@ -54,7 +54,7 @@ def test_official_pyth_loads_by_key_and_gives_identical_features(tmp_path, atten
 
     torch.manual_seed(123)
     model = build_model(build_config({"spatial_size": 32, "frame_num": 4, "embed_dim": 192,
-                                      "attention_type": attention_type, "pretrained_model": str(path)}))
+                                      "attention_type": attention_type, "pretrained_model": str(path)})).model
     report = load_pretrained(model, path)
     assert report.layout == ("vit" if attention_type == "space_only" else "timesformer")
     assert report.missing == [] and report.unexpected == [] and report.resized == {} and report.derived == {}
@@ -83,7 +83,7 @@ def test_howto100m_96_frames_224_loads_into_48_frames_112(tmp_path):
     path = tmp_path / "TimeSformer_divST_96x32_224_HowTo100M.pyth"
     _save_pyth(path, state)
 
-    model = build_model(build_config({"spatial_size": 112, "frame_num": 48, "embed_dim": 192}))
+    model = build_model(build_config({"spatial_size": 112, "frame_num": 48, "embed_dim": 192})).model
     report = load_pretrained(model, path)
     assert report.resized == {"backbone.pos_embed": ((1, 197, 192), (1, 50, 192)),
                               "backbone.time_embed": ((1, 96, 192), (1, 48, 192))}
@@ -137,34 +137,47 @@ def test_timm_vit_at_another_resolution_is_resized(tmp_path):
 def test_our_checkpoint_round_trips_and_head_loads_only_when_it_fits(tmp_path):
     config = {"spatial_size": 32, "frame_num": 4, "embed_dim": 48, "topology": [16, 8], "dropout": [0.0, 0.0]}
     torch.manual_seed(0)
-    trained = randomise_(build_model(build_config(config)), seed=4).eval()
+    trained = randomise_(build_model(build_config(config)).model, seed=4).eval()
     path = tmp_path / "best.pt"
     torch.save({"model": trained.state_dict(), "optimizer": {"state": {}}, "epoch": 3, "config": config}, path)
     video = torch.rand(2, 3, 4, 32, 32)
 
     torch.manual_seed(1)
-    same = build_model(build_config({**config, "pretrained_model": str(path)})).eval()
+    same = build_model(build_config({**config, "pretrained_model": str(path)})).model.eval()
     with torch.no_grad():
         assert torch.equal(same(video), trained(video))
 
-    other_head = build_model(build_config({**config, "topology": [16], "dropout": [0.0]}))
+    other_head = build_model(build_config({**config, "topology": [16], "dropout": [0.0]})).model
     report = load_pretrained(other_head, path)
     assert report.layout == "deepsports" and report.missing == [] and report.unexpected == []
     assert set(report.dropped) == {k for k in trained.state_dict() if k.startswith(SCORING)}
     assert set(report.initialised) == {k for k in other_head.state_dict() if k.startswith(SCORING)}
     assert torch.equal(other_head.backbone.feature_proj.weight, trained.backbone.feature_proj.weight)
 
-    other_width = build_model(build_config({**config, "embed_dim": 32, "frame_num": 2}))
+    other_width = build_model(build_config({**config, "embed_dim": 32, "frame_num": 2})).model
     report = load_pretrained(other_width, path)
     assert "backbone.feature_proj.weight" in report.initialised and "backbone.time_embed" in report.resized
     assert "embed_dim differs" in report.dropped["backbone.feature_proj.weight"]
     assert torch.equal(other_width.backbone.blocks[3].mlp.fc2.weight, trained.backbone.blocks[3].mlp.fc2.weight)
 
 
+def test_build_model_says_whether_the_head_is_fresh(tmp_path):
+    """The trainer sets a fresh head's output bias; a head loaded from the checkpoint keeps its weights."""
+    config = {"spatial_size": 32, "frame_num": 4, "embed_dim": 48, "topology": [16, 8], "dropout": [0.0, 0.0]}
+    scratch = build_model(build_config(config))
+    assert scratch.fresh_head and scratch.load_report is None
+    path = tmp_path / "best.pt"
+    torch.save({"model": scratch.model.state_dict(), "epoch": 1, "config": config}, path)
+    same = build_model(build_config({**config, "pretrained_model": str(path)}))
+    assert not same.fresh_head and same.load_report.initialised == []
+    other_head = build_model(build_config({**config, "topology": [16], "dropout": [0.0], "pretrained_model": str(path)}))
+    assert other_head.fresh_head and other_head.load_report.initialised
+
+
 def test_filter_fn_strips_prefixes_and_keys_like_the_model():
     source = _tiny()
     wrapped = {"state_dict": {f"module.model.{k}": v for k, v in source.state_dict().items()}}
-    model = build_model(build_config({"spatial_size": 32, "frame_num": 4, "embed_dim": 192}))
+    model = build_model(build_config({"spatial_size": 32, "frame_num": 4, "embed_dim": 192})).model
     state = checkpoint_filter_fn(wrapped, model)
     assert set(state) == {k for k in model.state_dict() if not k.startswith(SCORING)}
     assert torch.equal(state["backbone.feature_proj.weight"], source.feature_proj.weight)
@@ -214,7 +227,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="arbitrary code.*system"):
         read_checkpoint(path)
     with pytest.raises(CheckpointError, match="arbitrary code"):
-        build_model(build_config({"spatial_size": 32, "frame_num": 4, "pretrained_model": str(path)}))
+        build_model(build_config({"spatial_size": 32, "frame_num": 4, "pretrained_model": str(path)})).model
     assert not marker.exists()
 
 
@@ -228,7 +241,7 @@ def test_unreadable_files_are_named(tmp_path):
     data = whole.read_bytes()
     for name, content in (("truncated.pt", data[: len(data) // 2]), ("empty.pt", b""), ("text.pt", b"not a ckpt")):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(CheckpointError, match=f"{name}.*corrupt or truncated"):
+        with pytest.raises(CheckpointError, match=f"{name}.*truncated or corrupt"):
             read_checkpoint(tmp_path / name)
     (tmp_path / "list.pt").write_bytes(b"")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")

@@ -15,7 +15,7 @@ SMALL = {"spatial_size": 32, "frame_num": 2, "embed_dim": 16, "topology": "8", "
 
 def test_batchnorm_standardises_the_feature_the_head_sees():
     torch.manual_seed(0)
-    model = build_model(build_config({**SMALL, "feature_norm": "batchnorm"})).train()
+    model = build_model(build_config({**SMALL, "feature_norm": "batchnorm"})).model.train()
     assert isinstance(model.feature_norm, nn.BatchNorm1d)
     seen = {}
     model.head.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0].detach()))
@@ -27,13 +27,13 @@ def test_batchnorm_standardises_the_feature_the_head_sees():
 
 
 def test_none_is_the_original_head_input():
-    model = build_model(build_config({**SMALL, "feature_norm": "none"}))
+    model = build_model(build_config({**SMALL, "feature_norm": "none"})).model
     assert isinstance(model.feature_norm, nn.Identity)
     assert not any(k.startswith("feature_norm.") for k in model.state_dict())
 
 
 def test_decoder_head_reads_tokens_without_the_batchnorm():
-    model = build_model(build_config({**SMALL, "use_decoder": True}))
+    model = build_model(build_config({**SMALL, "use_decoder": True})).model
     assert isinstance(model.feature_norm, nn.Identity)
 
 
@@ -46,7 +46,7 @@ def test_batchnorm_refuses_batches_of_one():
 @pytest.mark.parametrize("use_decoder", [False, True])
 def test_output_bias_starts_at_the_mean_target(use_decoder):
     torch.manual_seed(0)
-    model = build_model(build_config({**SMALL, "use_decoder": use_decoder})).eval()
+    model = build_model(build_config({**SMALL, "use_decoder": use_decoder})).model.eval()
     model.init_output_bias(torch.tensor([0.7, 2.9]))
     last = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]
     assert last.bias.tolist() == pytest.approx([0.7, 2.9])

@@ -49,7 +49,7 @@ def test_mlp_needs_one_dropout_per_layer():
 def test_build_model_uses_the_config_head():
     config = build_config({"spatial_size": 32, "frame_num": 2, "embed_dim": 24, "topology": [12, 6, 3],
                            "dropout": [0.0, 0.25, 0.5], "activation": "ELU"})
-    head = build_model(config).head
+    head = build_model(config).model.head
     assert [type(m) for m in head] == [nn.Dropout, nn.Linear, nn.ELU] * 3 + [nn.Dropout, nn.Linear]
     assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.0, 0.25, 0.5, 0.5]
     assert [m.out_features for m in head if isinstance(m, nn.Linear)] == [12, 6, 3, 2]
@@ -75,7 +75,7 @@ def test_decoder_keeps_samples_apart():
 def test_decoder_model_keeps_clips_apart():
     torch.manual_seed(0)
     config = build_config({"spatial_size": 32, "frame_num": 2, "embed_dim": 32, "use_decoder": True})
-    model = build_model(config).eval()
+    model = build_model(config).model.eval()
     gen = torch.Generator().manual_seed(2)
     video = torch.rand(3, 3, 2, 32, 32, generator=gen)
     other = video.clone()

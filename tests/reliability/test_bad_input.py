@@ -189,7 +189,7 @@ def test_bad_search_space_fails_before_any_study_or_run_exists(workdir, params, 
 @pytest.mark.parametrize("args, expected", [
     (("train", "--epochs", "abc"), "epochs='abc' is invalid: expected an integer >= 1"),
     (("train", "batch_size=0"), "batch_size='0' is invalid"),
-    (("train", "--gpu", "maybe"), "gpu='maybe' is invalid: expected a boolean (true/false/1/0)"),
+    (("train", "--gpu", "maybe"), "gpu='maybe' is invalid: expected a boolean (true/false, yes/no, on/off, 1/0)"),
     (("train", "nokey=1"), "unknown config key 'nokey' in overrides"),
     (("tune", "head", "--study", "s", "--n-trials", "-3"), "argument --n-trials: '-3': expected a whole number >= 0"),
     (("tune", "head", "--study", "s", "--pruner", "bogus"), "argument --pruner: invalid choice: 'bogus'"),
@@ -221,7 +221,7 @@ def test_a_pretrained_checkpoint_of_another_architecture_fails_the_run_with_a_ch
     from deepsports.model import build_model
 
     tiny = {**TINY, "synth_clips": SYNTH_CLIPS, "cache_dir": str(workdir / "cache"), "evaluate": "false"}
-    other = build_model(build_config({**tiny, "backbone": "small"}))  # 384 wide, 12 deep vs tiny's 192 x 4
+    other = build_model(build_config({**tiny, "backbone": "small"})).model  # 384 wide, 12 deep vs tiny's 192 x 4
     path = workdir / "other.pt"
     torch.save(other.state_dict(), path)
     code, stderr = _cli("train", *(f"{k}={v}" for k, v in {**tiny, "epochs": 1, "pretrained_model": path}.items()))

@@ -1,4 +1,4 @@
-"""Job arrays and the preemption round trip on a real SLURM cluster (slurm/local-cluster.sh).
+"""Job arrays and the preemption round trip on a real SLURM cluster (deploy/slurm-local.sh).
 
 The session fixture starts the local single-node cluster (installing slurm-wlm and munge when they are
 missing: needs root and apt, as in CI) and leaves it running; `.ci/run` stops it at the end.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deepsports.config import config_fields
+from deepsports.config import LOCATION_KEYS, config_fields
 from deepsports.train.loop import EPOCH_METRICS
 from tests.e2e_helpers import (PYTHON_BIN, REPO, as_args, deepsports_cmd, free_port, run_checked, subprocess_env,
                                tiny_overrides, wait_for)
@@ -41,9 +41,11 @@ def project_run(tmp_path_factory):
 def test_project_run_logs_every_param_and_one_point_per_epoch(project_run):
     client, run, _, params = project_run
     assert run.info.status == "FINISHED"
-    assert set(config_fields()) <= set(run.data.params)
+    # Every config key but the paths is a param; the paths are tags (issue #13: they are not what runs differ by).
+    assert set(config_fields()) - set(LOCATION_KEYS) <= set(run.data.params)
     for key, value in params.items():
-        assert run.data.params[key] == value
+        logged = run.data.tags[f"deepsports.config.{key}"] if key in LOCATION_KEYS else run.data.params[key]
+        assert logged == value, key
     for key in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), (key, steps)

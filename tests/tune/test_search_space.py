@@ -254,7 +254,7 @@ BAD_FILES = {
         "params:\n  topology: {type: layers, n_layers: {low: 1, high: 3}, units: {low: 8, high: 64}}\n",
         ["params.topology", "dropout must be {type: per_layer, of: topology"]),
     "invalid-corner-config": ("fixed: {warmup_epochs: 2}\nparams:\n  epochs: {type: int, low: 1, high: 5}\n",
-                              ["every parameter at its low end", "warmup_epochs=2 must be smaller than epochs=1"]),
+                              ["every parameter at its low end", "warmup_epochs=2 is longer than the run (epochs=1)"]),
     "missing-base-config": (f"base_config: experiments/nowhere.yaml\nparams:\n  {_OK_LR}\n",
                             ["base_config", "'experiments/nowhere.yaml' not found"]),
 }

@@ -25,9 +25,11 @@ from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
 from deepsports.tune.attrs import (ATTEMPTS_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR,
                                     RETRIED_BY_PREFIX, RUN_ATTR)
+from deepsports.tune.checks import check_causes
 from deepsports.tune.status import study_status
 from deepsports.tune.study import open_storage, retried_from
-from deepsports.tune.worker import TuneSettings, tune
+from deepsports.tune.settings import TuneSettings
+from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -149,7 +151,7 @@ def test_bad_input_exits_2_with_one_line(study_dir):
         assert proc.returncode == 2, (cmd, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("deepsports: error:"), proc.stderr
     with pytest.raises(ConfigError, match="'gremlins'"):
-        accounting.check_causes(["gremlins"])
+        check_causes(["gremlins"])
 
 
 def test_rerun_failed_reruns_only_the_failed_trial_and_submit_missing_then_submits_nothing(study_dir):

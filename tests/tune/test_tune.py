@@ -246,16 +246,24 @@ def test_best_trial_exports_an_experiment_that_trains_and_plots_the_study(tmp_pa
     best = best_trial(study)
     assert (best.number, best.value, best.run_id) == (summary.best_number, summary.best_value, summary.best_run_id)
     assert best.config.learning_rate == best.params["learning_rate"] and best.config.checkpoint_dir == ""
+    # Trials keep best.pt in their checkpoint folder only; the best config logs it (and its model) again.
+    client = MlflowClient(tracking_uri)
+    assert "checkpoints" not in {a.path for a in client.list_artifacts(best.run_id)}
+    assert (Path(study.best_trial.user_attrs[CKPT_ATTR]) / "best.pt").is_file()
+    assert best.config.log_checkpoint and best.config.log_model
 
     path = export_best(best, tmp_path / "experiments" / "s_best.yaml")
     config = load_config(path)
     assert config == best.config
-    result = train(config.replace(checkpoint_dir=str(tmp_path / "retrain")))
-    assert MlflowClient(tracking_uri).get_run(result.run_id).info.status == "FINISHED"
+    result = train(config.replace(checkpoint_dir=str(tmp_path / "retrain"), log_model=False))
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/best.pt"]
 
     logged = log_study_plots(study)
     assert "study_plots/optimization_history.png" in logged and "study_plots/param_importances.png" in logged
     artifacts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(summary.parent_run_id, "study_plots")}
     assert set(logged) <= artifacts
+    pages = [a for a in client.list_artifacts(summary.parent_run_id, "study_plots") if a.path.endswith(".html")]
+    assert pages and all(a.file_size < 500_000 for a in pages)  # plotly.js is not inlined (4.8 MB each)
     with pytest.raises(StorageError, match=r"no study 'nope' in .*study.journal \(studies there: s\)"):
         load_existing_study("nope", settings.storage)

@@ -6,6 +6,7 @@ and is started again; a worker killed with SIGKILL stays dead and the other work
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -98,6 +99,8 @@ def test_usr1_to_a_worker_pauses_its_trial_and_the_restarted_workers_resume_it(t
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-6000:]
     assert "restarting it (restart 1)" in err
+    summary = json.loads(out)  # one summary for the study, not one per worker
+    assert summary["workers"] == 2 and summary["states"]["COMPLETE"] == max_trials
 
     study = _study(storage)
     trials = {t.number: t for t in study.trials}

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A real single-node SLURM cluster on this machine, for development and CI.
 #
-#   slurm/local-cluster.sh start    install (Debian slurm-wlm + munge) if missing, configure, start, wait until idle
-#   slurm/local-cluster.sh stop     stop only the daemons this script started (by its pid files)
-#   slurm/local-cluster.sh status   daemons, sinfo, squeue
+#   deploy/slurm-local.sh start    install (Debian slurm-wlm + munge) if missing, configure, start, wait until idle
+#   deploy/slurm-local.sh stop     stop only the daemons this script started (by its pid files)
+#   deploy/slurm-local.sh status   daemons, sinfo, squeue
 #
 # Needs root (it writes /etc/slurm/slurm.conf and /etc/munge/munge.key). State, pid files and logs live
 # in $DEEPSPORTS_SLURM_STATE (default /var/lib/deepsports-slurm). `start` is idempotent: a running cluster
@@ -17,7 +17,8 @@ CONF=/etc/slurm/slurm.conf
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_SOCKET=/run/munge/munge.socket.2
 START_TIMEOUT_S="${DEEPSPORTS_SLURM_START_TIMEOUT:-90}"
-# Marks a slurm.conf as ours: a foreign one is never overwritten.
+# Marks a slurm.conf as ours: a foreign one is never overwritten. It names the script's first path
+# (slurm/): kept, so that a slurm.conf written before the script moved to deploy/ is still ours.
 MARKER="# Written by deepsports slurm/local-cluster.sh"
 NODE="$(hostname -s)"
 

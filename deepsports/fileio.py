@@ -1,0 +1,110 @@
+"""Files on disk: the one atomic writer and the one safe reader of torch files (checkpoints, weights).
+
+:func:`atomic_write` writes to a temporary file in the target's directory, fsyncs it, renames it over
+the target with :func:`os.replace` and fsyncs the directory: a reader (or a process killed mid-write)
+sees the old file or the new one, never half of one, and a power loss does not undo the rename.
+
+:func:`read_torch_file` is ``torch.load(weights_only=True)`` on the CPU: a pickle that would import
+and run code is refused unexecuted, and every way a file can be unreadable is a
+:class:`~deepsports.errors.CheckpointError` naming it. Standard library only at import time (torch is
+imported when a file is read), so every room may use this module.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from deepsports.errors import CheckpointError
+
+#: What a damaged file raises in whichever layer meets the damage first (zip directory, pickle
+#: opcodes, storage records); the types a fuzz of truncations and byte flips produced (a cut zip
+#: raises OSError "Invalid argument" too, so an OSError is reported with its text as damage).
+_CORRUPT_ERRORS = (RuntimeError, EOFError, ValueError, IndexError, KeyError, AssertionError, struct.error,
+                   zipfile.BadZipFile, OSError)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename in ``directory`` durable (skipped where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, temp_prefix: str | None = None,
+                 temp_suffix: str = ".tmp") -> Path:
+    """Call ``write(binary file)`` on a temp file next to ``path``, fsync it, rename it over ``path``.
+
+    The temp file is ``<temp_prefix><random><temp_suffix>`` (default ``.<name>.<random>.tmp``), so
+    that the owner of a directory can recognise and remove those of a writer that was killed.
+    Also on KeyboardInterrupt no temp file is left behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}." if temp_prefix is None else temp_prefix
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=temp_suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with one :class:`CheckpointError`
+    naming the file for each way it can fail: missing, truncated or corrupt (or unreadable), or
+    refused because loading it would run code."""
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # A pickle that names a GLOBAL (a function or class to import) asks to run code; torch wraps
+        # every other unpickling error too ("Unsupported operand" for garbage bytes): that is damage.
+        if "GLOBAL" not in str(exc):
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: {_last_line(exc)}") from exc
+        raise CheckpointError(f"checkpoint {str(path)!r} refused: loading it would need to import and run arbitrary "
+                              f"code ({_refusal(exc)}); it was refused unexecuted: only tensors and plain values are "
+                              "accepted (torch.load weights_only=True)") from exc
+    except _CORRUPT_ERRORS as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt (is it a complete torch.save file?): "
+                              f"{type(exc).__name__}: {_first_line(exc)[:200]}") from exc
+
+
+def _refusal(exc: BaseException) -> str:
+    # torch's message opens with advice to retry with weights_only=False; keep only what it refused.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line]
+    return named[0] if named else (lines[-1] if lines else type(exc).__name__)
+
+
+def _last_line(exc: BaseException) -> str:
+    # torch's wrapped unpickling errors end with the reason ("Unsupported operand 110").
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

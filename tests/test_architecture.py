@@ -1,0 +1,293 @@
+"""The package's shape, read from its source with ``ast``: import arrows point one way, no circles, one
+reader of the cluster environment, only the CLI exits; and ``deepsports --help`` stays cheap.
+
+Every import counts, also one inside a function: a lazy import hides a circle from Python, not from a reader.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e_helpers import REPO, subprocess_env
+
+PACKAGE = REPO / "deepsports"
+
+#: Who may import whom, by room (the first name below ``deepsports``); a room may import itself.
+#: README "Code layout" draws the same picture.
+ALLOWED = {
+    "cli": {"tune", "train", "slurm", "data", "tracking", "config", "errors"},
+    "tune": {"train", "tracking", "slurm", "config", "errors"},
+    "train": {"data", "model", "tracking", "slurm", "config", "errors"},
+    "data": {"config", "errors"},
+    "model": {"config", "errors"},
+    "tracking": {"config", "errors"},
+    "slurm": {"config", "errors"},
+    "config": {"errors"},
+    "errors": set(),
+    "fileio": {"errors"},
+    "__main__": {"cli"},
+    "__init__": {"config", "errors"},
+}
+
+#: train/ sees the cluster only through the environment reader and the preemption flag.
+TRAIN_MAY_USE_FROM_SLURM = {"deepsports.slurm", "deepsports.slurm.env", "deepsports.slurm.preemption"}
+
+#: The one reader of the cluster environment (stdlib and errors only): every room may ask it, as it
+#: may read config; tracking tags each run with the job's ids through it.
+ENV_READER = "deepsports.slurm.env"
+
+#: Modules at the bottom that every room may use: the cluster-environment reader above and fileio
+#: (the one atomic writer and the one torch-file reader; standard library at import time).
+BOTTOM = {ENV_READER, "deepsports.fileio"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, tuple[Path, ast.Module]]:
+    return {_module_name(path): (path, ast.parse(path.read_text(), filename=str(path)))
+            for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "__init__"
+    return parts[1]
+
+
+def _imports(module: str, path: Path, tree: ast.Module, known: set[str]) -> set[str]:
+    """The deepsports modules ``module`` imports (``from pkg import mod`` names the submodule)."""
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base[:len(base) - node.level + (1 if is_package else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    result = set()
+    for name in found:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        if name.startswith("deepsports") and name != module:
+            result.add(name)
+    return result
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(name, path, tree, known) for name, (path, tree) in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph.get(node, ())):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_graph_sees_lazy_imports():
+    """The reader counts function-level imports and resolves ``from pkg import module``."""
+    graph = _graph()
+    assert "deepsports.tune.worker" in graph["deepsports.cli.studies"]  # imported inside _cmd_tune
+    assert "deepsports.slurm.jobs" in graph["deepsports.cli.main"]
+
+
+def test_no_import_cycles():
+    assert _cycles(_graph()) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_imports_point_one_way():
+    wrong = []
+    for module, targets in _graph().items():
+        room = _room(module)
+        for target in sorted(targets):
+            other = _room(target)
+            if other == room or other == "__init__" or (target in BOTTOM and room != "errors"):
+                continue
+            if other not in ALLOWED[room]:
+                wrong.append(f"{module} -> {target}")
+            elif room == "train" and other == "slurm" and target not in TRAIN_MAY_USE_FROM_SLURM:
+                wrong.append(f"{module} -> {target} (train/ may use slurm.env and slurm.preemption only)")
+    assert wrong == []
+
+
+_SLURM_NAME = re.compile(r"SLURMD?_[A-Z0-9_]*")
+
+
+def _slurm_literals(tree: ast.Module) -> list[str]:
+    """String literals naming a SLURM variable (or the ``SLURM_`` prefix): an environment read by name."""
+    return sorted({node.value for node in ast.walk(tree)
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                   and _SLURM_NAME.fullmatch(node.value)})
+
+
+def test_only_slurm_reads_the_cluster_environment():
+    readers = {}
+    for module, (_path, tree) in _modules().items():
+        if _room(module) != "slurm" and (names := _slurm_literals(tree)):
+            readers[module] = names
+    assert readers == {}
+
+
+def test_the_bottom_modules_import_only_errors():
+    graph = _graph()
+    assert {module: graph[module] - {"deepsports.errors"} for module in BOTTOM} == dict.fromkeys(BOTTOM, set())
+
+
+def _calls(tree: ast.Module, names: set[tuple[str, str]]) -> list[int]:
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name) and (node.func.value.id, node.func.attr) in names]
+
+
+#: data/synth.py renames a finished dataset *directory* into place (os.replace of a tree, not a file write).
+RENAMES_DIRECTORIES = {"deepsports.data.synth"}
+
+
+def test_files_are_written_and_torch_files_read_only_through_fileio():
+    loads, writes = {}, {}
+    for module, (_path, tree) in _modules().items():
+        if module == "deepsports.fileio":
+            continue
+        if lines := _calls(tree, {("torch", "load")}):
+            loads[module] = lines
+        if module not in RENAMES_DIRECTORIES and (lines := _calls(tree, {("os", "replace"), ("os", "rename"),
+                                                                          ("tempfile", "mkstemp")})):
+            writes[module] = lines
+    assert (loads, writes) == ({}, {})
+
+
+def test_slurm_literal_finder():
+    tree = ast.parse('import os\nos.environ.get("SLURM_JOB_ID")\nx = {"SLURMD_NODENAME": 1}\n"""SLURM_X in a docstring"""')
+    assert _slurm_literals(tree) == ["SLURMD_NODENAME", "SLURM_JOB_ID"]
+
+
+def _exit_calls(tree: ast.Module) -> list[int]:
+    return _calls(tree, {("sys", "exit"), ("os", "_exit")})
+
+
+def test_only_the_cli_exits():
+    exits = {module: lines for module, (_path, tree) in _modules().items()
+             if _room(module) != "cli" and (lines := _exit_calls(tree))}
+    assert exits == {}
+
+
+#: Functions longer than MAX_FUNCTION_LINES, each with the reason it stays whole.
+LONG_FUNCTIONS = {
+    "deepsports.data.video.decode_clips": "one generator whose decode state (pending and active clips, the "
+                                          "frame iterator, its position) lives across yields; pieces would pass it all",
+}
+MAX_FUNCTION_LINES = 60
+
+#: Modules longer than MAX_MODULE_LINES, each with the reason it stays one module.
+LONG_MODULES = {
+    "deepsports.config": "the one source of truth: every key's type, default, help and check side by side",
+    "deepsports.data.synth": "the synthetic dataset's generator and its layout; the renderer is already synth_render",
+}
+MAX_MODULE_LINES = 450
+
+
+def _long_functions() -> dict[str, int]:
+    found = {}
+    for module, (_path, tree) in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found[f"{module}.{node.name}"] = length
+    return found
+
+
+def test_no_long_function_without_a_reason():
+    found = _long_functions()
+    assert {name: length for name, length in found.items() if name not in LONG_FUNCTIONS} == {}
+    assert set(LONG_FUNCTIONS) - set(found) == set(), "no longer long: drop it from LONG_FUNCTIONS"
+
+
+def test_no_long_module_without_a_reason():
+    found = {module: len(path.read_text().splitlines()) for module, (path, _tree) in _modules().items()}
+    found = {module: lines for module, lines in found.items() if lines > MAX_MODULE_LINES}
+    assert {module: lines for module, lines in found.items() if module not in LONG_MODULES} == {}
+    assert set(LONG_MODULES) - set(found) == set(), "no longer long: drop it from LONG_MODULES"
+
+
+def _imported_at_startup(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    # `python -m deepsports` (the package's __main__), as a user's `deepsports` console script starts.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "deepsports", *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=subprocess_env("sqlite:///unused.db"))
+    modules = set()
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            modules.add(line.rsplit("|", 1)[1].strip())
+    return proc, modules
+
+
+def _heavy(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if m.split(".")[0] in {"torch", "mlflow"})
+
+
+def test_help_imports_neither_torch_nor_mlflow():
+    proc, modules = _imported_at_startup("--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "deepsports.cli.main" in modules  # the reader sees this process's imports
+    assert _heavy(modules) == []
+
+
+def test_tune_workers_start_before_torch(tmp_path):
+    """``tune --workers 2``: the parent only starts the workers (they import torch, each in its own
+    process; ``-X importtime`` is not passed on, so every line read here is the parent's)."""
+    missing = tmp_path / "no-such-space.yaml"
+    proc, modules = _imported_at_startup("tune", str(missing), "--study", "arch", "--workers", "2",
+                                         "--storage", str(tmp_path / "journal.log"))
+    assert "2 of 2 tune workers failed" in proc.stderr, proc.stderr[-2000:]
+    assert "deepsports.cli.studies" in modules
+    assert _heavy(modules) == []
