@@ -50,6 +50,7 @@ from _common import REPO, load_average, machine, median  # noqa: E402
 STAGES = ("gen", "prepare", "resume", "footprint", "loader", "epoch", "learn")
 GEOMETRIES = {"8x112 fit": (112, 112), "8x112 data_aug (128x228)": (128, 228), "16x224 fit": (224, 224),
               "original / 16x224 data_aug (256x455)": (256, 455)}
+_POLL_S, _PSS_EVERY = 0.5, 10  # RSS every 0.5 s, PSS every 5 s
 TINY = {"backbone": "tiny", "gpu": "false", "log_model": "false", "batch_size": "8", "loglevel": "WARNING"}
 
 
@@ -59,7 +60,7 @@ TINY = {"backbone": "tiny", "gpu": "false", "log_model": "false", "batch_size": 
 
 def run_watched(cmd: list[str], env: dict[str, str], kill_when: Callable[[], bool] | None = None,
                 timeout: float = 24 * 3600) -> dict[str, Any]:
-    """Run ``cmd``; wall time and peak memory of the process tree (psutil, every 0.2 s).
+    """Run ``cmd``; wall time and peak memory of the process tree (psutil: RSS every 0.5 s, PSS every 5 s).
 
     ``peak_pss_mb`` sums the proportional set size (shared pages split between the processes sharing
     them, e.g. torch's libraries in DataLoader workers); ``peak_rss_mb`` sums RSS (counts them in each).
@@ -69,15 +70,16 @@ def run_watched(cmd: list[str], env: dict[str, str], kill_when: Callable[[], boo
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
-    peak, peak_pss, killed, tree = 0, 0, False, [root]
+    peak, peak_pss, killed, tree, polls = 0, 0, False, [root], 0
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            memory = [p.memory_full_info() for p in tree]
-            peak = max(peak, sum(m.rss for m in memory))
-            peak_pss = max(peak_pss, sum(m.pss for m in memory))
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+            if polls % _PSS_EVERY == 0:  # reading smaps costs real CPU on torch processes: not every poll
+                peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
         except psutil.Error:  # a child ended between listing and reading
             pass
+        polls += 1
         if kill_when is not None and not killed and kill_when():
             proc.send_signal(signal.SIGKILL)
             for child in tree[1:]:
@@ -85,7 +87,7 @@ def run_watched(cmd: list[str], env: dict[str, str], kill_when: Callable[[], boo
             killed = True
         if time.monotonic() - started > timeout:
             proc.kill()
-        time.sleep(0.2)
+        time.sleep(_POLL_S)
     output = proc.stdout.read() if proc.stdout else ""
     return {"returncode": proc.returncode, "seconds": time.monotonic() - started, "peak_rss_mb": peak / 2**20,
             "peak_pss_mb": peak_pss / 2**20,
@@ -250,9 +252,10 @@ def _train(ctx: dict[str, Any], name: str, extra: dict[str, str]) -> dict[str, A
 def stage_epoch(ctx: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for frames, size, cache in ctx["epoch_settings"]:
-        out[f"{frames}x{size}"] = _train(ctx, f"epoch-{frames}x{size}", {
+        name = f"{frames}x{size}" + ("" if ctx["epoch_videos"] == "all" else f" videos {ctx['epoch_videos']}")
+        out[name] = _train(ctx, f"epoch-{frames}x{size}", {
             "_cache": cache, "frame_num": str(frames), "spatial_size": str(size), "epochs": "1", "warmup_epochs": "0",
-            "train_val_split_ratio": "0.99", "evaluate": "false"})
+            "train_val_split_ratio": "0.99", "evaluate": "false", "videos": ctx["epoch_videos"]})
     return out
 
 
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-clips", type=int, default=48)
     parser.add_argument("--learn-epochs", type=int, default=4)
     parser.add_argument("--epoch-settings", default="8x112,16x224", help="FRAMESxSIZE of the epoch stage")
+    parser.add_argument("--epoch-videos", default="all", help="videos the epoch stage trains on, e.g. 13,14 [all]")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
            "epoch_settings": [(4, 32, "cache-112")] if args.quick else [
                (int(f), int(z), "cache-112" if int(z) == 112 else "cache-224")
                for f, z in (setting.split("x") for setting in args.epoch_settings.split(","))],
-           "learn_epochs": 1 if args.quick else args.learn_epochs}
+           "learn_epochs": 1 if args.quick else args.learn_epochs, "epoch_videos": args.epoch_videos}
     if args.quick:
         TINY.update(batch_size="2", embed_dim="32", topology="32", dropout="0.1")
     results_path = work / "results.json"

@@ -9,8 +9,9 @@ One run, the same clips for both:
 3. Extract every frame as ``<frames>/NN/%06d.jpg`` (the original's whole_videos_frames layout, numbered
    from 1; PyAV + PIL, not timed).
 4. For each ``FRAMESxSIZE`` setting, with and without ``data_aug``: median clips/s over ``--passes``
-   passes (alternating between the loaders) of a DataLoader (num_workers=0, batch 4, float32
-   collation included) and of the datasets' items alone, for (a) ``ClipDataset`` on the cache and
+   passes (alternating between the loaders) of a DataLoader (num_workers=0, batch 4, collation
+   included: uint8 for the cache, whose clips are converted on the training device, float32 for the
+   original) and of the datasets' items alone, for (a) ``ClipDataset`` on the cache and
    (b) the original-style dataset: per frame ``PIL.Image.open`` + ``to_tensor`` + resize to the
    intermediate 256-px-high 16:9 size (scaled to the spatial size) + normalise, then the clip resized
    to a square or randomly cropped and flipped; same frame method, frames and normalisation.
@@ -48,6 +49,7 @@ from deepsports.data import ClipDataset, prepare_cache, sample_indices  # noqa: 
 from deepsports.data.annotations import load_annotations  # noqa: E402
 from deepsports.data.dataset import NORMALIZE_MEAN, NORMALIZE_STD, clip_target, intermediate_size  # noqa: E402
 from deepsports.data.synth import generate_synthetic_dataset  # noqa: E402
+from deepsports.train.video_input import VideoInput  # noqa: E402
 from _common import cpu_model  # noqa: E402  (benchmarks/_common.py)
 
 FRAME_METHOD = "spaced_fixed"  # deterministic: both loaders read exactly the same frames
@@ -118,7 +120,7 @@ class OriginalStyleDataset(Dataset):
 
 
 def one_pass(dataset: Dataset, batched: bool) -> float:
-    """clips/s of one pass: through a DataLoader (batch 4, float32 collation included) or item by item."""
+    """clips/s of one pass: through a DataLoader (batch 4, collation included) or item by item."""
     started = time.perf_counter()
     if batched:
         count = sum(batch["video"].shape[0] for batch in DataLoader(dataset, batch_size=4, num_workers=0))
@@ -187,7 +189,8 @@ def main() -> None:
                 notes.append(f"{frame_num}x{size} {geometry} (DataLoader): cached {[round(r, 1) for r in fast_runs]}, "
                              f"original {[round(r, 1) for r in slow_runs]}")
                 if not data_aug:
-                    difference = (cached[0]["video"] - original[0]["video"]).abs().mean()
+                    as_float = VideoInput(normalize=True)(cached[0]["video"][None])[0]  # as training sees it
+                    difference = (as_float - original[0]["video"]).abs().mean()
                     notes[-1] += f"; clip 0 mean abs difference {difference:.3f} (normalised units)"
         print("\nclips/s of each pass: " + "\n  ".join(["", *notes]))
         print(f"load average after: {os.getloadavg()[0]:.2f}")

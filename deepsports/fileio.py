@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from deepsports.errors import CheckpointError
+from deepsports.errors import CheckpointError, disk_full
 
 #: What a damaged file raises in whichever layer meets the damage first (zip directory, pickle
 #: opcodes, storage records); the types a fuzz of truncations and byte flips produced (a cut zip
@@ -44,28 +44,51 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, temp_prefix: str | None = None,
-                 temp_suffix: str = ".tmp") -> Path:
+                 temp_suffix: str = ".tmp", what: str | None = None) -> Path:
     """Call ``write(binary file)`` on a temp file next to ``path``, fsync it, rename it over ``path``.
 
     The temp file is ``<temp_prefix><random><temp_suffix>`` (default ``.<name>.<random>.tmp``), so
     that the owner of a directory can recognise and remove those of a writer that was killed.
-    Also on KeyboardInterrupt no temp file is left behind.
+    Also on KeyboardInterrupt no temp file is left behind. A full file system or quota (also when
+    torch or numpy word it as a short write) raises :class:`~deepsports.errors.DiskFullError` naming
+    ``what`` (default: the file name), the path and the free space; ``path`` is then untouched.
     """
     path = Path(path)
+    what = what or path.name
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}." if temp_prefix is None else temp_prefix
-    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=temp_suffix, dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=temp_suffix, dir=path.parent)
+    except OSError as exc:
+        _raise_if_full(exc, path, what, None)
+        raise
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+    except (OSError, RuntimeError) as exc:
+        try:
+            _raise_if_full(exc, path, what, tmp_name)  # before removing the temp file: its bytes are not free
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+        raise
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _raise_if_full(exc: BaseException, path: Path, what: str, tmp_name: str | None) -> None:
+    try:
+        written = os.path.getsize(tmp_name) if tmp_name else None
+    except OSError:
+        written = None
+    full = disk_full(exc, path, what, written)
+    if full is not None:
+        raise full from exc
 
 
 def read_torch_file(path: str | os.PathLike) -> Any:

@@ -2,7 +2,8 @@
 
 Runs ``mlflow run . --env-manager local -P epochs=N`` against the tracking store in
 ``$MLFLOW_TRACKING_URI`` (default ``sqlite:///mlflow.db``), then prints the run id, its test
-Spearman and how to open ``mlflow ui``.
+Spearman with its 95 % bootstrap interval (and the "with true difficulty" figure) and how to open
+``mlflow ui``.
 """
 
 from __future__ import annotations
@@ -52,13 +53,28 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
     experiment = client.get_experiment_by_name("deepsports")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     run = runs[0]
-    spearman = run.data.metrics.get("test_spearman")
+    metrics = run.data.metrics
     store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else redact_uri(uri)
     print("\n" + "=" * 72)
     print(f"run id:         {run.info.run_id}  (status {run.info.status}, {minutes:.1f} min)")
-    print(f"test Spearman:  {spearman:.4f}" if spearman is not None else "test Spearman:  (not evaluated)")
+    print(f"test Spearman:  {_with_interval(metrics)}")
     print(f"tracking store: {store}")
     print(f"compare runs:   {mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri {uri} "
           "--host 127.0.0.1 --port 5000   then open http://127.0.0.1:5000")
     print("=" * 72)
     return 0
+
+
+def _with_interval(metrics: dict[str, float]) -> str:
+    """``0.8550 [0.8012, 0.8957]  (w/ true DD: ...)`` from a run's logged test metrics."""
+    if "test_spearman" not in metrics:
+        return "(not evaluated)"
+
+    def one(name: str) -> str:
+        value, low, high = (metrics.get(f"test_{name}{suffix}") for suffix in ("", "_ci_low", "_ci_high"))
+        return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else "")
+
+    text = one("spearman")
+    if "test_spearman_dd" in metrics:
+        text += f"  (with true difficulty, the literature's protocol: {one('spearman_dd')}; 95% bootstrap CI)"
+    return text

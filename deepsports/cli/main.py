@@ -12,53 +12,27 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from deepsports.config import Config, config_fields, format_value, load_config
+from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
 log = logging.getLogger("deepsports")
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=None,
-                        help="experiment YAML: a path or a name under experiments/ (e.g. seed_best)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 topology=512,256")
-    group = parser.add_argument_group("config keys (the original train.py flags keep their names)")
-    for name, spec in config_fields().items():
-        multi = spec.kind in ("int_list", "float_list", "videos")
-        default = format_value(spec.default)
-        group.add_argument(f"--{name}", dest=f"cfg_{name}", default=None, nargs="+" if multi else None,
-                           metavar=name.upper(), help=f"{spec.help} [{default}; {spec.describe_allowed()}]")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Experiment file, then ``key=value`` overrides, then ``--key value`` flags (later wins)."""
-    from deepsports.config import parse_overrides
-
-    overrides = list(args.overrides or [])
-    flags: dict[str, Any] = {}
-    for name in config_fields():
-        raw = getattr(args, f"cfg_{name}", None)
-        if isinstance(raw, list):
-            # `--videos 01 02 epochs=3`: a list flag swallows the key=value overrides after it.
-            overrides += [item for item in raw if "=" in item]
-            raw = [item for item in raw if "=" not in item] or None
-            raw = " ".join(raw) if raw else None
-        if raw is not None:
-            flags[name] = raw
-    return load_config(args.config, {**parse_overrides(overrides), **flags}, overrides_source="the command line")
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.seeds is not None:
+        return _train_seeds(config_from_args(args), args.seeds)
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.slurm.jobs import requeue_if_slurm
-    from deepsports.train.distributed import detect
-    from deepsports.train.loop import train
 
-    config = config_from_args(args)
-    main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
+    # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.train.distributed import detect
+        from deepsports.train.loop import train
+
+        config = config_from_args(args)
+        main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
         try:
             result = train(config, stop_requested=flag.requested)
         except PreemptedError:
@@ -71,6 +45,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
                "resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(result.checkpoint_dir),
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _train_seeds(config: Config, n_seeds: int) -> int:
+    from deepsports.slurm.jobs import requeue_if_slurm
+    from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.train.seeds import train_seeds
+
+    with PreemptionFlag() as flag:
+        try:
+            result = train_seeds(config, n_seeds, stop_requested=flag.requested)
+        except PreemptedError:
+            requeue_if_slurm()
+            raise
+    print(json.dumps({"parent_run_id": result.run_id, "seeds": result.seeds, "run_ids": result.run_ids,
+                      **result.test_metrics}, indent=2))
     return 0
 
 
@@ -153,8 +143,10 @@ EXIT_CODES = (
     (3, "data: annotations, splits, videos or the clip cache missing or malformed"),
     (4, "checkpoint: unreadable, unsafe, or not fitting the model"),
     (5, "training failed: non-finite loss, out of memory, a data-loader worker died"),
-    (6, "storage: the MLflow store or the study storage cannot be opened or lacks what was asked for"),
+    (6, "storage: the MLflow store or the study storage cannot be opened or lacks what was asked for, or a full "
+        "disk / quota (the message names the path, the free space and what was written)"),
     (7, "SLURM: sbatch/scontrol missing or refused the request"),
+    (8, "the checkpoint_dir is in use by another live process (named: pid, host, since)"),
     (75, "stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume "
          "(under SLURM the job requeued itself)"),
     (130, "interrupted by Ctrl-C"),
@@ -184,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
     _add_config_arguments(p)
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train seeds seed..seed+N-1 as sibling runs under one parent that logs the mean, sd and "
+                        "95%% interval of every test metric")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="decode the videos once into the clip cache (resumable)")
@@ -220,15 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     for register in _extension_registrars():
-        register(sub)
+        register(sub, build_parser)
     return parser
 
 
 def _extension_registrars():
     """Subcommands owned by the study and SLURM modules (each module adds its own parser)."""
+    from deepsports.cli import evaluate as cli_evaluate
     from deepsports.cli import studies as cli_studies
 
-    return [cli_studies.register]
+    return [cli_studies.register, cli_evaluate.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

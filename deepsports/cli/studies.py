@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from deepsports.cli.status import add_status_parser, enqueue_reruns, missing_work
 from deepsports.errors import ConfigError, PreemptedError
 
 
@@ -80,26 +81,29 @@ def _tune_settings(args: argparse.Namespace):
 def _cmd_tune(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
-    if not args.under_workers:
-        _check_tune_args(args)  # once, before any worker, storage or study exists
     if args.workers > 1:
+        _check_tune_args(args)  # once, before any worker, storage or study exists
         if args.rerun_failed:  # queued once here, before the workers race to queue them
-            _enqueue_reruns(args.study_name, args.storage, args.rerun_causes)
+            enqueue_reruns(args.study_name, args.storage, args.rerun_causes)
         code = _run_local_workers(args)
         if code == 0:
             _print_study_summary(args)
         return code
-    from deepsports.train.distributed import detect
-
-    if detect().enabled:
-        raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
-                          "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-    from deepsports.slurm.jobs import requeue_if_slurm
     from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.tune.worker import tune
 
-    settings = _tune_settings(args)
+    # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        if not args.under_workers:
+            _check_tune_args(args)  # once, before any storage or study exists
+        from deepsports.train.distributed import detect
+
+        if detect().enabled:
+            raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
+                              "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
+        from deepsports.slurm.jobs import requeue_if_slurm
+        from deepsports.tune.worker import tune
+
+        settings = _tune_settings(args)
         try:
             summary = tune(settings, stop_requested=flag.requested)
         except PreemptedError:
@@ -226,81 +230,15 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _existing_study(name: str, storage: str):
-    """The study, or a ConfigError (exit 2) naming the study and the storage given."""
-    from deepsports.errors import StorageError
-    from deepsports.tune.report import load_existing_study
-
-    try:
-        return load_existing_study(name, storage)
-    except StorageError as exc:
-        raise ConfigError(f"study {name!r} (--storage {storage}): {exc}") from exc
-
-
-def _enqueue_reruns(name: str, storage: str, causes: list[str]) -> list[tuple[int, int]]:
-    from deepsports.tune.accounting import enqueue_reruns
-    from deepsports.tune.checks import check_causes
-
-    return enqueue_reruns(_existing_study(name, storage), check_causes(causes))
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    from deepsports.tune.status import render_text, study_status
-    from deepsports.tune.checks import check_study_name
-    from deepsports.tune.study import storage_label
-
-    check_study_name(args.study, "study")
-    doc = study_status(_existing_study(args.study, args.storage), storage_label(args.storage))
-    if args.json:
-        print(json.dumps(doc, indent=2, default=str))
-    else:
-        print(render_text(doc), end="")
-    return 0
-
-
-def _missing_work(args: argparse.Namespace, rest: list[str], storage: str, profile) -> int:
-    """``submit tune --missing``: how many array tasks the study still needs (queues the re-runs asked for).
-    ``storage`` is the one :func:`_check_submitted_tune` found (the job's arguments are checked there)."""
-    from deepsports.tune.checks import check_rerun
-
-    job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
-    _add_tune_arguments(job)
-    tune_args = job.parse_args(rest)
-    if tune_args.max_trials is None:
-        raise ConfigError("--missing: the tune arguments after `--` need --max-trials N (the study's size)")
-    causes = check_rerun(tune_args.rerun_failed, tune_args.rerun_causes)
-    if "://" not in storage and not Path(storage).expanduser().is_absolute() and profile.workdir:
-        storage = str(Path(os.path.expandvars(profile.workdir)).expanduser() / storage)  # where the job opens it
-    if "://" not in storage and not Path(storage).expanduser().is_file():
-        return tune_args.max_trials  # nothing run yet
-    import optuna
-
-    from deepsports.tune import accounting
-    from deepsports.tune.study import open_storage
-
-    try:
-        study = optuna.load_study(study_name=tune_args.study_name, storage=open_storage(storage))
-    except KeyError:
-        return tune_args.max_trials
-    reruns = 0
-    if tune_args.rerun_failed:
-        reruns = len(accounting.rerunnable(study, causes)) if args.dry_run else len(
-            accounting.enqueue_reruns(study, causes))
-    trials = study.get_trials(deepcopy=False)
-    left = accounting.work_left(trials, tune_args.max_trials, reruns if args.dry_run else 0)
-    if left == 0:
-        states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        print(f"study {tune_args.study_name!r} is complete ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
-              f"{states['FAIL']} failed of max_trials={tune_args.max_trials}; nothing runs or waits): nothing submitted")
-    return left
-
-
 def _cmd_best(args: argparse.Namespace) -> int:
+    from deepsports.tune.checks import check_study_name
     from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots, retrain_best
 
-    from deepsports.tune.checks import check_study_name
-
     check_study_name(args.study, "study")
+    if args.seeds is not None and not args.retrain:
+        raise ConfigError(f"--seeds {args.seeds} needs --retrain (it sets how many seeds the retraining runs)")
+    if args.seeds is not None and args.seeds < 2:
+        raise ConfigError(f"--seeds {args.seeds}: expected 2 or more (one seed is a plain --retrain)")
     study = load_existing_study(args.study, args.storage)
     best = best_trial(study)
     path = export_best(best, args.out or Path("experiments") / f"{args.study}_best.yaml")
@@ -311,8 +249,19 @@ def _cmd_best(args: argparse.Namespace) -> int:
     if args.retrain:
         from deepsports.config import parse_overrides
 
-        trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
-        result["retrain"] = {"run_id": trained.run_id, **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
+        if args.seeds is not None:
+            import functools
+
+            from deepsports.train.seeds import train_seeds
+
+            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides),
+                                   train_fn=functools.partial(train_seeds, n_seeds=args.seeds))
+            result["retrain"] = {"parent_run_id": trained.run_id, "seeds": trained.seeds, "run_ids": trained.run_ids,
+                                 **trained.test_metrics}
+        else:
+            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
+            result["retrain"] = {"run_id": trained.run_id,
+                                 **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -331,9 +280,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     elif args.array_size or args.array_concurrency or args.storage or args.missing:
         raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
     else:
-        _check_submitted_config(args.kind, rest)
+        _check_submitted_config(args.kind, rest, args.build_parser)
     if args.missing:
-        left = _missing_work(args, rest, storage, profile)
+        job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
+        _add_tune_arguments(job)
+        left = missing_work(job.parse_args(rest), storage, profile, dry_run=args.dry_run)
         if left == 0:
             return 0
         kwargs["array_size"] = min(left, args.array_size or profile.array_size)
@@ -395,9 +346,9 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile) ->
     return resolve_storage(storage, source), f" ({source})"
 
 
-def _check_submitted_config(kind: str, rest: list[str]) -> None:
+def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]) -> None:
     """A train/prepare job's arguments build a valid config here before the job is submitted."""
-    from deepsports.cli.main import build_parser, config_from_args
+    from deepsports.cli.config_args import config_from_args
 
     parser = build_parser()
     for action in parser._subparsers._group_actions:  # argparse keeps the subcommand parsers there
@@ -406,8 +357,12 @@ def _check_submitted_config(kind: str, rest: list[str]) -> None:
     config_from_args(_strict(parser, kind).parse_args([kind, *rest]))
 
 
-def register(sub) -> None:
-    """Add the study and SLURM subcommands to the ``deepsports`` parser."""
+def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """Add the study and SLURM subcommands to the ``deepsports`` parser.
+
+    ``build_parser`` makes the whole parser (cli/main.py passes it in, so that this module never imports
+    it back): ``submit`` parses a job's arguments with it as the job will.
+    """
     from deepsports.tune.settings import DEFAULT_STORAGE, STORAGE_ENV
 
     p = sub.add_parser("tune", help="run trials of an Optuna study (each a child MLflow run of the study's run)")
@@ -421,17 +376,13 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="with --retrain: N seeds as sibling runs under one parent (mean, sd, 95%% interval)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the retraining run")
     p.set_defaults(func=_cmd_best)
 
-    p = sub.add_parser("status", help="what happened to every trial of a study: states, failures by cause, "
-                                      "pauses, retries, compute spent and lost, best")
-    p.add_argument("study", help="study name")
-    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
-                   help=f"Optuna storage of the study [${STORAGE_ENV} or {DEFAULT_STORAGE}]")
-    p.add_argument("--json", action="store_true", help="one JSON document (keys: README, Watching a study)")
-    p.set_defaults(func=_cmd_status)
+    add_status_parser(sub)
 
     p = sub.add_parser("submit", help="render an sbatch script from a profile and submit it (or --dry-run)")
     p.add_argument("kind", choices=("tune", "train", "prepare"))
@@ -447,4 +398,4 @@ def register(sub) -> None:
                         "+ re-runs asked for, at most --array-size/profile); submit nothing when it is complete")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
                    help="after --, the deepsports arguments of the job, e.g. -- head --study s1 --max-trials 32")
-    p.set_defaults(func=_cmd_submit)
+    p.set_defaults(func=_cmd_submit, build_parser=build_parser)

@@ -71,7 +71,8 @@ def is_temp_file(path: Path) -> bool:
 
 def _atomic_write(path: Path, write: Any) -> None:
     # Temp names ".<name>.<pid>.<random>.tmp" (is_temp_file): prepare removes those of a killed writer.
-    atomic_write(path, write, temp_prefix=f".{path.name}.{os.getpid()}.", temp_suffix=_TEMP_SUFFIX)
+    atomic_write(path, write, temp_prefix=f".{path.name}.{os.getpid()}.", temp_suffix=_TEMP_SUFFIX,
+                 what=f"clip cache file {path.name}")
 
 
 def write_clip(path: Path, frames: np.ndarray) -> int:

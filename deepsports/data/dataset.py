@@ -12,7 +12,9 @@ then follow the original's geometry:
 - otherwise: resize the whole 16:9 frame to a ``spatial_size`` square (the original's
   ``T.resize(clip, (S, S))``, which does not keep the aspect ratio).
 
-Then scale to [0, 1] and, with ``normalize``, subtract the original's mean and divide by its std.
+Items stay uint8: scaling to [0, 1] and, with ``normalize``, subtracting the original's mean and
+dividing by its std (:func:`input_affine`) happen on the training device
+(:mod:`deepsports.train.video_input`), so workers collate, pin and copy a quarter of the bytes.
 (The original normalised before cropping/resizing; both are per-channel affine maps that commute with
 crop and with the weight-normalised resize, so the order only changes rounding.)
 
@@ -55,6 +57,16 @@ def clip_target(final_score: float, difficulty: float) -> torch.Tensor:
     return torch.tensor([final_score / difficulty / SCORE_SCALE, difficulty], dtype=torch.float32)
 
 
+def input_affine(normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (3,) ``scale`` and ``bias`` with ``x * scale + bias`` = x / 255 (then - mean) / std per channel."""
+    if normalize:
+        std, mean = np.array(NORMALIZE_STD), np.array(NORMALIZE_MEAN)
+        scale, bias = 1.0 / (255.0 * std), -mean / std
+    else:
+        scale, bias = np.full(3, 1.0 / 255.0), np.zeros(3)
+    return scale.astype(np.float32), bias.astype(np.float32)
+
+
 def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 (T, C, H, W) -> uint8 (T, C, *size); uint8 channels-last is torch's fast antialiased path."""
     if tuple(frames.shape[-2:]) == tuple(size):
@@ -65,7 +77,7 @@ def _resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class ClipDataset(Dataset):
     """Clips of the cache as model inputs.
 
-    ``__getitem__(i)`` returns ``dict(video=float32 (C, T, S, S), target=float32 (2,), video_id=int,
+    ``__getitem__(i)`` returns ``dict(video=uint8 (C, T, S, S), target=float32 (2,), video_id=int,
     clip_id=int, final_score=float, difficulty=float)`` with T = ``frame_num``, S = ``spatial_size``.
     ``clips`` are annotations with ``video, clip, start_frame, end_frame, difficulty, final_score``.
     """
@@ -94,25 +106,11 @@ class ClipDataset(Dataset):
         if data_aug and min(self.crop_size) < spatial_size:
             raise DataError(f"cannot crop {spatial_size} px out of {self.crop_size} frames")
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        # uint8 -> float32: x * scale + bias per channel, i.e. x / 255 (then - mean) / std.
-        # Done in numpy: torch spreads such small elementwise ops over threads, which costs more than
-        # the work itself on a busy CPU (the training loop's process with num_workers=0).
-        if normalize:
-            std, mean = np.array(NORMALIZE_STD), np.array(NORMALIZE_MEAN)
-            scale, bias = 1.0 / (255.0 * std), -mean / std
-        else:
-            scale, bias = np.full(3, 1.0 / 255.0), np.zeros(3)
-        self._scale = scale.astype(np.float32).reshape(3, 1, 1, 1)
-        self._bias = bias.astype(np.float32).reshape(3, 1, 1, 1)
 
-    def _to_float(self, video: torch.Tensor) -> torch.Tensor:
-        """uint8 (T, C, S, S), any strides -> float32 (C, T, S, S) contiguous, scaled and normalised."""
-        frames = video.numpy().transpose(1, 0, 2, 3)
-        out = np.empty(frames.shape, dtype=np.float32)
-        np.copyto(out, frames, casting="unsafe")
-        out *= self._scale
-        out += self._bias
-        return torch.from_numpy(out)
+    @staticmethod
+    def _channels_first(video: torch.Tensor) -> torch.Tensor:
+        """uint8 (T, C, S, S), any strides -> uint8 (C, T, S, S) contiguous (one copy)."""
+        return video.permute(1, 0, 2, 3).contiguous()
 
     @classmethod
     def from_config(cls, config: Config, clips: Sequence[Any], cache: CacheIndex, *, train: bool) -> "ClipDataset":
@@ -164,6 +162,6 @@ class ClipDataset(Dataset):
                 video = video.flip(-1)
         else:
             video = _resize(torch.from_numpy(frames[idx]).permute(0, 3, 1, 2), (size, size))
-        return {"video": self._to_float(video), "target": clip_target(clip.final_score, clip.difficulty),
+        return {"video": self._channels_first(video), "target": clip_target(clip.final_score, clip.difficulty),
                 "video_id": int(clip.video), "clip_id": int(clip.clip), "final_score": float(clip.final_score),
                 "difficulty": float(clip.difficulty)}

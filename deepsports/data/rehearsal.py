@@ -45,6 +45,7 @@ from deepsports.data.annotations import ClipAnnotation, load_annotations, load_s
 from deepsports.data.synth import MARKER, _sample_scene, difficulty
 from deepsports.data.synth_render import Canvas, Dive, Scene, background, render_clip
 from deepsports.errors import ConfigError, DataError
+from deepsports.fileio import atomic_write
 
 __all__ = ["REHEARSAL_VERSION", "BROADCAST_SIZE", "REHEARSAL_FPS", "MARGIN_FRAMES", "RehearsalReport",
            "packaged_mtl_aqa_files", "rehearsal_dive", "generate_rehearsal"]
@@ -172,10 +173,8 @@ def _encode_video(job: _VideoJob) -> tuple[int, int, float]:
         # Stretch the dive over the real clip length (nearest frame).
         return converted[(index - clip.start_frame + 1) * len(converted) // clip.num_frames]
 
-    final = Path(job.path)
-    temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    try:
-        with av.open(str(temp), mode="w", format="mp4") as container:
+    def write(handle: Any) -> None:
+        with av.open(handle, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=REHEARSAL_FPS, options=_x264_options())
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             for first in range(0, job.num_frames, KEYINT):
@@ -189,10 +188,11 @@ def _encode_video(job: _VideoJob) -> tuple[int, int, float]:
                     packet.pts = packet.dts = first + offset
                     packet.duration, packet.is_keyframe = 1, keyframe
                     container.mux(packet)
-        os.replace(temp, final)
+
+    try:
+        atomic_write(job.path, write)  # a temp file beside it, renamed when complete
     except (av.FFmpegError, OSError) as exc:
-        temp.unlink(missing_ok=True)
-        raise DataError(f"cannot write rehearsal video {str(final)!r}: {exc}") from exc
+        raise DataError(f"cannot write rehearsal video {job.path!r}: {exc}") from exc
     return job.video, job.num_frames, time.monotonic() - started
 
 
@@ -229,9 +229,8 @@ def _read_status(root: Path, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    text = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def _write_files(root: Path, sources: Sequence[Path], subset: Mapping[int, list[ClipAnnotation]],

@@ -250,6 +250,12 @@ def requeue_if_slurm() -> str | None:
     """
     if not slurm_env().get("SLURM_JOB_ID"):
         return None
-    requeued = requeue_self()
+    try:
+        requeued = requeue_self()
+    except SlurmError as exc:
+        # SLURM may be requeueing or ending the task itself (scontrol requeue, preemption, scancel: the
+        # SIGTERM that stopped us). The checkpoint is written and the trial paused either way.
+        print(f"deepsports: warning: this task was not requeued: {exc}", file=sys.stderr)
+        return None
     print(f"deepsports: requeued SLURM task {requeued}", file=sys.stderr)
     return requeued

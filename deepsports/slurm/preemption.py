@@ -6,21 +6,73 @@ only records the signal: checkpointing inside a signal handler could interrupt a
 optimizer step or a file write. The training loop polls :meth:`PreemptionFlag.requested` at step
 boundaries, saves its checkpoint, requeues (:func:`deepsports.slurm.requeue_self`) and exits.
 
+SLURM's SIGTERM (requeue, preemption, time limit), ``kill -- -<pgid>`` and Ctrl-C reach every process
+of the job or group at once: DataLoader workers ignore them (:func:`ignore_stop_signals`, forked
+inside :func:`stop_signals_blocked`), and a signal the batch shell trapped before Python ran arrives
+through ``$DEEPSPORTS_EARLY_SIGNAL`` when the flag is installed.
+
     with PreemptionFlag() as flag:
         train(config, stop_requested=flag.requested)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 from types import FrameType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from deepsports.errors import TrainingError
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+#: Signals a DataLoader worker ignores: SLURM (requeue, preemption, time limit), ``kill -- -<pgid>`` and a
+#: terminal's Ctrl-C signal the whole process group, and only the main process may act on them.
+WORKER_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+#: Set by the sbatch templates when a signal reached the batch shell before Python ran (see :meth:`install`).
+EARLY_SIGNAL_ENV = "DEEPSPORTS_EARLY_SIGNAL"
+
+
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
+    """``worker_init_fn`` of every DataLoader: the worker outlives the job's stop signals.
+
+    Without it SLURM's SIGTERM to every process of the job kills the workers first (torch's own
+    worker handler dies on a SIGTERM that its parent did not send), and the main process fails with
+    "DataLoader worker (pid ...) exited unexpectedly" instead of checkpointing. SIGUSR1 and SIGINT
+    are ignored. SIGTERM stays blocked (the worker was forked inside :func:`stop_signals_blocked`) and
+    a thread takes it: from the parent (torch's loader shutdown, multiprocessing's exit, which join the
+    worker after it) it ends the worker at once, from anyone else it is dropped. The main process
+    shuts its loaders down itself once it stopped; a worker whose parent died exits on its own.
+    """
+    quiet = tuple(sig for sig in WORKER_IGNORED_SIGNALS if sig != signal.SIGTERM)
+    for sig in quiet:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, quiet)
+    threading.Thread(target=_exit_on_parents_sigterm, args=(os.getppid(),), name="deepsports-sigterm",
+                     daemon=True).start()
+
+
+def _exit_on_parents_sigterm(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(0)  # as torch's worker handler does: the parent is shutting the loader down
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread while DataLoader workers are forked (they inherit the mask).
+
+    A signal that arrives meanwhile is delivered to the main process when the block ends, or to
+    another of its threads at once (Python runs the handler in the main thread either way).
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -49,6 +101,15 @@ class PreemptionFlag:
         self._owner_pid = os.getpid()
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        early = os.environ.pop(EARLY_SIGNAL_ENV, "")
+        for name in early.split():
+            # The batch shell trapped it before exec'ing us (slurm/templates): act as if it came now.
+            try:
+                sig = signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+            except KeyError:
+                continue
+            if sig in self.signals:
+                self._handle(sig, None)
         return self
 
     def restore(self) -> None:
@@ -65,10 +126,9 @@ class PreemptionFlag:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._owner_pid:
-            # A forked child (a DataLoader worker) inherits this handler; it must still die on SIGTERM,
-            # or SLURM's kill and the loader's own shutdown would leave it running until SIGKILL.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            # A forked child (a DataLoader worker before its worker_init_fn ran) inherits this handler:
+            # the signal is the main process's to act on (see ignore_stop_signals).
+            signal.signal(signum, signal.SIG_IGN)
             return
         if self._signum is None:
             self._signum = signum

@@ -20,7 +20,7 @@ import requests  # an MLflow dependency
 import sqlalchemy.exc  # an MLflow dependency
 from mlflow.exceptions import MlflowException
 
-from deepsports.errors import StorageError
+from deepsports.errors import StorageError, disk_full
 
 log = logging.getLogger("deepsports.tracking")
 
@@ -145,6 +145,9 @@ def call_with_retry(what: str, uri: str, fn: Callable[..., _T], *args: Any, poli
             ceiling = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
             delay = random.uniform(ceiling / 2, ceiling)
             transient = is_transient(exc)
+            full = disk_full(exc, _store_path(uri), f"{what} (tracking store {redact_uri(uri)})")
+            if full is not None:
+                raise full from exc  # retrying cannot help, and the message must say why
             if not transient or attempt == policy.max_attempts or slept + delay > policy.max_total_sleep_s:
                 tries = f" after {attempt} attempts" if transient else ""
                 raise StorageError(f"{what} failed on tracking store {redact_uri(uri)}{tries}: "
@@ -154,6 +157,15 @@ def call_with_retry(what: str, uri: str, fn: Callable[..., _T], *args: Any, poli
             time.sleep(delay)
             slept += delay
     raise AssertionError("unreachable")
+
+
+def _store_path(uri: str) -> str:
+    """The file a ``sqlite:///`` or ``file:`` store lives in (where a full disk matters), else the cwd
+    (where MLflow puts local artifacts)."""
+    for prefix in ("sqlite:///", "file://"):
+        if uri.startswith(prefix):
+            return uri[len(prefix):] or "."
+    return os.getcwd() if "://" in uri else uri
 
 
 def _first_line(exc: BaseException) -> str:

@@ -42,7 +42,8 @@ _TMP_PREFIX = ".tmp-"
 
 def _atomic_write(path: Path, write) -> Path:
     # ".tmp-" temp names: _remove_stale_temp_files removes those of a writer killed mid-write.
-    return atomic_write(path, write, temp_prefix=f"{_TMP_PREFIX}{Path(path).name}.", temp_suffix="")
+    return atomic_write(path, write, temp_prefix=f"{_TMP_PREFIX}{Path(path).name}.", temp_suffix="",
+                        what=f"checkpoint {Path(path).name}")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

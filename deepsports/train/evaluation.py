@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deepsports.train.distributed import SINGLE, DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows
 from deepsports.errors import TrainingError
+from deepsports.slurm.preemption import ignore_stop_signals, stop_signals_blocked
 from deepsports.train.losses import SCORE_SCALE
 from deepsports.train.metrics import regression_metrics
 from deepsports.train.runtime import Runtime
@@ -44,8 +45,11 @@ class _WorkerCheckedLoader(DataLoader):
     """A DataLoader whose worker failures surface as one :class:`TrainingError` (see :func:`_checked`)."""
 
     def __iter__(self) -> Iterator[Any]:
-        iterator = super().__iter__()
-        return _checked(iterator) if self.num_workers else iterator
+        if not self.num_workers:
+            return super().__iter__()
+        with stop_signals_blocked():  # the workers start here (see ignore_stop_signals)
+            iterator = super().__iter__()
+        return _checked(iterator)
 
 
 #: How torch words an exception re-raised from a worker, and a worker that died (segfault, OOM killer).
@@ -80,12 +84,14 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: Sa
     """A DataLoader over ``dataset``; with ``batch_sampler`` (e.g. :class:`ShardedBatchSampler`) the
     batches are its index lists and ``batch_size``/``sampler``/``drop_last`` are not used."""
     prefetch = 4 if num_workers else None
+    # Workers ignore the job's stop signals (SLURM sends them to every process): the main process
+    # stops at the next step boundary, checkpoints and shuts the workers down.
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, prefetch_factor=prefetch,
+                  worker_init_fn=ignore_stop_signals if num_workers else None)
     if batch_sampler is not None:
-        return _WorkerCheckedLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                    pin_memory=pin_memory, persistent_workers=False, prefetch_factor=prefetch)
+        return _WorkerCheckedLoader(dataset, batch_sampler=batch_sampler, **common)
     return _WorkerCheckedLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-                                num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-                                prefetch_factor=prefetch)
+                                **common)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, env: DistEnv = SINGLE,
@@ -104,6 +110,9 @@ class Predictions:
     true_difficulty: np.ndarray
     pred_difficulty: np.ndarray
     loss: float
+    #: Predicted execution (final / difficulty, ``out0 * 30``): times the true difficulty it is the
+    #: literature's "w/ DD" score (:mod:`deepsports.train.quality`).
+    pred_execution: np.ndarray | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         return [dict(video=int(v), clip=int(c), true_score=float(ts), pred_score=float(ps), true_difficulty=float(td),
@@ -130,11 +139,11 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_f
     all_sizes = batch_sampler.global_sizes if isinstance(batch_sampler, ShardedBatchSampler) else None
     was_training = gmodel.training
     gmodel.eval()
-    cols: dict[str, list] = {k: [] for k in ("meta", "ps", "pd")}
+    cols: dict[str, list] = {k: [] for k in ("meta", "ps", "pd", "pe")}
     loss_sum, count = 0.0, 0
     try:
         for i, batch in enumerate(loader):
-            video = batch["video"].to(runtime.device, non_blocking=True)
+            video = runtime.video_input(batch["video"])
             sizes = all_sizes[i] if all_sizes is not None else [len(video)]
             with runtime.autocast():
                 out = gmodel(video, sizes)
@@ -149,6 +158,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_f
             cols["meta"].append(meta.cpu().numpy())
             cols["ps"].append((out[:, 0] * out[:, 1] * SCORE_SCALE).double().cpu().numpy())
             cols["pd"].append(out[:, 1].double().cpu().numpy())
+            cols["pe"].append((out[:, 0] * SCORE_SCALE).double().cpu().numpy())
     finally:
         gmodel.train(was_training)
     meta_all = np.concatenate(cols["meta"]) if cols["meta"] else np.zeros((0, 4))
@@ -156,4 +166,5 @@ def predict(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, loss_f
                        true_score=meta_all[:, 2], pred_score=np.concatenate(cols["ps"]) if cols["ps"] else np.zeros(0),
                        true_difficulty=meta_all[:, 3],
                        pred_difficulty=np.concatenate(cols["pd"]) if cols["pd"] else np.zeros(0),
-                       loss=loss_sum / count if count else math.nan)
+                       loss=loss_sum / count if count else math.nan,
+                       pred_execution=np.concatenate(cols["pe"]) if cols["pe"] else np.zeros(0))

@@ -32,7 +32,8 @@ from deepsports.train.evaluation import EpochSampler, eval_loader, make_loader, 
 from deepsports.train.losses import aqa_loss
 from deepsports.model import build_model
 from deepsports.train.optim import build_optimizer, build_scheduler
-from deepsports.train.reporting import log_final_artifacts
+from deepsports.train.dir_lock import checkpoint_dir_lock
+from deepsports.train.reporting import EpochMetricLog, log_final_artifacts
 from deepsports.train.runtime import select_runtime, seed_everything, setup_logging
 
 log = logging.getLogger("deepsports.train")
@@ -139,7 +140,9 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
     env = distributed.setup(use_cuda, config.dist_backend)
     hooks = TrainHooks(epoch_callback=epoch_callback, stop_requested=stop_requested, fault_hook=fault_hook)
     try:
-        return _train_process(config, env, hooks, parent_run_id=parent_run_id, tags=tags)
+        # One process per checkpoint_dir (rank 0 speaks for its job): a second would resume the same run.
+        with checkpoint_dir_lock(_resolve_checkpoint_dir(config) if env.is_main else None):
+            return _train_process(config, env, hooks, parent_run_id=parent_run_id, tags=tags)
     finally:
         if owns_group:
             distributed.teardown(env)
@@ -230,6 +233,7 @@ class _Run:
     start_epoch: int = 1
     start_step: int = 0
     partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "clips": 0, "seconds": 0.0})
+    epoch_log: EpochMetricLog | None = None  # set by _restore: what MLflow already holds
 
     def state(self, epoch: int, step: int, partial_now: dict | None) -> dict:
         """The checkpoint's contents."""
@@ -312,7 +316,9 @@ def _restore(run: _Run, resume_state: dict | None) -> None:
         tracker.log_dict(data.split, "split.json")
         tracker.log_text(config.to_yaml(), "config.yaml")
     # Epochs the checkpoint holds but MLflow missed (killed between checkpoint and logging).
-    _log_missing_epochs(tracker, run.history)
+    run.epoch_log = EpochMetricLog(tracker, EPOCH_METRICS)
+    for row in run.history:
+        run.epoch_log.log(row, int(row["epoch"]))
     log.info("run %s: %d train / %d val / %d test clips, %s trainable of %s parameters, device %s", run.run_id,
              len(data.train), len(data.val), len(data.test), f"{trainable:,}", f"{total_params:,}",
              run.runtime.device_name)
@@ -338,7 +344,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float,
     step = first_step
     try:
         for batch, sizes in zip(loader, batches.global_sizes):
-            video = batch["video"].to(runtime.device, non_blocking=True)
+            video = runtime.video_input(batch["video"])
             target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
             hooks.fault("step", step)
             with runtime.autocast():
@@ -391,7 +397,7 @@ def _report_epoch(run: _Run, epoch: int, acc: dict, tick: float, train_seconds: 
     if env.is_main:
         run.manager.save(epoch, run.state(epoch + 1, 0, None), is_best=is_best)
     hooks.fault("log", epoch)
-    run.tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+    run.epoch_log.log(row, epoch)  # once per step, also when resumed from an older checkpoint
     log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s)", epoch,
              config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"], row["clips_per_s"],
              epoch_seconds)
@@ -422,15 +428,6 @@ def _check_same_config(path: Path, saved_values: dict, config: Config) -> None:
     if diff:
         raise CheckpointError(f"{path}: the checkpoint was written with a different config "
                               f"({', '.join(diff)} differ); use another checkpoint_dir or resume=never")
-
-
-def _log_missing_epochs(tracker: "tracking.RunTracker", history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    logged = tracker.logged_steps("val_spearman")
-    for row in history:
-        if row["epoch"] not in logged:
-            tracker.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=int(row["epoch"]))
 
 
 def load_training_checkpoint(path: str | Path) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import deepsports
-from deepsports.train import plots
+from deepsports.train import plots, quality
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import Config
@@ -56,16 +56,45 @@ def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: t
                                title=f"{name}: Spearman {metrics['spearman']:.3f} (best epoch)")
             tracker.log_artifact(scatter, "plots")
             if name == "test":
-                test_metrics = metrics
-                tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=config.epochs)
-                log.info("test: spearman %.4f rel_l2 %.4f mse %.3f difficulty_mae %.4f", metrics["spearman"],
-                         metrics["rel_l2"], metrics["mse"], metrics["difficulty_mae"])
+                # Both protocols, bootstrap intervals and the per-group table, on these same predictions.
+                report = quality.assess(preds, dataset.clips)
+                test_metrics = report.metrics
+                quality.log_report(tracker, "test", report, config.epochs, tmp_dir)
+                log.info("test: spearman %s rel_l2 %.4f mse %.3f difficulty_mae %.4f",
+                         quality.summary_line(report.prefixed("test")), metrics["rel_l2"], metrics["mse"],
+                         metrics["difficulty_mae"])
         if config.log_checkpoint and manager.best_path.exists():
             tracker.log_artifact(manager.best_path, "checkpoints")
         if config.log_model and env.is_main:
-            example = next(iter(make_loader(data.val, 1, 0)))["video"][:1]
+            example = runtime.video_input(next(iter(make_loader(data.val, 1, 0)))["video"][:1]).cpu()
             model_cpu = model.to("cpu").eval()
             # Ship the package with the pickled model so it loads where deepsports is not installed.
             tracker.log_model(model_cpu, example, code_paths=[str(Path(deepsports.__file__).parent)])
             model.to(runtime.device)
     return test_metrics
+
+
+class EpochMetricLog:
+    """Logs each per-epoch metric at most once per step, also across resumes.
+
+    MLflow cannot delete a metric point. A run resumed from an older checkpoint than its newest
+    logged epoch (the newest checkpoint was truncated, corrupt or deleted) trains those epochs again;
+    their first logged values stay and the re-run's are not logged (the log says so). An epoch the
+    checkpoint holds but MLflow missed (killed between checkpoint and logging) is logged on resume.
+    """
+
+    def __init__(self, tracker: "tracking.RunTracker", keys: tuple[str, ...]):
+        self.tracker, self.keys = tracker, keys
+        # One query per key on a resumed run: any key may hold steps the others lack (an older version's
+        # logging, a failed batch); a fresh run answers with empty histories.
+        self.logged = {key: tracker.logged_steps(key) for key in keys}
+
+    def log(self, row: dict[str, float], epoch: int) -> None:
+        fresh = {key: row[key] for key in self.keys if epoch not in self.logged[key]}
+        if len(fresh) < len(self.keys):
+            log.info("epoch %d was logged before the checkpoint this run resumed from: keeping the values logged "
+                     "then for %d metric(s), not logging the re-run's", epoch, len(self.keys) - len(fresh))
+        if fresh:
+            self.tracker.log_metrics(fresh, step=epoch)
+            for key in fresh:
+                self.logged[key].add(epoch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from deepsports.config import Config
+from deepsports.train.video_input import VideoInput
 
 log = logging.getLogger("deepsports")
 
@@ -44,6 +46,12 @@ class Runtime:
     device_name: str
     amp_dtype: torch.dtype | None  # None = full fp32
     use_grad_scaler: bool
+    normalize: bool  # config.normalize: the loader's uint8 clips are scaled (and normalised) on the device
+
+    @functools.cached_property
+    def video_input(self) -> VideoInput:
+        """uint8 (B, C, T, H, W) batch -> the model's float32 input on :attr:`device`."""
+        return VideoInput(self.normalize, self.device)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -71,4 +79,5 @@ def select_runtime(config: Config, device: torch.device | None = None) -> Runtim
         log.warning("precision=fp16 is not supported on the CPU: using fp32")
         precision = "fp32"
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Runtime(device=device, device_name=name, amp_dtype=amp, use_grad_scaler=precision == "fp16")
+    return Runtime(device=device, device_name=name, amp_dtype=amp, use_grad_scaler=precision == "fp16",
+                   normalize=config.normalize)

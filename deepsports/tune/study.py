@@ -3,7 +3,8 @@
 Storages (:func:`open_storage`), given as a path or URL:
 
 * a plain path (default ``optuna-journal.log``): ``JournalStorage(JournalFileBackend(path))``, an
-  append-only log with a symlink lock, safe on NFS where SQLite locking is not;
+  append-only log with a symlink lock, safe on NFS where SQLite locking is not; a record torn by a
+  writer killed mid-append is set aside (:mod:`deepsports.tune.journal`);
 * ``sqlite:///file.db``, ``postgresql://...``, ``mysql://...``: ``RDBStorage`` with a heartbeat; a
   trial whose worker stops beating (killed, node lost) is failed by the next worker and queued again
   with the same params (:class:`deepsports.recovery.StaleTrialRetry`, a
@@ -70,7 +71,9 @@ def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, gr
         if not scheme:
             path = Path(text).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+            from deepsports.tune.journal import TornTailJournalBackend
+
+            return optuna.storages.JournalStorage(TornTailJournalBackend(str(path)))
         # SQLite: wait up to 60 s for the write lock instead of failing with "database is locked".
         engine_kwargs = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else None
         with warnings.catch_warnings():  # heartbeat and the retry callback are flagged experimental

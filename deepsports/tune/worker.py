@@ -57,7 +57,8 @@ from deepsports.tune import status as study_status
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
-from deepsports.errors import CheckpointError, ConfigError, DeepSportsError, PreemptedError, SearchSpaceError, StorageError, TrainingError
+from deepsports.errors import (CheckpointError, ConfigError, DeepSportsError, DiskFullError, PreemptedError,
+                               SearchSpaceError, StorageError, TrainingError)
 from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.checks import check_overrides
@@ -190,6 +191,13 @@ class _Worker:
                 if not heartbeat.lost:
                     self._pause(trial)
                     raise
+            except DiskFullError:
+                # Not the trial's fault, and every next trial would fail the same way: this worker stops,
+                # and the trial waits (paused) to resume from its newest good checkpoint once space is freed.
+                heartbeat.stop()
+                if not heartbeat.lost:
+                    self._pause_if_possible(trial)
+                raise
             except UpdateFinishedTrialError:
                 pass  # swept as dead while we ran (see heartbeat.lost)
             except BaseException as exc:
@@ -241,6 +249,13 @@ class _Worker:
             trial.set_user_attr(key, value)
         except UpdateFinishedTrialError:
             pass
+
+    def _pause_if_possible(self, trial: optuna.Trial) -> None:
+        try:
+            self._pause(trial)
+        except (OSError, StorageError) as exc:  # the study storage may sit on the full disk too
+            log.warning("could not pause trial %d (%s); it stays RUNNING until the heartbeat sweep of a later "
+                        "worker retries it", trial.number, exc)
 
     def _pause(self, trial: optuna.Trial) -> None:
         frozen = self.study._storage.get_trial(trial._trial_id)

@@ -29,7 +29,8 @@ def _parse(argv: list[str]):
 
 def test_every_tune_flag_is_a_settings_field():
     dests = {action.dest for action in _tune_parser()._actions if action.dest != "help"}
-    assert dests == set(tune_options()) | {"workers"}  # --workers starts processes; it is not a worker's setting
+    # --workers starts processes and --under-workers tells a started one so: neither is a worker's setting.
+    assert dests == set(tune_options()) | {"workers", "under_workers"}
     assert set(tune_options()) <= {f.name for f in dataclasses.fields(TuneSettings)}
 
 

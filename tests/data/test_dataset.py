@@ -13,7 +13,7 @@ from deepsports.config import build_config
 from deepsports.data import ClipDataset, build_datasets, prepare_cache, sample_indices, split_train_val
 from deepsports.data.annotations import ClipAnnotation, annotation_fingerprint, save_annotations, save_split
 from deepsports.data.cache import CacheIndex, CachedClip, write_clip
-from deepsports.data.dataset import NORMALIZE_MEAN, NORMALIZE_STD, intermediate_size
+from deepsports.data.dataset import intermediate_size
 from deepsports.errors import DataError
 from tests.data.test_prepare import make_counter_dataset, read_counter
 
@@ -48,8 +48,9 @@ def coordinate_cache(tmp_path: Path) -> tuple[CacheIndex, list[ClipAnnotation]]:
 
 
 def _pixels(video: torch.Tensor) -> np.ndarray:
-    """float (C, T, S, S) in [0, 1] -> uint8-valued (T, S, S, C)."""
-    return np.rint(video.permute(1, 2, 3, 0).numpy() * 255).astype(np.int64)
+    """uint8 (C, T, S, S) -> int64 (T, S, S, C)."""
+    assert video.dtype == torch.uint8
+    return video.permute(1, 2, 3, 0).numpy().astype(np.int64)
 
 
 def _dataset(cache, clips, **kw) -> ClipDataset:
@@ -60,7 +61,7 @@ def _dataset(cache, clips, **kw) -> ClipDataset:
 def test_item_shapes_dtypes_and_targets(coordinate_cache) -> None:
     cache, clips = coordinate_cache
     item = _dataset(cache, clips)[1]
-    assert item["video"].shape == (3, 6, S, S) and item["video"].dtype == torch.float32
+    assert item["video"].shape == (3, 6, S, S) and item["video"].dtype == torch.uint8  # converted on the device
     assert item["video"].is_contiguous()
     assert item["target"].dtype == torch.float32
     # [final_score / difficulty / 30, difficulty]: 62 / 2.5 / 30
@@ -114,14 +115,10 @@ def test_without_data_aug_the_whole_frame_is_squeezed_to_a_square(coordinate_cac
     assert green[0] <= 1 and green[-1] >= CROP[0] - 2
 
 
-def test_normalize_uses_the_originals_mean_and_std(coordinate_cache) -> None:
+def test_items_stay_uint8_whatever_normalize(coordinate_cache) -> None:
+    """Normalisation happens on the training device (tests/train/test_video_input.py), not in the workers."""
     cache, clips = coordinate_cache
-    plain = _dataset(cache, clips)[2]["video"]
-    normalized = _dataset(cache, clips, normalize=True)[2]["video"]
-    mean = torch.tensor(NORMALIZE_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(NORMALIZE_STD).view(3, 1, 1, 1)
-    assert NORMALIZE_MEAN == (0.2719, 0.4617, 0.5961) and NORMALIZE_STD == (0.1870, 0.1881, 0.2604)
-    assert torch.allclose(normalized, (plain - mean) / std, atol=1e-5)
+    assert torch.equal(_dataset(cache, clips)[2]["video"], _dataset(cache, clips, normalize=True)[2]["video"])
 
 
 def test_dataset_refuses_clips_the_cache_lacks_or_holds_with_another_range(coordinate_cache) -> None:
@@ -226,6 +223,33 @@ def test_build_datasets_splits_the_train_split_with_the_seed_and_records_it(mtl_
     other = build_datasets(config.replace(seed=2), progress=False)
     assert other.split["val"] != bundle.split["val"] and other.split["test"] == bundle.split["test"]
     assert other.fingerprint["split_sha256"] != bundle.fingerprint["split_sha256"]
+
+
+@pytest.mark.parametrize("overrides,frame_size", [
+    ({}, (S, S)),  # fit, no data_aug: the squeezed square training reads
+    ({"data_aug": True}, CROP),  # fit with crops: the 16:9 frame they are cut from
+    ({"cache_geometry": "original"}, (256, 455)),  # the original's intermediate, whatever spatial_size
+    ({"cache_height": 40}, (40, 71)),  # explicit pixels win
+])
+def test_cache_geometry_follows_what_training_reads(mtl_layout, tmp_path: Path, overrides, frame_size) -> None:
+    config = build_config({**mtl_layout, "cache_dir": str(tmp_path), **overrides})
+    assert config.frame_size == frame_size
+    bundle = build_datasets(config, progress=False)
+    height, width = frame_size
+    assert bundle.cache.frame_size == frame_size and bundle.cache.directory.parent.name == f"{height}x{width}"
+    for entry in bundle.cache.clips.values():
+        assert entry.shape == (entry.end_frame - entry.start_frame + 1, height, width, 3)
+        assert entry.path.stat().st_size == 128 + entry.num_frames * height * width * 3  # .npy header + pixels
+    # Whatever the cache holds, training reads the same frames at the same size (crops cut the stripes).
+    for dataset in (bundle.train, bundle.test):
+        for index in range(len(dataset)):
+            item = dataset[index]
+            assert item["video"].shape == (3, 4, S, S) and item["video"].dtype == torch.uint8
+            clip = dataset.clips[index]
+            if config.data_aug:
+                continue
+            expected = sample_indices("spaced_fixed", clip.num_frames, 4, clip.start_frame, None) - 1
+            assert read_counter(item["video"].permute(1, 2, 3, 0).numpy()) == expected.tolist(), clip.key
 
 
 def test_build_datasets_filters_videos(mtl_layout, tmp_path: Path) -> None:

@@ -40,8 +40,9 @@ def cache_dir(tiny_cache_dir) -> Path:
 
 
 def _submit(tmp_path: Path, cache_dir: Path, storage: str, *, array_size: int, concurrency: int, max_trials: int,
-            epochs: int, extra: tuple[str, ...] = ()) -> tuple[str, str]:
-    """``deepsports submit tune`` from a profile in tmp_path; returns (array job id, tracking URI)."""
+            epochs: int, extra: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> tuple[str, str]:
+    """``deepsports submit tune`` from a profile in tmp_path; returns (array job id, tracking URI). ``drop``:
+    tiny settings left at their defaults."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     profile = {"partition": "debug", "time": "10", "cpus_per_task": 1, "mem": "2G", "grace_seconds": 30,
                "array_size": array_size, "array_concurrency": concurrency, "logdir": str(tmp_path / "logs"),
@@ -50,7 +51,8 @@ def _submit(tmp_path: Path, cache_dir: Path, storage: str, *, array_size: int, c
     (tmp_path / "profile.yaml").write_text(yaml.safe_dump(profile))
     (tmp_path / "space.yaml").write_text(textwrap.dedent(SPACE))
     settings = {**TINY, "cache_dir": str(cache_dir), "epochs": epochs, "evaluate": "false"}
-    sets = [arg for key, value in settings.items() if key != "learning_rate" for arg in ("--set", f"{key}={value}")]
+    sets = [arg for key, value in settings.items() if key not in ("learning_rate", *drop)
+            for arg in ("--set", f"{key}={value}")]
     proc = run_checked(deepsports_cmd(
         "submit", "tune", "--profile", str(tmp_path / "profile.yaml"), "--storage", storage, "--job-name", "t",
         "--", str(tmp_path / "space.yaml"), "--study", "s", "--max-trials", str(max_trials), "--pruner", "none",

@@ -1,0 +1,41 @@
+"""The config keys on a command line: ``--config FILE``, ``key=value`` overrides and one ``--key`` flag per
+config field (the original ``train.py`` flags keep their names). Shared by ``train``/``prepare``/``config``
+(cli/main.py) and ``submit``'s check of a job's arguments (cli/studies.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from deepsports.config import Config, config_fields, format_value, load_config
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None,
+                        help="experiment YAML: a path or a name under experiments/ (e.g. seed_best)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 topology=512,256")
+    group = parser.add_argument_group("config keys (the original train.py flags keep their names)")
+    for name, spec in config_fields().items():
+        multi = spec.kind in ("int_list", "float_list", "videos")
+        default = format_value(spec.default)
+        group.add_argument(f"--{name}", dest=f"cfg_{name}", default=None, nargs="+" if multi else None,
+                           metavar=name.upper(), help=f"{spec.help} [{default}; {spec.describe_allowed()}]")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Experiment file, then ``key=value`` overrides, then ``--key value`` flags (later wins)."""
+    from deepsports.config import parse_overrides
+
+    overrides = list(args.overrides or [])
+    flags: dict[str, Any] = {}
+    for name in config_fields():
+        raw = getattr(args, f"cfg_{name}", None)
+        if isinstance(raw, list):
+            # `--videos 01 02 epochs=3`: a list flag swallows the key=value overrides after it.
+            overrides += [item for item in raw if "=" in item]
+            raw = [item for item in raw if "=" not in item] or None
+            raw = " ".join(raw) if raw else None
+        if raw is not None:
+            flags[name] = raw
+    return load_config(args.config, {**parse_overrides(overrides), **flags}, overrides_source="the command line")

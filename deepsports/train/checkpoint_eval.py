@@ -1,0 +1,190 @@
+"""``deepsports evaluate``: score a run's checkpoint again, as a new MLflow run linked to it.
+
+The source is an MLflow run id (its logged ``checkpoints/best.pt`` artifact, else ``best.pt`` in
+the run's ``deepsports.checkpoint_dir``), a checkpoint file, or a checkpoint directory (its
+``best.pt``). The checkpoint's own config rebuilds the model and the data, and the evaluation goes
+through the very functions the end of ``train`` uses (:func:`~deepsports.train.evaluation.predict`,
+:func:`~deepsports.train.quality.assess`), so with the same code and data the test metrics equal the
+ones the training run logged, to the last bit.
+
+The new run is a child of the source run (when that run is in this tracking store), tagged
+``deepsports.evaluation_of_run``, and logs ``<split>_...`` metrics at the checkpoint's epoch, the
+predictions, the scatter plot and the per-group table.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from deepsports.config import Config, build_config
+from deepsports.errors import CheckpointError, ConfigError, StorageError
+
+log = logging.getLogger("deepsports.train")
+
+SPLITS = ("test", "val")
+
+#: Config keys ``evaluate`` may override: where the data and cache are, and how to run. None of them
+#: changes a prediction (``batch_size`` changes only the loss, whose Spearman term spans the batch).
+MAY_OVERRIDE = frozenset({"num_workers", "gpu", "cache_dir", "root_dir", "annotation_path", "train_path",
+                          "test_path", "loglevel", "batch_size", "experiment_name", "pretrained_model"})
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass
+class EvaluationResult:
+    run_id: str
+    source_run_id: str | None
+    checkpoint: Path
+    split: str
+    epoch: int
+    metrics: dict[str, float]
+    #: ``<split>_...`` metrics of the source run that differ from this evaluation (logged, now).
+    differs_from_logged: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def log_config(tracker, config: Config, leave_out: tuple[str, ...] = ()) -> None:
+    """Config keys as params, as ``train`` logs them: the location keys as ``deepsports.config.<key>`` tags."""
+    from deepsports.config import LOCATION_KEYS
+
+    params = {k: v for k, v in config.to_params().items() if k not in leave_out}
+    tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
+    tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS if k in params})
+
+
+def _source_run(tracker, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    from deepsports.tracking.store import call_with_retry
+
+    try:
+        return call_with_retry("get run", tracker.uri, tracker.client.get_run, run_id, policy=tracker.retry)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, MlflowException) and exc.__cause__.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def _check_source_form(source: str) -> None:
+    if not Path(source).expanduser().exists() and not _RUN_ID.fullmatch(source):
+        raise ConfigError(f"evaluate: {source!r} is neither a checkpoint file or directory nor an MLflow run id "
+                          f"(32 hex digits)")
+
+
+def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, Any]:
+    """(checkpoint path, source MLflow run or None) of ``source`` (a path or a run id)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "best.pt"
+        if not path.is_file():
+            raise ConfigError(f"evaluate: directory {source!r} holds no best.pt: pass a checkpoint file or a run id")
+    if path.is_file():
+        return path, None
+    _check_source_form(source)
+    run = _source_run(tracker, source)
+    if run is None:
+        raise ConfigError(f"evaluate: run {source!r} is not in the tracking store {tracker.uri}")
+    from deepsports.tracking.store import call_with_retry
+
+    artifacts = call_with_retry("list artifacts", tracker.uri, tracker.client.list_artifacts, source, "checkpoints",
+                                policy=tracker.retry)
+    if any(item.path == "checkpoints/best.pt" for item in artifacts):
+        local = call_with_retry("download checkpoint", tracker.uri, tracker.client.download_artifacts, source,
+                                "checkpoints/best.pt", str(download_dir), policy=tracker.retry)
+        return Path(local), run
+    ckpt_dir = run.data.tags.get("deepsports.checkpoint_dir")
+    if ckpt_dir and (Path(ckpt_dir) / "best.pt").is_file():
+        return Path(ckpt_dir) / "best.pt", run
+    raise ConfigError(f"evaluate: run {source} logged no checkpoints/best.pt and its checkpoint_dir "
+                      f"{ckpt_dir or '(none)'} holds none: it has nothing to evaluate")
+
+
+def checkpoint_config(state: Mapping[str, Any], path: Path, overrides: Mapping[str, Any]) -> Config:
+    """The checkpoint's config with ``overrides`` (only keys of :data:`MAY_OVERRIDE`)."""
+    if "config" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a DeepSports training checkpoint (no config or model in it)")
+    refused = sorted(set(overrides) - MAY_OVERRIDE)
+    if refused:
+        raise ConfigError(f"evaluate: {', '.join(refused)} cannot be overridden (it would change the model or the "
+                          f"data being evaluated); allowed: {', '.join(sorted(MAY_OVERRIDE))}")
+    return build_config({**state["config"], **overrides})
+
+
+def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | None = None,
+             n_resamples: int | None = None) -> EvaluationResult:
+    """Evaluate ``source`` (run id or checkpoint) on ``split`` and log it as a new MLflow run."""
+    from deepsports.train.metrics import BOOTSTRAP_RESAMPLES
+
+    if split not in SPLITS:
+        raise ConfigError(f"evaluate: --split {split!r} is not allowed: expected one of {', '.join(SPLITS)}")
+    resamples = BOOTSTRAP_RESAMPLES if n_resamples is None else n_resamples
+    if resamples < 100:
+        raise ConfigError(f"evaluate: --resamples {resamples} is too few for a 95 % interval: expected >= 100")
+    _check_source_form(source)  # before opening the store: a typo fails fast
+    from deepsports.tracking import runs as tracking
+    from deepsports.train.checkpoints import load_checkpoint
+
+    tracker = tracking.RunTracker()
+    with tempfile.TemporaryDirectory(prefix="deepsports-evaluate-") as tmp:
+        tmp_dir = Path(tmp)
+        path, run = resolve_checkpoint(source, tracker, tmp_dir / "download")
+        where = str(path.resolve()) if run is None else f"runs:/{run.info.run_id}/checkpoints/best.pt"
+        state = load_checkpoint(path)
+        config = checkpoint_config(state, path, overrides or {})
+        source_run_id = run.info.run_id if run is not None else state.get("mlflow_run_id")
+        if run is None and source_run_id:
+            run = _source_run(tracker, source_run_id)
+        epoch = int(state.get("epoch", 1)) - 1  # the state resumes *at* ``epoch``: it holds the one before
+        tags = {"deepsports.evaluation_of_run": source_run_id or "unknown", "deepsports.evaluated_split": split,
+                "deepsports.evaluated_checkpoint": where,
+                "deepsports.evaluated_epoch": str(epoch)}
+        experiment = config.experiment_name
+        if run is not None:
+            experiment = tracker.client.get_experiment(run.info.experiment_id).name
+        tracker.start(experiment_name=experiment, run_name=f"evaluate-{split}-{(source_run_id or 'ckpt')[:8]}",
+                      parent_run_id=run.info.run_id if run is not None else None, tags=tags)
+        with tracker:
+            log_config(tracker, config)
+            metrics = _predict_and_log(config, state, split, tracker, epoch, tmp_dir, resamples)
+    logged = run.data.metrics if run is not None else {}
+    differs = {k: (logged[f"{split}_{k}"], v) for k, v in metrics.items()
+               if f"{split}_{k}" in logged and logged[f"{split}_{k}"] != v}
+    return EvaluationResult(run_id=tracker.run_id, source_run_id=source_run_id, checkpoint=path, split=split,
+                            epoch=epoch, metrics=metrics, differs_from_logged=differs)
+
+
+def _predict_and_log(config: Config, state: Mapping[str, Any], split: str, tracker, epoch: int, tmp_dir: Path,
+                     n_resamples: int) -> dict[str, float]:
+    """The end of ``train``'s evaluation of one split, on the checkpoint's weights."""
+    from deepsports.data import build_datasets
+    from deepsports.model import build_model
+    from deepsports.train import plots, quality
+    from deepsports.train.evaluation import eval_loader, predict
+    from deepsports.train.losses import aqa_loss
+    from deepsports.train.runtime import seed_everything, select_runtime, setup_logging
+
+    setup_logging(config.loglevel)
+    seed_everything(config.seed, config.deterministic)  # the same algorithm choices as the training run
+    runtime = select_runtime(config, None)
+    data = build_datasets(config, progress=True)
+    dataset = data.test if split == "test" else data.val
+    model = build_model(config).model
+    model.load_state_dict(state["model"])
+    model = model.to(runtime.device)
+    loader = eval_loader(dataset, config.batch_size, config.num_workers, pin_memory=runtime.device.type == "cuda")
+    preds = predict(model, loader, runtime,
+                    lambda out, target: aqa_loss(out, target, config.loss_mse_weight, config.loss_spcoef_weight))
+    report = quality.assess(preds, dataset.clips, n_resamples=n_resamples)
+    quality.log_report(tracker, split, report, epoch, tmp_dir, n_resamples)
+    csv_path = plots.write_predictions_csv(preds.rows(), tmp_dir / f"predictions_{split}.csv")
+    tracker.log_artifact(csv_path, "predictions")
+    scatter = plots.plot_scatter(preds.true_score, preds.pred_score, tmp_dir / f"scatter_{split}.png",
+                                 title=f"{split}: Spearman {report.metrics['spearman']:.3f} (epoch {epoch})")
+    tracker.log_artifact(scatter, "plots")
+    log.info("%s: spearman %s", split, quality.summary_line(report.prefixed(split), split))
+    return report.metrics

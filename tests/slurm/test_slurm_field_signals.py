@@ -1,0 +1,125 @@
+"""Signals the way the local SLURM cluster delivers them, with the default ``num_workers`` (two DataLoader
+worker processes per trial): ``scontrol requeue`` (SIGTERM to every process of the task),
+``scancel --signal=USR1 --batch`` five times in a row on a 4-task array throttled to ``%2``, and
+signals that reach the batch shell before Python runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from deepsports.slurm.jobs import build_profile, render_script, submit
+from deepsports.train.loop import EPOCH_METRICS
+from deepsports.tune.attrs import PAUSED_BY_ATTR, RUN_ATTR, TASK_ATTR, WORKER_ATTR
+from tests.slurm.test_slurm_tune import _active, _study, _submit, _tasks, _wait
+from tests.e2e_helpers import REPO, PYTHON_BIN
+
+pytestmark = pytest.mark.slurm
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+EARLY_WORKER = """
+import json, sys
+from deepsports.slurm.preemption import PreemptionFlag
+from deepsports.slurm.jobs import slurm_env
+
+with PreemptionFlag() as flag:
+    pass
+task = slurm_env()["SLURM_ARRAY_TASK_ID"]
+with open(f"{sys.argv[1]}/task_{task}.json", "w") as f:
+    json.dump({"signal": flag.signal_name}, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_cache_dir) -> Path:
+    return tiny_cache_dir
+
+
+def _signal(task: str, name: str, times: int) -> None:
+    """``scancel --signal=<name> --batch`` ``times`` times at once (scancel retries while the task is in a
+    transitional state, as it does in the field)."""
+    procs = [subprocess.Popen(["scancel", f"--signal={name}", "--batch", task], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(times)]
+    for proc in procs:
+        proc.wait(timeout=120)
+
+
+def test_signals_before_python_runs_are_kept_and_handed_to_the_worker(slurm_cluster, tmp_path):
+    (tmp_path / "worker.py").write_text(EARLY_WORKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    profile = build_profile({
+        "partition": "debug", "time": "5", "cpus_per_task": 1, "mem": "200M", "grace_seconds": 30,
+        "array_size": 2, "array_concurrency": 2, "logdir": str(tmp_path / "logs"),
+        "setup_lines": ["sleep 4"],  # the batch shell's set-up (a venv, modules) before Python runs
+        "env": {"PYTHONPATH": str(REPO)}}, "test")
+    script = render_script("tune", profile, [sys.executable, str(tmp_path / "worker.py"), str(out)],
+                           job_name="test-early")
+    job = submit(script, cwd=tmp_path)
+    logs = tmp_path / "logs"
+    _wait(lambda: all(t.get("JobState") == "RUNNING" for t in _tasks(job).values()) and len(_tasks(job)) == 2, 60,
+          "both tasks to start", job, logs)
+    _signal(f"{job}_0", "USR1", 5)
+    _signal(f"{job}_1", "TERM", 5)
+    _wait(lambda: not _active(job), 90, "the array to finish", job, logs)
+    tasks = _tasks(job)
+    for task in ("0", "1"):  # not FAILED with signal 10 / 15
+        assert (tasks[task]["JobState"], tasks[task]["ExitCode"]) == ("COMPLETED", "0:0"), tasks[task]
+    assert json.loads((out / "task_0.json").read_text()) == {"signal": "SIGUSR1"}
+    assert json.loads((out / "task_1.json").read_text()) == {"signal": "SIGTERM"}
+
+
+def _loader_workers(trial) -> int:
+    pid = int(trial.user_attrs[WORKER_ATTR].split()[0].rsplit(":", 1)[1])  # "<host>:<pid> slurm ..."
+    try:
+        return len(psutil.Process(pid).children())
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def test_requeue_and_a_usr1_storm_on_a_throttled_array_pause_and_resume_trials(slurm_cluster, tmp_path, cache_dir):
+    storage, epochs = str(tmp_path / "study.journal"), 5
+    job, uri = _submit(tmp_path, cache_dir, storage, array_size=4, concurrency=2, max_trials=4, epochs=epochs,
+                       drop=("num_workers",))  # the default, 2 (the tiny settings say 0)
+    logs = tmp_path / "logs"
+
+    def two_in_training():
+        try:
+            running = _study(storage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except (KeyError, ValueError):
+            return None
+        busy = [t for t in running if t.intermediate_values and TASK_ATTR in t.user_attrs and _loader_workers(t) >= 2]
+        return busy if len(busy) == 2 else None
+
+    requeued, stormed = _wait(two_in_training, 180, "two trials training with loader workers", job, logs)
+    subprocess.run(["scontrol", "requeue", requeued.user_attrs[TASK_ATTR]], check=True)  # SIGTERM to the task
+    _signal(stormed.user_attrs[TASK_ATTR], "USR1", 5)
+    _wait(lambda: not _active(job), 420, "the array to finish", job, logs)
+
+    tasks = _tasks(job)
+    for victim in (requeued, stormed):
+        info = tasks[victim.user_attrs[TASK_ATTR].rsplit("_", 1)[1]]
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info
+    trials = {t.number: t for t in _study(storage).trials}
+    assert sorted(trials) == [0, 1, 2, 3] and all(t.state == TrialState.COMPLETE for t in trials.values())
+    client = MlflowClient(uri)
+    for victim in (requeued, stormed):
+        trial = trials[victim.number]
+        assert trial.params == victim.params and trial.user_attrs[PAUSED_BY_ATTR] == victim.user_attrs[TASK_ATTR]
+        assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
+        run = client.get_run(trial.user_attrs[RUN_ATTR])
+        assert run.info.status == "FINISHED" and run.data.tags["deepsports.resumes"] == "1"
+        for key in EPOCH_METRICS:
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(
+                range(1, epochs + 1)), key
+    text = "\n".join(p.read_text() for p in logs.glob("*.log"))
+    assert "DataLoader worker" not in text and "Traceback" not in text
