@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from deepsports.cli.status import add_status_parser, enqueue_reruns, missing_work
 from deepsports.errors import ConfigError, PreemptedError
 
 
@@ -30,7 +31,7 @@ def _seconds_or_none(text: str) -> float | None:
 
 #: How each TuneOption kind's text is parsed (argparse ``type``).
 _OPTION_TYPES = {"path": None, "text": None, "int": int, "count": _positive_or_none, "seconds": _seconds_or_none,
-                 "choice": None, "overrides": None, "switch": None}
+                 "choice": None, "overrides": None, "switch": None, "list": None}
 
 
 def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,8 @@ def _add_tune_arguments(p: argparse.ArgumentParser) -> None:
             kwargs["default"] = os.environ.get(option.env, default) if option.env else default
         if option.kind == "overrides":
             kwargs.update(action="append", default=list(option.cli_default), metavar="KEY=VALUE")
+        elif option.kind == "list":
+            kwargs.update(action="append", default=list(option.cli_default or ()))
         elif option.kind == "switch":
             kwargs.update(action="store_true", default=False)
             del kwargs["metavar"]
@@ -71,6 +74,7 @@ def _tune_settings(args: argparse.Namespace):
 
     values = {name: getattr(args, name) for name in tune_options()}
     values["overrides"] = parse_overrides(values["overrides"])
+    values["rerun_causes"] = tuple(values["rerun_causes"])
     return TuneSettings(**values)
 
 
@@ -79,6 +83,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers={args.workers}: expected 1 or more")
     if args.workers > 1:
         _check_tune_args(args)  # once, before any worker, storage or study exists
+        if args.rerun_failed:  # queued once here, before the workers race to queue them
+            enqueue_reruns(args.study_name, args.storage, args.rerun_causes)
         code = _run_local_workers(args)
         if code == 0:
             _print_study_summary(args)
@@ -112,10 +118,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, storage_source: str = "--storage") -> None:
     """What a tune worker would refuse, checked before any worker, storage, study or job exists."""
     from deepsports.config import parse_overrides
-    from deepsports.tune.checks import check_overrides, check_study_name, resolve_storage
+    from deepsports.tune.checks import check_overrides, check_rerun, check_study_name, resolve_storage
     from deepsports.tune.search_space import load_search_space
 
     check_study_name(args.study_name)
+    check_rerun(args.rerun_failed, args.rerun_causes)
     if check_storage:
         resolve_storage(args.storage, storage_source)
     check_overrides(load_search_space(args.search_space), parse_overrides(args.overrides))
@@ -270,10 +277,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         storage, where = _check_submitted_tune(rest, args.storage, profile)
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
                       study_storage=args.storage if args.storage is not None or "--storage" in rest else storage)
-    elif args.array_size or args.array_concurrency or args.storage:
-        raise ConfigError("--array-size, --array-concurrency and --storage apply to `submit tune` only")
+    elif args.array_size or args.array_concurrency or args.storage or args.missing:
+        raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
     else:
         _check_submitted_config(args.kind, rest, args.build_parser)
+    if args.missing:
+        job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
+        _add_tune_arguments(job)
+        left = missing_work(job.parse_args(rest), storage, profile, dry_run=args.dry_run)
+        if left == 0:
+            return 0
+        kwargs["array_size"] = min(left, args.array_size or profile.array_size)
     if profile.time is None and not args.dry_run:
         print(f"deepsports: warning: SLURM profile {profile.source} sets no `time`: the job gets the partition's "
               "limit (UNLIMITED on many clusters), so the USR1 before the time limit never comes and a job killed "
@@ -368,6 +382,8 @@ def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
                    help="config override for the retraining run")
     p.set_defaults(func=_cmd_best)
 
+    add_status_parser(sub)
+
     p = sub.add_parser("submit", help="render an sbatch script from a profile and submit it (or --dry-run)")
     p.add_argument("kind", choices=("tune", "train", "prepare"))
     p.add_argument("--profile", default="local", help="slurm/profiles/<name>.yaml or a path [local]")
@@ -377,6 +393,9 @@ def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
     p.add_argument("--array-concurrency", type=int, default=None, help="tune: tasks running at once [profile]")
     p.add_argument("--storage", default=None, help="tune: the study storage exported to every task")
     p.add_argument("--tracking-uri", default=None, help="MLflow store exported to every task [profile env]")
+    p.add_argument("--missing", action="store_true",
+                   help="tune: size the array to the study's work left (max_trials - trials created + waiting "
+                        "+ re-runs asked for, at most --array-size/profile); submit nothing when it is complete")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
                    help="after --, the deepsports arguments of the job, e.g. -- head --study s1 --max-trials 32")
     p.set_defaults(func=_cmd_submit, build_parser=build_parser)

@@ -10,6 +10,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    'AttemptLedger': 'accounting',
+    'CAUSES': 'checks',
+    'enqueue_reruns': 'accounting',
+    'publish_status': 'status',
+    'render_text': 'status',
+    'study_status': 'status',
+    'work_left': 'accounting',
     'BestTrial': 'report',
     'PARAM_TYPES': 'search_space',
     'Param': 'search_space',

@@ -30,3 +30,16 @@ TASK_ATTR = "deepsports.task"                  # task_identity() of the worker r
 #: MLflow run tags (the failure reason's tag is REASON_ATTR).
 FAILURE_REASON_TAG = REASON_ATTR
 INTERRUPTED_TAG = "deepsports.interrupted"
+
+#: Study accounting (deepsports.tune.accounting): every attempt of a trial, and the links of re-runs.
+ATTEMPTS_ATTR = "deepsports.attempts"          # trial: JSON list, one record per attempt (start, end, task...)
+EPOCH_END_PREFIX = "deepsports.epoch_end."     # trial: "<prefix><attempt>.<epoch>" -> time.time() the epoch ended
+RERUN_OF_ATTR = "deepsports.rerun_of"          # trial: number of the failed trial a --rerun-failed trial re-runs
+MAX_TRIALS_ATTR = "deepsports.max_trials"      # study: the last max_trials a worker was given
+#: Study attributes "<prefix><original number>" -> number of its retry / re-run. Optuna refuses any
+#: write to a finished trial, so the link from a FAIL trial forward lives on the study.
+RETRIED_BY_PREFIX = "deepsports.retried_by."
+RERUN_BY_PREFIX = "deepsports.rerun_by."
+#: MLflow run tags of a run that several attempts wrote (the attempts themselves: artifact attempts.json).
+ATTEMPTS_TAG = ATTEMPTS_ATTR                   # how many attempts wrote the run
+FIRST_FAILURE_TAG = "deepsports.first_failure_reason"

@@ -1,5 +1,6 @@
 """What ``deepsports tune`` and ``deepsports submit tune`` can check before any trial, study, file or job
-exists: the study name, the ``--set`` overrides against the search space, and the study storage.
+exists: the study name, the ``--set`` overrides against the search space, the study storage and the
+``--cause`` names of a re-run.
 
 Each check raises :class:`~deepsports.errors.ConfigError` (exit 2) with one line naming the value,
 where it came from and what is allowed; nothing here creates a file.
@@ -9,13 +10,42 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from deepsports.errors import ConfigError
 
 #: One safe path component: study names become checkpoint folders and ``<study>_best.yaml`` files.
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+#: Failure causes of a FAIL trial, in the order ``deepsports status`` lists them, with their labels
+#: (:mod:`deepsports.tune.accounting` tells them apart; ``--rerun-failed --cause`` takes the names).
+CAUSES = {
+    "dead_worker": "dead worker (stale heartbeat)",
+    "non_finite_loss": "non-finite loss",
+    "out_of_memory": "out of memory",
+    "config_error": "configuration error",
+    "not_run": "not run (max_trials reached)",
+    "other": "other exception",
+}
+
+
+def check_causes(causes: Iterable[str], source: str = "--cause") -> tuple[str, ...]:
+    """The failure causes named (``dead-worker`` is ``dead_worker``), each one of :data:`CAUSES`."""
+    causes = tuple(causes)
+    for cause in causes:
+        if cause.replace("-", "_") not in CAUSES:
+            raise ConfigError(f"{source} {cause!r}: expected one of {', '.join(CAUSES)}")
+    return tuple(cause.replace("-", "_") for cause in causes)
+
+
+def check_rerun(rerun_failed: bool, causes: Iterable[str]) -> tuple[str, ...]:
+    """The checked ``--cause`` names; they apply to ``--rerun-failed`` only."""
+    checked = check_causes(causes)
+    if checked and not rerun_failed:
+        raise ConfigError(f"--cause {' '.join(checked)}: applies with --rerun-failed only")
+    return checked
 
 
 def check_study_name(name: str, source: str = "--study") -> str:

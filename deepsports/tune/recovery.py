@@ -23,8 +23,10 @@ RDB storages, Optuna's own heartbeat row). Before asking for a trial every worke
 Either way the failed trial's MLflow run is ended FAILED (tag ``deepsports.failure_reason``), and
 :func:`retry_trial` queues a WAITING copy with the same params (a new trial number), linked by the
 user attribute ``deepsports.retried_from`` and Optuna's ``failed_trial``/``retry_history`` system
-attributes, carrying the original's checkpoint directory and MLflow run id: the retry resumes the
-dead trial's last checkpoint in the same MLflow run, so no finished epoch is trained or logged twice.
+attributes (and forward by the study attribute ``deepsports.retried_by.<number>``), carrying the
+original's checkpoint directory and MLflow run id: the retry resumes the dead trial's last
+checkpoint in the same MLflow run, so no finished epoch is trained or logged twice. That run then
+lists every attempt that wrote it (:func:`deepsports.tune.status.record_run_attempts`).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ from deepsports.tracking import runs as tracking
 from deepsports.errors import StorageError
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.attrs import (CKPT_ATTR, EXPERIMENT_ATTR, HEARTBEAT_ATTR, PAUSED_AT_ATTR, PAUSED_BY_ATTR, PAUSES_ATTR,
-                                    REASON_ATTR, RESUMED_ATTR, RETRIED_FROM_ATTR, RETRY_REASON_ATTR, RUN_ATTR, TASK_ATTR,
-                                    WORKER_ATTR)
+                                    REASON_ATTR, RESUMED_ATTR, RETRIED_BY_PREFIX, RETRIED_FROM_ATTR, RETRY_REASON_ATTR,
+                                    RUN_ATTR, TASK_ATTR, WORKER_ATTR)
 
 log = logging.getLogger("deepsports.recovery")
 
@@ -172,7 +174,9 @@ def find_trial_run(study: optuna.Study, trial: FrozenTrial, tracker: tracking.Ru
                                           study.user_attrs.get(EXPERIMENT_ATTR, "deepsports"))
     if experiment is None:
         return None
-    query = f"tags.`optuna.study_name` = '{study.study_name}' and tags.`optuna.trial_number` = '{trial.number}'"
+    # A retry's own run (the dead trial had none) carries the number of the trial it retries.
+    number = trial.system_attrs.get("failed_trial", trial.number)
+    query = f"tags.`optuna.study_name` = '{study.study_name}' and tags.`optuna.trial_number` = '{number}'"
     runs = tracking.call_with_retry("find trial run", tracker.uri, client.search_runs, [experiment.experiment_id],
                                     filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
@@ -190,6 +194,9 @@ def end_dead_run(study: optuna.Study, trial: FrozenTrial, reason: str) -> str | 
         tracking.call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
                                  "optuna.trial_state", "FAIL")
         tracking.call_with_retry("end dead run", tracker.uri, tracker.client.set_terminated, run_id, status="FAILED")
+        from deepsports.tune.status import record_run_attempts  # status imports accounting, which imports us lazily
+
+        record_run_attempts(study, run_id, tracker, trial.number)
         return run_id
     except StorageError as exc:  # bookkeeping must not stop the sweep
         log.warning("could not end the MLflow run of dead trial %d: %s", trial.number, exc)
@@ -211,10 +218,14 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retry:
         attrs[RUN_ATTR] = run_id
     # The same system attributes as Optuna's retry callback, so RetryFailedTrialCallback.retried_trial_number
     # and retried_trial_numbers work on both kinds of retry.
-    study.add_trial(optuna.trial.create_trial(
+    template = optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=attrs,
         system_attrs={"failed_trial": history[0], "retry_history": history},
-        intermediate_values=trial.intermediate_values))
+        intermediate_values=trial.intermediate_values)
+    retry_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    # The dead trial is finished (Optuna refuses writes to it): the link to its retry is a study attribute.
+    study._storage.set_study_user_attr(study._study_id, f"{RETRIED_BY_PREFIX}{trial.number}",
+                                       study._storage.get_trial_number_from_id(retry_id))
     log.warning("trial %d failed: %s; queued a retry with its params (checkpoints %s)", trial.number, reason,
                 attrs.get(CKPT_ATTR))
     return True

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from deepsports.errors import ConfigError
+from deepsports.tune.checks import CAUSES, check_rerun, check_study_name  # standard library only, like this module
 
 PRUNERS = ("median", "hyperband", "none")
 DEFAULT_STORAGE = "optuna-journal.log"
@@ -21,8 +22,8 @@ STORAGE_ENV = "DEEPSPORTS_STUDY_STORAGE"
 
 #: Option kinds: how a flag's text becomes the field's value (the CLI owns the parsing).
 #: ``count``/``seconds``: a number >= 0, 0 meaning no limit (None); ``overrides``: repeated KEY=VALUE;
-#: ``switch``: a flag without a value (true when given).
-OPTION_KINDS = ("path", "text", "int", "count", "seconds", "choice", "overrides", "switch")
+#: ``switch``: a flag without a value (true when given); ``list``: a repeatable value (a tuple, empty when absent).
+OPTION_KINDS = ("path", "text", "int", "count", "seconds", "choice", "overrides", "switch", "list")
 
 
 @dataclass(frozen=True)
@@ -99,16 +100,22 @@ class TuneSettings:
                                          help="log every trial's best.pt and model to MLflow (default: they stay in the "
                                               "trial's checkpoint folder; `deepsports best --retrain` logs the best "
                                               "config's model)")
+    # Targeted re-launch (deepsports.tune.accounting): queue the failed trials' params again, sample nothing new.
+    rerun_failed: bool = _option(False, flag="--rerun-failed", kind="switch",
+                                 help="queue the params of the study's failed trials again as new linked trials (fresh "
+                                      "training), run those and sample nothing new")
+    rerun_causes: tuple[str, ...] = _option((), flag="--cause", kind="list", cli_default=(),
+                                            help="with --rerun-failed: only trials failed for this cause (repeatable; "
+                                                 f"{', '.join(CAUSES)}) [every cause but not_run]")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rerun_causes", check_rerun(self.rerun_failed, self.rerun_causes))
         if self.pruner not in PRUNERS:
             raise ConfigError(f"pruner={self.pruner!r}: expected one of {', '.join(PRUNERS)}")
         for name in ("n_trials", "max_trials"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value}: expected a positive number of trials (or none)")
-        from deepsports.tune.checks import check_study_name  # standard library only, like this module
-
         check_study_name(self.study_name, "study name")
         if self.heartbeat_interval < 1:
             raise ConfigError(f"heartbeat_interval={self.heartbeat_interval}: expected seconds >= 1")

@@ -41,6 +41,7 @@ from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
                                     SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
 from deepsports.tune.search_space import SearchSpace
+from deepsports.tune.accounting import retried_from  # noqa: F401 (re-exported; retry lineage is accounting's)
 from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
 log = logging.getLogger("deepsports.study")
@@ -114,11 +115,16 @@ def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}" + (f" slurm {slurm}" if slurm else "")
 
 
-def make_sampler(seed: int | None, n_startup_trials: int = 10) -> optuna.samplers.TPESampler:
-    """TPE, multivariate with groups so that conditional parameters are modelled together."""
+def make_sampler(seed: int | None, n_startup_trials: int = 10, constant_liar: bool = True
+                 ) -> optuna.samplers.TPESampler:
+    """TPE, multivariate with groups so that conditional parameters are modelled together, with the
+    constant liar for parallel workers."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials)
+        # constant_liar: a trial running in another worker counts as a poor result while its value is
+        # unknown, so concurrent workers do not propose the same region (benchmarks/bench_constant_liar.py).
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials,
+                                          constant_liar=constant_liar)
 
 
 def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_epochs: int = 1
@@ -133,13 +139,6 @@ def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_e
     if name == "none":
         return optuna.pruners.NopPruner()
     raise SearchSpaceError(f"pruner={name!r}: expected one of {', '.join(PRUNERS)}")
-
-
-def retried_from(trial: FrozenTrial) -> int | None:
-    """Number of the original trial when ``trial`` re-runs a stale or interrupted one, else None."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
 def constant(space: SearchSpace, overrides: Mapping[str, Any], key: str) -> Any:

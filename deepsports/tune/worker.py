@@ -30,6 +30,12 @@ storages); before asking for a trial each worker fails trials silent for ``grace
 a retry with the same params that resumes the dead trial's checkpoint and MLflow run (see
 :mod:`deepsports.tune.recovery`). A worker that finds ``max_trials`` reached waits, at most one grace
 period, for other workers' RUNNING trials to prove alive, so that the last retry is not left behind.
+
+Accounting (:mod:`deepsports.tune.accounting`, :mod:`deepsports.tune.status`): every attempt at a trial
+(a first run, a resume, a retry) is recorded in the trial's ``deepsports.attempts`` as it starts, after
+each epoch and as it ends; after each finished or paused trial the worker writes the attempts that
+wrote the trial's MLflow run to that run and refreshes the study status on the parent run.
+``rerun_failed`` queues the failed trials' params again and runs only waiting trials.
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ from mlflow.entities import Metric
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tune import recovery
-
+from deepsports.tune import accounting, recovery
+from deepsports.tune import status as study_status
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import format_value
@@ -57,7 +63,8 @@ from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.checks import check_overrides
 from deepsports.tune.settings import TuneSettings
-from deepsports.tune.attrs import CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR
+from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, REASON_ATTR,
+                                    RUN_ATTR, WORKER_ATTR)
 from deepsports.tune.study import (StudySummary, constant, default_worker_id, make_pruner, make_sampler, open_storage,
                                    open_study, retried_from, storage_label, summarize, worker_label, worker_seed)
 
@@ -73,6 +80,9 @@ class PrunedTrial(optuna.TrialPruned):
 class _OverBudget(Exception):
     """The trial's number is past ``max_trials``: it is not trained."""
 
+
+#: The attempt outcome (deepsports.tune.accounting) of each way a trial ends here.
+_OUTCOMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
 #: Per-trial failures after which the study goes on (anything else stops this worker).
 TRIAL_ERRORS = (TrainingError, SearchSpaceError, CheckpointError, _OverBudget)
@@ -99,11 +109,16 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     sampler = make_sampler(seed, settings.n_startup_trials)
     epochs = None if "epochs" in space.keys else int(constant(space, settings.overrides, "epochs"))
     pruner = make_pruner(settings.pruner, epochs, settings.pruner_startup_trials, settings.pruner_warmup_epochs)
-    tags = {"optuna.sampler": f"TPESampler(seed={settings.seed}, multivariate=True, group=True)",
+    tags = {"optuna.sampler": f"TPESampler(seed={settings.seed}, multivariate=True, group=True, constant_liar=True)",
             "optuna.pruner": settings.pruner, "optuna.max_trials": str(settings.max_trials or "none"),
             "optuna.storage": storage_label(settings.storage)}
     study, _ = open_study(settings.study_name, storage, space, sampler=sampler, pruner=pruner,
                           overrides=settings.overrides, parent_tags=tags, parent_wait_s=settings.parent_wait_s)
+    if settings.max_trials is not None and study.user_attrs.get(MAX_TRIALS_ATTR) != settings.max_trials:
+        study.set_user_attr(MAX_TRIALS_ATTR, settings.max_trials)
+    if settings.rerun_failed:
+        queued = accounting.enqueue_reruns(study, settings.rerun_causes)
+        log.info("re-running %d failed trials: %s", len(queued), ", ".join(f"{a} as {b}" for a, b in queued) or "none")
     worker = _Worker(settings, space, study, train_fn, stop_requested, recovery.task_identity(worker_id))
     worker.run()
     worker.close_parent_if_done()
@@ -144,6 +159,8 @@ class _Worker:
             recovery.sweep(self.study, s.grace, s.max_retry)
             trial = recovery.claim_waiting(self.study, self.identity)
             if trial is None:
+                if s.rerun_failed:
+                    return  # re-runs only: nothing new is sampled
                 if self.budget_reached():
                     if self._wait_for_others():
                         continue
@@ -156,6 +173,8 @@ class _Worker:
 
     def _run_trial(self, trial: optuna.Trial) -> None:
         heartbeat = recovery.TrialHeartbeat(self.study, trial._trial_id, self.settings.heartbeat_interval)
+        self.ledger = ledger = accounting.AttemptLedger(self.study, trial._trial_id, trial.number, self.identity,
+                                                        self.label)
         state, value, failed = None, None, None
         with heartbeat:
             try:
@@ -182,13 +201,19 @@ class _Worker:
             except UpdateFinishedTrialError:
                 pass  # swept as dead while we ran (see heartbeat.lost)
             except BaseException as exc:
-                self._try_set_attr(trial, REASON_ATTR, f"{type(exc).__name__}: {exc}"[:2000])
+                reason = f"{type(exc).__name__}: {exc}"[:2000]
+                self._try_set_attr(trial, REASON_ATTR, reason)
+                ledger.finish("failed", reason)
                 self._tell(trial, TrialState.FAIL)
                 raise
         if heartbeat.lost:
             log.warning("trial %d was failed by another worker (no heartbeat for %.0f s: this worker stalled) and "
                         "retried there; abandoning it", trial.number, self.settings.grace)
             return
+        if state is None:
+            return
+        reason = self.study._storage.get_trial(trial._trial_id).user_attrs.get(REASON_ATTR)
+        ledger.finish(_OUTCOMES[state], reason if state == TrialState.FAIL else None)
         frozen = self._tell(trial, state, value)
         if frozen is not None:
             self.after_trial(frozen)
@@ -240,7 +265,9 @@ class _Worker:
         except StorageError as exc:
             log.warning("could not find the MLflow run of paused trial %d: %s", trial.number, exc)
             run_id = None
+        self.ledger.finish("paused", checkpoint_at=accounting.newest_checkpoint_time(ckpt))
         recovery.pause_trial(self.study, trial, self.identity, ckpt, run_id)
+        self._publish(run_id, trial.number)
 
     def _wait_for_others(self) -> bool:
         """``max_trials`` reached and nothing waits: before leaving, make sure every other RUNNING trial
@@ -272,10 +299,11 @@ class _Worker:
         trials = self.study.get_trials(deepcopy=False)
         frozen = next(t for t in trials if t.number == trial.number)
         retry_of = retried_from(frozen)
-        if retry_of is None and self._over_budget(trials, trial.number):
+        if not accounting.is_extra(frozen) and self._over_budget(trials, trial.number):
             trial.set_user_attr(REASON_ATTR, f"not run: the study reached max_trials={self.settings.max_trials}")
             raise _OverBudget(f"trial {trial.number} is past max_trials={self.settings.max_trials}")
         self.trials_run += 1
+        self.ledger.start()
         name = self.settings.study_name
         checkpoint_dir = frozen.user_attrs.get(CKPT_ATTR) or str(self._checkpoint_dir(trial.number))
         trial.set_user_attr(CKPT_ATTR, checkpoint_dir)
@@ -290,19 +318,13 @@ class _Worker:
             trial.set_user_attr(REASON_ATTR, f"invalid sampled config: {exc}"[:2000])
             raise
         trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
-        tags = {"optuna.study_name": name, "optuna.trial_number": str(trial.number),
-                "optuna.storage": storage_label(self.settings.storage),
-                "deepsports.search_space_sha256": self.space.sha256,
-                **{f"optuna.param.{k}": format_value(v) for k, v in trial.params.items()}}
-        if retry_of is not None:
-            tags["optuna.retry_of"] = str(retry_of)
-        # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
-        tags.update(ClusterEnv.read().tags())
+        tags = self._run_tags(trial, retry_of)
         tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
 
         def on_epoch(report) -> None:
+            self.ledger.epoch(report.epoch)
             if RUN_ATTR not in trial.user_attrs:
                 trial.set_user_attr(RUN_ATTR, report.run_id)
             value = report.metrics["val_spearman"]
@@ -326,6 +348,20 @@ class _Worker:
             raise TrainingError(reason)
         return float(result.best_val_spearman)
 
+    def _run_tags(self, trial: optuna.Trial, retry_of: int | None) -> dict[str, str]:
+        tags = {"optuna.study_name": self.settings.study_name, "optuna.trial_number": str(trial.number),
+                "optuna.storage": storage_label(self.settings.storage),
+                "deepsports.search_space_sha256": self.space.sha256,
+                **{f"optuna.param.{k}": format_value(v) for k, v in trial.params.items()}}
+        if retry_of is not None:
+            # The run is the dead trial's: it keeps the number that created it, and every attempt is in
+            # attempts.json (deepsports.tune.status.record_run_attempts).
+            tags.update({"optuna.retry_of": str(retry_of), "optuna.trial_number": str(retry_of),
+                         "optuna.retry_trial_number": str(trial.number)})
+        # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
+        tags.update(ClusterEnv.read().tags())
+        return tags
+
     def _artifact_defaults(self) -> dict[str, bool]:
         """Trials log neither their best.pt nor their model to MLflow (tens of MB each, a study has many),
         unless asked (``keep_trial_artifacts``) or set by the user (--set, the space's fixed/base values)."""
@@ -348,13 +384,14 @@ class _Worker:
                 trial.report(value, epoch)
         resumed = {"checkpoint": str(path), "epoch": int(state["epoch"]), "step": int(state["step"])}
         trial.set_user_attr(recovery.RESUMED_ATTR, resumed)
+        self.ledger.record["resumed_epoch"] = resumed["epoch"]  # written with the attempt's next record
         log.info("trial %d resumes from %s (epoch %d, step %d)", trial.number, path, resumed["epoch"], resumed["step"])
         return {"deepsports.resumed_from": f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}
 
     def _over_budget(self, trials: list[FrozenTrial], number: int) -> bool:
         """Race-free: numbers are unique and increasing, so every original trial up to ours is visible."""
         limit = self.settings.max_trials
-        return limit is not None and sum(t.number <= number and retried_from(t) is None for t in trials) > limit
+        return limit is not None and sum(t.number <= number and not accounting.is_extra(t) for t in trials) > limit
 
     def budget_reached(self) -> bool:
         """``max_trials`` original trials exist and none waits (paused, or a retry)."""
@@ -362,7 +399,7 @@ class _Worker:
         trials = self.study.get_trials(deepcopy=False)
         if limit is None or any(t.state == TrialState.WAITING for t in trials):
             return False
-        return sum(retried_from(t) is None for t in trials) >= limit
+        return sum(not accounting.is_extra(t) for t in trials) >= limit
 
     # -- bookkeeping ------------------------------------------------------------------------
     def after_trial(self, trial: FrozenTrial) -> None:
@@ -370,6 +407,7 @@ class _Worker:
         if trial.state == TrialState.FAIL and RUN_ATTR not in trial.user_attrs and CKPT_ATTR not in trial.user_attrs:
             return  # never trained (over budget): no run to tag
         uri, client = self.tracker.uri, self.tracker.client
+        run_id = None
         try:
             run_id = recovery.find_trial_run(self.study, trial, self.tracker)
             if run_id:
@@ -384,11 +422,19 @@ class _Worker:
                                                   Metric("best_value", float(best), stamp, trial.number)])
         except StorageError as exc:  # bookkeeping must not stop the study
             log.warning("could not record trial %d in MLflow: %s", trial.number, exc)
+        self._publish(run_id, trial.number)
+
+    def _publish(self, run_id: str | None, number: int) -> None:
+        """The trial's run lists its attempts; the parent run shows the study's status."""
+        if run_id:
+            study_status.record_run_attempts(self.study, run_id, self.tracker, number)
+        study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
 
     def close_parent_if_done(self) -> None:
         """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it)."""
         if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             return
+        study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
         try:
             tracking.call_with_retry("end study run", self.tracker.uri, self.tracker.client.set_terminated,
                                      self.study.user_attrs[PARENT_RUN_ATTR], status="FINISHED")

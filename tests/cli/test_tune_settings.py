@@ -44,6 +44,17 @@ def test_flags_build_the_settings_they_name():
         overrides={"epochs": "2", "frame_num": "4"})
 
 
+def test_repeatable_cause_builds_the_rerun_settings():
+    """``--cause`` (kind ``list``) repeats into a tuple of checked names; absent, it is the empty default."""
+    args = _parse(["head", "--study", "s1", "--rerun-failed", "--cause", "out-of-memory", "--cause", "dead_worker"])
+    settings = _tune_settings(args)
+    assert (settings.rerun_failed, settings.rerun_causes) == (True, ("out_of_memory", "dead_worker"))
+    assert _tune_settings(_parse(["head", "--study", "s1"])).rerun_causes == ()
+    entry = yaml.safe_load(render_mlproject())["entry_points"]["tune"]
+    assert not {"rerun_failed", "cause", "rerun_causes"} & set(entry["parameters"])  # one-off re-launches, not params
+    assert "--rerun-failed" not in entry["command"] and "--cause" not in entry["command"]
+
+
 def test_absent_flags_give_the_settings_defaults(monkeypatch):
     monkeypatch.delenv(STORAGE_ENV, raising=False)
     settings = _tune_settings(_parse(["head", "--study", "s1"]))

@@ -24,6 +24,7 @@ from deepsports.data import build_datasets
 from deepsports.tune.study import open_storage
 from deepsports.tune.attrs import REASON_ATTR, RUN_ATTR
 from deepsports.train.loop import train
+from deepsports.tune.status import study_status
 from deepsports.tune.worker import TuneSettings, tune
 from tests.e2e_helpers import TINY
 
@@ -111,3 +112,12 @@ def test_faulty_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path, tr
     assert WORKER_REASON in reason and "cannot be read" in reason and "Traceback" not in reason, reason
     assert children[3].info.status == "FINISHED" and children[3].info.run_id == trials[3].user_attrs[RUN_ATTR]
     assert client.get_run(summary.parent_run_id).info.status == "FINISHED"
+    # `deepsports status` groups them by cause; the parent run holds the same.
+    doc = study_status(study)
+    by_cause = {cause: group["trials"] for cause, group in doc["failed"]["by_cause"].items() if group["count"]}
+    assert by_cause == {"out_of_memory": [0], "non_finite_loss": [1], "other": [2]}
+    (other,) = doc["failed"]["other"]
+    assert other["trials"] == [2] and other["error"] == trials[2].user_attrs[REASON_ATTR].splitlines()[0][:200]
+    parent = client.get_run(summary.parent_run_id).data.metrics
+    assert (parent["status_fail_out_of_memory"], parent["status_fail_non_finite_loss"], parent["status_fail_other"],
+            parent["status_complete"]) == (1, 1, 1, 1)

@@ -1,0 +1,89 @@
+"""``deepsports status`` and the study accounting behind ``tune --rerun-failed`` and ``submit tune --missing``
+(parsers + calls into :mod:`deepsports.tune.accounting` and :mod:`deepsports.tune.status`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from deepsports.errors import ConfigError
+from deepsports.tune.settings import DEFAULT_STORAGE, STORAGE_ENV
+
+
+def add_status_parser(sub) -> None:
+    p = sub.add_parser("status", help="what happened to every trial of a study: states, failures by cause, "
+                                      "pauses, retries, compute spent and lost, best")
+    p.add_argument("study", help="study name")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
+                   help=f"Optuna storage of the study [${STORAGE_ENV} or {DEFAULT_STORAGE}]")
+    p.add_argument("--json", action="store_true", help="one JSON document (keys: README, Watching a study)")
+    p.set_defaults(func=_cmd_status)
+
+
+def existing_study(name: str, storage: str):
+    """The study, or a ConfigError (exit 2) naming the study and the storage given."""
+    from deepsports.errors import StorageError
+    from deepsports.tune.report import load_existing_study
+
+    try:
+        return load_existing_study(name, storage)
+    except StorageError as exc:
+        raise ConfigError(f"study {name!r} (--storage {storage}): {exc}") from exc
+
+
+def enqueue_reruns(name: str, storage: str, causes: list[str]) -> list[tuple[int, int]]:
+    """``tune --workers N --rerun-failed``: queue the re-runs once, before the workers start."""
+    from deepsports.tune.accounting import enqueue_reruns as enqueue
+    from deepsports.tune.checks import check_causes
+
+    return enqueue(existing_study(name, storage), check_causes(causes))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from deepsports.tune.checks import check_study_name
+    from deepsports.tune.status import render_text, study_status
+    from deepsports.tune.study import storage_label
+
+    check_study_name(args.study, "study")
+    doc = study_status(existing_study(args.study, args.storage), storage_label(args.storage))
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(render_text(doc), end="")
+    return 0
+
+
+def missing_work(tune_args: argparse.Namespace, storage: str, profile, *, dry_run: bool) -> int:
+    """``submit tune --missing``: how many array tasks the study still needs (queues the re-runs asked for,
+    unless ``dry_run``). ``tune_args`` are the job's parsed ``tune`` arguments, ``storage`` the storage
+    :func:`deepsports.cli.studies._check_submitted_tune` found (both checked there)."""
+    from deepsports.tune.checks import check_rerun
+
+    if tune_args.max_trials is None:
+        raise ConfigError("--missing: the tune arguments after `--` need --max-trials N (the study's size)")
+    causes = check_rerun(tune_args.rerun_failed, tune_args.rerun_causes)
+    if "://" not in storage and not Path(storage).expanduser().is_absolute() and profile.workdir:
+        storage = str(Path(os.path.expandvars(profile.workdir)).expanduser() / storage)  # where the job opens it
+    if "://" not in storage and not Path(storage).expanduser().is_file():
+        return tune_args.max_trials  # nothing run yet
+    import optuna
+
+    from deepsports.tune import accounting
+    from deepsports.tune.study import open_storage
+
+    try:
+        study = optuna.load_study(study_name=tune_args.study_name, storage=open_storage(storage))
+    except KeyError:
+        return tune_args.max_trials
+    reruns = 0
+    if tune_args.rerun_failed:
+        reruns = len(accounting.rerunnable(study, causes)) if dry_run else len(accounting.enqueue_reruns(study, causes))
+    trials = study.get_trials(deepcopy=False)
+    left = accounting.work_left(trials, tune_args.max_trials, reruns if dry_run else 0)
+    if left == 0:
+        states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        print(f"study {tune_args.study_name!r} is complete ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
+              f"{states['FAIL']} failed of max_trials={tune_args.max_trials}; nothing runs or waits): nothing submitted")
+    return left
