@@ -30,6 +30,7 @@ ALLOWED = {
     "errors": set(),
     "fileio": {"errors"},
     "locate": {"errors"},
+    "_lazy": set(),
     "__main__": {"cli"},
     "__init__": {"config", "errors"},
 }
@@ -44,7 +45,7 @@ ENV_READER = "deepsports.slurm.env"
 #: Modules at the bottom that every room may use: the cluster-environment reader above, fileio (the
 #: one atomic writer and the one torch-file reader; standard library at import time) and locate (the
 #: shipped named files).
-BOTTOM = {ENV_READER, "deepsports.fileio", "deepsports.locate"}
+BOTTOM = {ENV_READER, "deepsports.fileio", "deepsports.locate", "deepsports._lazy"}
 
 
 def _module_name(path: Path) -> str:
