@@ -288,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--stages: unknown stage(s) {', '.join(unknown)}; allowed: {', '.join(STAGES)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_fullscale_")).expanduser().absolute()
     work.mkdir(parents=True, exist_ok=True)
-    from deepsports.data.rehearsal import packaged_mtl_aqa_files
+    from deepsports.data.annotations import shipped_annotation_files
 
-    files = packaged_mtl_aqa_files() if args.mtl_aqa_dir is None else tuple(
-        Path(args.mtl_aqa_dir) / p.name for p in packaged_mtl_aqa_files())
+    shipped = shipped_annotation_files()
+    files = (shipped.annotations, shipped.train, shipped.test)
+    if args.mtl_aqa_dir is not None:
+        files = tuple(Path(args.mtl_aqa_dir) / p.name for p in files)
     ctx = {"work": work, "root": work / "rehearsal", "quick": args.quick,
            "pickles": dict(zip(("annotation_path", "train_path", "test_path"), files)),
            "ffmpeg_videos": [14] if args.quick else [int(v) for v in args.ffmpeg_videos.split(",")],

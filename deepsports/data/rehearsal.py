@@ -41,14 +41,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from deepsports.data.annotations import ClipAnnotation, load_annotations, load_split, save_annotations, save_split
+from deepsports.data.annotations import (ClipAnnotation, load_annotations, load_split, save_annotations, save_split,
+                                         shipped_annotation_files)
 from deepsports.data.synth import MARKER, _sample_scene, difficulty
 from deepsports.data.synth_render import Canvas, Dive, Scene, background, render_clip
 from deepsports.errors import ConfigError, DataError
 from deepsports.fileio import atomic_write
 
 __all__ = ["REHEARSAL_VERSION", "BROADCAST_SIZE", "REHEARSAL_FPS", "MARGIN_FRAMES", "RehearsalReport",
-           "packaged_mtl_aqa_files", "rehearsal_dive", "generate_rehearsal"]
+           "rehearsal_dive", "generate_rehearsal"]
 
 REHEARSAL_VERSION = 1
 #: (height, width) of the whole videos: 16:9 broadcast footage at 360p.
@@ -62,12 +63,6 @@ STATUS_NAME = "rehearsal.json"
 _FILES = ("final_annotations_dict.pkl", "train_split_0.pkl", "test_split_0.pkl")
 _DIVES = [(half / 2, position) for half in range(2, 10) for position in (0, 1, 2)
           if half / 2 <= {0: 3.0, 1: 4.0, 2: 4.5}[position]]
-
-
-def packaged_mtl_aqa_files() -> tuple[Path, Path, Path]:
-    """The real MTL-AQA annotation, train-split and test-split pickles shipped in ``deepsports/data/mtl_aqa``."""
-    folder = Path(__file__).resolve().parent / "mtl_aqa"
-    return tuple(folder / name for name in _FILES)  # type: ignore[return-value]
 
 
 def rehearsal_dive(annotation: ClipAnnotation, seed: int = 0) -> Dive:
@@ -258,7 +253,8 @@ def generate_rehearsal(out_dir: str | os.PathLike, *, annotation_path: str | os.
     to them (the pickles then hold just those clips). ``workers`` processes encode videos in parallel
     (default: one per usable CPU). ``progress`` receives one line per finished video.
     """
-    defaults = packaged_mtl_aqa_files()
+    shipped = shipped_annotation_files()
+    defaults = (shipped.annotations, shipped.train, shipped.test)
     sources = [Path(p if p is not None else d).expanduser() for p, d in
                zip((annotation_path, train_path, test_path), defaults)]
     for path in sources:
