@@ -57,4 +57,4 @@ def test_a_two_task_train_job_runs_one_ddp_run_through_srun(slurm_cluster, tmp_p
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_spearman")) == [1, 2]
     assert "test_spearman" in run.data.metrics
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.pt", "epoch-0001.pt", "epoch-0002.pt",
-                                                                     "run.json"]
+                                                                     "run.json", "run.lock"]

@@ -24,7 +24,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.config import build_config, config_fields
+from deepsports.config import LOCATION_KEYS, build_config, config_fields
 from deepsports.data import build_datasets
 from deepsports.tune.attrs import PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
 from deepsports.train.loop import EPOCH_METRICS
@@ -195,7 +195,9 @@ def test_each_child_has_one_point_per_epoch_and_its_params(study):
         for step, value in trial.intermediate_values.items():
             assert math.isclose(logged[step], value, rel_tol=1e-6, abs_tol=1e-9), (trial.number, step)
         params = run.data.params
-        assert set(config_fields()) <= set(params)
+        # Every hyperparameter is a param; the location keys are tags (deepsports.config.<key>).
+        assert set(config_fields()) - set(LOCATION_KEYS) <= set(params) and not set(LOCATION_KEYS) & set(params)
+        assert {f"deepsports.config.{key}" for key in LOCATION_KEYS} <= set(run.data.tags)
         assert math.isclose(float(params["learning_rate"]), trial.params["learning_rate"], rel_tol=1e-6)
         assert params["activation"] == trial.params["activation"]
         assert params["epochs"] == str(EPOCHS) and params["frame_num"] == "4"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from deepsports.config import config_fields
+from deepsports.config import LOCATION_KEYS, config_fields
 from deepsports.train.loop import EPOCH_METRICS
 from tests.e2e_helpers import REPO, as_args, deepsports_cmd, free_port, run_checked, subprocess_env, tiny_overrides
 
@@ -76,7 +76,9 @@ def test_params_metrics_and_status_arrive_through_the_server(server, trained):
     run = trained["run"]
     assert run["info"]["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert set(config_fields()) <= set(params)
+    # Every hyperparameter is a param; the location keys are tags (deepsports.config.<key>).
+    assert set(config_fields()) - set(LOCATION_KEYS) <= set(params) and not set(LOCATION_KEYS) & set(params)
+    assert {f"deepsports.config.{key}" for key in LOCATION_KEYS} <= {t["key"] for t in run["data"]["tags"]}
     for key in ("frame_num", "spatial_size", "embed_dim", "epochs", "experiment_name"):
         assert params[key] == trained["overrides"][key], key
     run_id = run["info"]["run_id"]
