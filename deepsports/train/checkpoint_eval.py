@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from deepsports.config import Config, build_config
 from deepsports.errors import CheckpointError, ConfigError, StorageError
+from deepsports.train.reporting import log_config
 
 log = logging.getLogger("deepsports.train")
 
@@ -46,15 +47,6 @@ class EvaluationResult:
     metrics: dict[str, float]
     #: ``<split>_...`` metrics of the source run that differ from this evaluation (logged, now).
     differs_from_logged: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-
-def log_config(tracker, config: Config, leave_out: tuple[str, ...] = ()) -> None:
-    """Config keys as params, as ``train`` logs them: the location keys as ``deepsports.config.<key>`` tags."""
-    from deepsports.config import LOCATION_KEYS
-
-    params = {k: v for k, v in config.to_params().items() if k not in leave_out}
-    tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
-    tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS if k in params})
 
 
 def _source_run(tracker, run_id: str):

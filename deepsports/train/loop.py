@@ -24,7 +24,7 @@ from deepsports.train import distributed
 
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from deepsports.config import LOCATION_KEYS, Config, build_config
+from deepsports.config import Config, build_config
 from deepsports.data import build_datasets
 from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
@@ -33,7 +33,7 @@ from deepsports.train.losses import aqa_loss
 from deepsports.model import build_model
 from deepsports.train.optim import build_optimizer, build_scheduler
 from deepsports.train.dir_lock import checkpoint_dir_lock
-from deepsports.train.reporting import EpochMetricLog, log_final_artifacts
+from deepsports.train.reporting import EpochMetricLog, log_config, log_final_artifacts
 from deepsports.train.runtime import select_runtime, seed_everything, setup_logging
 
 log = logging.getLogger("deepsports.train")
@@ -305,9 +305,7 @@ def _restore(run: _Run, resume_state: dict | None) -> None:
         run.start_epoch, run.start_step = resume_state["epoch"], resume_state["step"]
         run.partial = dict(resume_state.get("partial") or run.partial)
     else:
-        params = config.to_params()
-        tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
-        tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS})
+        log_config(tracker, config)
     tracker.set_tags({"deepsports.device": run.runtime.device_name,
                       "deepsports.checkpoint_dir": str(run.ckpt_dir.resolve()),
                       "deepsports.trainable_params": str(trainable), "deepsports.total_params": str(total_params),

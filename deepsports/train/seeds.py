@@ -96,7 +96,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
         raise ConfigError("--seeds aggregates test metrics: it needs evaluate=true")
     from deepsports.tracking import runs as tracking
     from deepsports.train import distributed
-    from deepsports.train.checkpoint_eval import log_config
+    from deepsports.train.reporting import log_config
 
     if distributed.detect().enabled:
         raise ConfigError("--seeds runs its seeds one after another in one process: not under torchrun or srun")
