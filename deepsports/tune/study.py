@@ -182,8 +182,9 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
         attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment}
         for key, value in attrs.items():
             study.set_user_attr(key, value)
-        parent = create_parent_run(space, experiment, name, tags, tracker_uri)
-        study.set_user_attr(PARENT_RUN_ATTR, parent)
+        # Under heavy load this can outlast a joiner's wait, and the joiner adopts the study meanwhile.
+        parent = store_parent_run(study, create_parent_run(space, experiment, name, tags, tracker_uri),
+                                  tracker_uri, settle_s=0.0)
         log.info("created study %r in %s, MLflow parent run %s", name, label, parent)
         return study, parent
     deadline = time.monotonic() + parent_wait_s
@@ -203,14 +204,27 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
         return study, parent
     log.warning("study %r has no MLflow parent run after %.0f s (did its creator die?): adopting it", name,
                 parent_wait_s)
-    mine = create_parent_run(space, experiment, name, tags, tracker_uri)
     study.set_user_attr(EXPERIMENT_ATTR, experiment)
-    study.set_user_attr(PARENT_RUN_ATTR, mine)
-    time.sleep(1.0)  # let a concurrent adopter's write land, then agree on the stored id
-    stored = study.user_attrs[PARENT_RUN_ATTR]
+    return study, store_parent_run(study, create_parent_run(space, experiment, name, tags, tracker_uri), tracker_uri)
+
+
+def store_parent_run(study: optuna.Study, mine: str, tracker_uri: str | None = None, settle_s: float = 1.0) -> str:
+    """Store ``mine`` as the study's parent run unless another process (a slow creator, an adopter)
+    stored one while ``mine`` was being made; returns the id every process then uses.
+
+    Storages offer no compare-and-set: read right before writing, and (adopters) re-read after
+    ``settle_s`` so that a write that landed in between wins. The losing run is deleted.
+    """
+    stored = study.user_attrs.get(PARENT_RUN_ATTR)  # read from the storage on every access
+    if stored is None:
+        study.set_user_attr(PARENT_RUN_ATTR, mine)
+        if settle_s > 0:
+            time.sleep(settle_s)
+        stored = study.user_attrs[PARENT_RUN_ATTR]
     if stored != mine:
+        tracker = tracking.RunTracker(tracker_uri)
         tracking.call_with_retry("delete duplicate parent run", tracker.uri, tracker.client.delete_run, mine)
-    return study, stored
+    return stored
 
 
 def create_parent_run(space: SearchSpace, experiment: str, name: str, tags: Mapping[str, str],

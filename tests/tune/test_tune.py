@@ -20,7 +20,8 @@ from deepsports.tune.recovery import StaleTrialRetry, task_identity
 from deepsports.tune.attrs import PAUSED_BY_ATTR, RESUMED_ATTR
 from deepsports.tune.search_space import load_search_space
 from deepsports.tune.attrs import CKPT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
-from deepsports.tune.study import make_pruner, make_sampler, open_storage, open_study, worker_seed
+from deepsports.tune.study import (create_parent_run, make_pruner, make_sampler, open_storage, open_study,
+                                   store_parent_run, worker_seed)
 from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots
 from deepsports.train.loop import load_training_checkpoint, train
 from deepsports.tune.worker import TuneSettings, tune
@@ -104,6 +105,25 @@ def test_a_study_whose_creator_died_before_its_parent_run_is_adopted(tmp_path, t
     assert study.user_attrs[PARENT_RUN_ATTR] == parent
     run = MlflowClient(tracking_uri).get_run(parent)
     assert run.data.tags["deepsports.kind"] == "study" and run.data.tags["optuna.study_name"] == "s"
+
+
+def test_a_creator_slower_than_the_joiners_wait_keeps_the_adopted_parent_run(tmp_path, tracking_uri):
+    """Under heavy load the creator's parent run can take longer than a joiner waits: the joiner adopts
+    the study, and the creator, storing its run afterwards, must take the adopted one (one parent run)."""
+    settings = _settings(tmp_path, tmp_path / "cache")
+    storage = open_storage(settings.storage)
+    created = optuna.create_study(storage=storage, study_name="s", direction="maximize")  # creator, still busy
+    space = load_search_space(settings.search_space)
+    _, adopted = open_study("s", storage, space, sampler=make_sampler(0), pruner=make_pruner("none", 2),
+                            parent_wait_s=0.2)
+    late = create_parent_run(space, "Default", "s", {"deepsports.kind": "study", "optuna.study_name": "s"})
+    assert store_parent_run(created, late, settle_s=0.0) == adopted  # what the creator's open_study returns
+    assert created.user_attrs[PARENT_RUN_ATTR] == adopted
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(late).info.lifecycle_stage == "deleted"
+    experiment = client.get_run(adopted).info.experiment_id
+    parents = client.search_runs([experiment], filter_string="tags.`deepsports.kind` = 'study'")
+    assert [r.info.run_id for r in parents] == [adopted]
 
 
 # --------------------------------------------------------------------------------------------
