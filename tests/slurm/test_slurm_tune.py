@@ -165,7 +165,7 @@ def test_usr1_pauses_the_trial_requeues_the_task_and_it_resumes_the_same_trial_a
     paused = _study(storage).trials[0]
     assert paused.state == TrialState.WAITING and paused.user_attrs["deepsports.paused_by"] == task
     partial, _ = CheckpointManager(paused.user_attrs[CKPT_ATTR]).latest_valid()  # what the pause wrote
-    # No `StartTime=now` here: released within SLURM's credential window (AuthInfo cred_expire, 30 s on
+    # No `StartTime=now` here: released within SLURM's credential window (AuthInfo cred_expire, 10 s on
     # the local cluster) the relaunch is killed with "Job credential revoked". The requeued task's own
     # BeginTime (cred_expire + 1 s) is the earliest safe start.
     _wait(lambda: not _active(job), 180, "the requeued task to finish", job, logs)
