@@ -27,11 +27,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
+        config = config_from_args(args)  # a bad value is refused in a blink, not after torch's import
         from deepsports.slurm.jobs import requeue_if_slurm
         from deepsports.train.distributed import detect
         from deepsports.train.loop import train
 
-        config = config_from_args(args)
         main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
         try:
             result = train(config, stop_requested=flag.requested)
