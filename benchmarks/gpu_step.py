@@ -53,6 +53,8 @@ VARIANTS = {v.name: v for v in (
     Variant("compile_b8", fused=True, compile_mode="default"),
     Variant("compile_b32", batch=32, fused=True, compile_mode="default"),
     Variant("compile_nosync_b32", batch=32, fused=True, sync_each_step=False, compile_mode="default"),
+    Variant("compile_b64", batch=64, fused=True, compile_mode="default"),
+    Variant("compile_b8_48x224", frames=48, amsgrad=True, fused=True, compile_mode="default"),
     Variant("compile_graphs_b8", fused=True, compile_mode="reduce-overhead"),
     Variant("best_cfg_48x224_b8", frames=48, amsgrad=True),
     Variant("best_cfg_48x224_b8_fused", frames=48, amsgrad=True, fused=True),

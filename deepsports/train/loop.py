@@ -45,9 +45,8 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
 
 #: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
-RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "loglevel", "log_every_steps", "gpu", "evaluate", "log_model",
-                               "log_checkpoint",
-                               "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "compile", "loglevel", "log_every_steps", "gpu", "evaluate",
+                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
 
 
 @dataclass
@@ -280,6 +279,10 @@ def _build_run(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run
     optimizer = build_optimizer(config, model.parameters())
     global_model = GlobalBatchModel(model, env)
     net = wrap_ddp(global_model, env, runtime.device, find_unused_parameters=config.use_decoder)
+    if config.compile:
+        # Only the training step: checkpoints and evaluation use the plain modules (same parameters),
+        # so state_dict keys stay free of torch.compile's `_orig_mod.` prefix.
+        net = torch.compile(net)
     n_steps = steps_per_epoch(len(data.train), config.batch_size, env.world_size)
     pin = runtime.device.type == "cuda"
     scheduler = build_scheduler(config, optimizer, n_steps)
