@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from einops import rearrange, reduce, repeat
 
-from deepsports.model import TimeSformer
+from deepsports.model import TimeSformer, attention_backend
+from deepsports.model.attention import attend
 from deepsports.model.blocks import DividedSpaceTimeBlock
 from tests.model.test_model_reference import TEST_PRESET, randomise_
 
@@ -25,7 +26,7 @@ FRAMES, SIZE, PATCH = 3, 32, 8
 
 def _previous_attention(attn, x):
     q, k, v = rearrange(attn.qkv(x), "n l (three h d) -> three n h l d", three=3, h=attn.num_heads)
-    return attn.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "n h l d -> n l (h d)"))
+    return attn.proj(rearrange(attend(q, k, v), "n h l d -> n l (h d)"))
 
 
 def _previous_block(block: DividedSpaceTimeBlock, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -126,3 +127,16 @@ def test_block_tensor_api_matches_the_split_one():
         previous = _previous_block(block, torch.cat([cls, frames.flatten(1, 2)], dim=1), FRAMES)
     torch.testing.assert_close(joined, torch.cat([split_cls, split_frames.flatten(1, 2)], dim=1), rtol=0, atol=0)
     torch.testing.assert_close(joined, previous, rtol=0, atol=1e-12)
+
+
+def test_layouts_do_the_previous_arithmetic():
+    """The same FLOPs as before, forward and backward: the layouts move data, they add or drop no work
+    (so the benchmark's FLOP/s figure stays comparable)."""
+    net = _net(0.0)
+    video = torch.randn(2, 3, FRAMES, SIZE, SIZE)
+    counts = []
+    for forward in (previous_forward, TimeSformer.forward):
+        with attention_backend("reference"), FlopCounterMode(display=False) as counter:
+            forward(net, video).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
