@@ -6,6 +6,8 @@ temporal_attn, temporal_fc, norm2, mlp.fc1, mlp.fc2) so its checkpoints load by 
 Token layout inside the backbone: one class token followed by the patch tokens of every frame,
 frame-major, ``(B, 1 + T*N, D)`` with patches ordered ``(t n)``. (The official code orders them
 ``(n t)``; attention does not depend on the order, and frame-major makes the per-frame view free.)
+Between divided blocks the class token ``(B, 1, D)`` and the patches ``(B, T, N, D)`` travel apart
+(:meth:`DividedSpaceTimeBlock.forward_split`), so no block splits and re-joins them.
 """
 
 from __future__ import annotations
