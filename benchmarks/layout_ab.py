@@ -8,7 +8,7 @@ strided conv, q/k/v unbound from a permuted view), run on the same module and we
   the per-round new/old ratios): ``tiny`` 8 x 112 fp32 on the CPU; on a GPU also ``base`` 8 x 224 in
   bf16 autocast and fp32, the GPU path that must not get worse.
 
-Usage: ``python benchmarks/layout_ab.py [--rounds 10] [--steps 1]``
+Usage: ``python benchmarks/layout_ab.py [--rounds 10] [--steps 1] [--threads N]``
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=1, help="steps per timing (use ~10 on a GPU)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
