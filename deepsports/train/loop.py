@@ -40,14 +40,13 @@ log = logging.getLogger("deepsports.train")
 
 #: Metric keys logged once per epoch (step = epoch, counted from 1).
 EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_mse", "val_difficulty_mae",
-                 "learning_rate", "epoch_seconds", "clips_per_s")
+                 "learning_rate", "epoch_seconds", "clips_per_s", "data_wait_fraction")
 
 
 #: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
-RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "loglevel", "log_every_steps", "gpu", "evaluate", "log_model",
-                               "log_checkpoint",
-                               "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
+RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "compile", "loglevel", "log_every_steps", "gpu", "evaluate",
+                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
 
 
 @dataclass
@@ -280,6 +279,10 @@ def _build_run(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run
     optimizer = build_optimizer(config, model.parameters())
     global_model = GlobalBatchModel(model, env)
     net = wrap_ddp(global_model, env, runtime.device, find_unused_parameters=config.use_decoder)
+    if config.compile:
+        # Only the training step: checkpoints and evaluation use the plain modules (same parameters),
+        # so state_dict keys stay free of torch.compile's `_orig_mod.` prefix.
+        net = torch.compile(net)
     n_steps = steps_per_epoch(len(data.train), config.batch_size, env.world_size)
     pin = runtime.device.type == "cuda"
     scheduler = build_scheduler(config, optimizer, n_steps)
@@ -331,6 +334,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float,
     config, env, runtime, data, model, optimizer = run.config, run.env, run.runtime, run.data, run.model, run.optimizer
     first_step = run.start_step if epoch == run.start_epoch else 0
     acc = run.partial if epoch == run.start_epoch and first_step else {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
+    acc.setdefault("data_wait_s", 0.0)  # a partial checkpoint from before this figure existed has none
     data.train.set_epoch(epoch)
     order = EpochSampler(len(data.train), config.seed, epoch, start=first_step * config.batch_size)
     batches = ShardedBatchSampler(list(order), config.batch_size, env, train=True)
@@ -340,8 +344,11 @@ def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float,
     progress = _Progress(run.n_steps, f"epoch {epoch}/{config.epochs}", config.log_every_steps)
     tick = time.perf_counter()
     step = first_step
+    asked = time.perf_counter()  # when the loop asked the loader for the next batch
     try:
         for batch, sizes in zip(loader, batches.global_sizes):
+            # Time the training waited for data (worker start-up included): ~0 when the loader keeps up.
+            acc["data_wait_s"] += time.perf_counter() - asked
             video = runtime.video_input(batch["video"])
             target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
             hooks.fault("step", step)
@@ -368,6 +375,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float,
                 acc_now = {**acc, "seconds": acc["seconds"] + time.perf_counter() - tick}
                 path = run.manager.save_partial(epoch, run.state(epoch, step, acc_now)) if env.is_main else run.ckpt_dir
                 raise PreemptedError(f"stop requested at epoch {epoch} step {step}/{run.n_steps}; checkpoint {path}")
+            asked = time.perf_counter()
     except torch.OutOfMemoryError as exc:
         raise TrainingError(f"out of memory at epoch {epoch} step {step + 1} (batch_size={config.batch_size}, "
                             f"frame_num={config.frame_num}, spatial_size={config.spatial_size}): {exc}") from exc
@@ -386,7 +394,8 @@ def _report_epoch(run: _Run, epoch: int, acc: dict, tick: float, train_seconds: 
     row = {"epoch": epoch, "train_loss": acc["loss_sum"] / max(1, acc["clips"]), "val_loss": val_metrics["loss"],
            "val_spearman": val_metrics["spearman"], "val_rel_l2": val_metrics["rel_l2"], "val_mse": val_metrics["mse"],
            "val_difficulty_mae": val_metrics["difficulty_mae"], "learning_rate": run.optimizer.param_groups[0]["lr"],
-           "epoch_seconds": epoch_seconds, "clips_per_s": acc["clips"] / max(train_seconds, 1e-9)}
+           "epoch_seconds": epoch_seconds, "clips_per_s": acc["clips"] / max(train_seconds, 1e-9),
+           "data_wait_fraction": min(1.0, acc["data_wait_s"] / max(train_seconds, 1e-9))}
     run.history.append(row)
     is_best = row["val_spearman"] > run.best["val_spearman"]
     if is_best:
@@ -396,9 +405,9 @@ def _report_epoch(run: _Run, epoch: int, acc: dict, tick: float, train_seconds: 
         run.manager.save(epoch, run.state(epoch + 1, 0, None), is_best=is_best)
     hooks.fault("log", epoch)
     run.epoch_log.log(row, epoch)  # once per step, also when resumed from an older checkpoint
-    log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s)", epoch,
-             config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"], row["clips_per_s"],
-             epoch_seconds)
+    log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s, %.0f%% of it "
+             "waiting for data)", epoch, config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"],
+             row["clips_per_s"], epoch_seconds, 100 * row["data_wait_fraction"])
     if _stop(env, hooks.stop_requested, runtime.device) and epoch < config.epochs:
         raise PreemptedError(f"stop requested after epoch {epoch}; checkpoint in {run.ckpt_dir}")
     if hooks.epoch_callback is not None:

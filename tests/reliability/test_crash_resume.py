@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 6
 #: Wall-clock figures; everything else must repeat exactly.
-TIMING_METRICS = {"epoch_seconds", "clips_per_s"}
+TIMING_METRICS = {"epoch_seconds", "clips_per_s", "data_wait_fraction"}
 #: (moment, seeded extra delay range in s): what each restart waits for before its SIGKILL.
 KILL_PLAN = (("checkpoint-write", 0.0), ("after-checkpoint", 0.0), ("random", 2.5))
 

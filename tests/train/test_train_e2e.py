@@ -49,6 +49,9 @@ def test_project_run_logs_every_param_and_one_point_per_epoch(project_run):
     for key in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), (key, steps)
+    # A share of the epoch's training time: some waiting (the loader's workers start each epoch), never above it.
+    waits = [m.value for m in client.get_metric_history(run.info.run_id, "data_wait_fraction")]
+    assert all(0.0 < w <= 1.0 for w in waits), waits
     for key in ("test_spearman", "test_rel_l2", "test_mse", "test_difficulty_mae", "best_val_spearman"):
         assert np.isfinite(run.data.metrics[key]), key
 
