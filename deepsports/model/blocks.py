@@ -7,7 +7,7 @@ Token layout inside the backbone: one class token followed by the patch tokens o
 frame-major, ``(B, 1 + T*N, D)`` with patches ordered ``(t n)``. (The official code orders them
 ``(n t)``; attention does not depend on the order, and frame-major makes the per-frame view free.)
 Between divided blocks the class token ``(B, 1, D)`` and the patches ``(B, T, N, D)`` travel apart
-(:meth:`DividedSpaceTimeBlock.forward_split`), so no block splits and re-joins them.
+(:meth:`DividedSpaceTimeBlock.forward_split`): a block joins them once, for the MLP.
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ class DividedSpaceTimeBlock(Block):
     def forward_split(self, cls: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 1, D), (B, T, N, D) -> (B, 1, D), (B, T, N, D)``: the class token and the patches of every frame.
 
-        Kept apart so no block splits and re-concatenates the class token; every layout switch is a
-        view that the next LayerNorm, concatenation or residual add reads through (one copy each).
+        Kept apart between blocks, so a block joins them once (for the MLP) and splits them as views;
+        every temporal <-> spatial switch is a view that the next LayerNorm, concatenation or residual
+        add reads through (one copy each).
         """
         b, t, n, d = frames.shape
         # Temporal: every patch over the T frames. The residual add reads the (b n t) result transposed.
@@ -113,7 +114,9 @@ class DividedSpaceTimeBlock(Block):
         by_frame = torch.cat([cls.unsqueeze(1).expand(b, t, 1, d), frames], dim=2).view(b * t, 1 + n, d)
         cls_spatial, patch_spatial = self.attn(self.norm1(by_frame)).view(b, t, 1 + n, d).split([1, n], dim=2)
         cls_update, patch_update = self.drop_path.drop(cls_spatial.mean(1), patch_spatial)
-        cls, frames = cls + cls_update, frames + patch_update
-
-        cls_update, patch_update = self.drop_path.drop(self.mlp(self.norm2(cls)), self.mlp(self.norm2(frames)))
-        return cls + cls_update, frames + patch_update
+        # The MLP runs once over the joined tokens: its GEMMs stay whole, and a GPU launches no extra
+        # small kernels for the class token (on the CPU, joined and apart measured the same).
+        x = torch.cat([cls + cls_update, (frames + patch_update).flatten(1, 2)], dim=1)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        cls, patches = x.split([1, t * n], dim=1)
+        return cls, patches.unflatten(1, (t, n))
