@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 ATTENTION_BACKENDS = ("sdpa", "reference")
@@ -57,6 +56,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, L, D) -> (N, L, D)``: every one of the N sequences attends within itself."""
         # The fused qkv output is laid out (three, heads, head_dim) along D, as in the official weights.
-        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)
+        # Unbinding dim 2 of that view (not dim 0 of a permuted one) lets the backward pass stack the
+        # q/k/v gradients straight into the qkv layout: one copy instead of a stack plus a reshape copy.
+        seqs, length = x.shape[:2]
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(seqs, length, 3, self.num_heads, -1).unbind(2))
         out = attend(q, k, v)
-        return self.proj(rearrange(out, "n h l d -> n l (h d)"))
+        return self.proj(out.transpose(1, 2).reshape(seqs, length, -1))

@@ -6,12 +6,13 @@ temporal_attn, temporal_fc, norm2, mlp.fc1, mlp.fc2) so its checkpoints load by 
 Token layout inside the backbone: one class token followed by the patch tokens of every frame,
 frame-major, ``(B, 1 + T*N, D)`` with patches ordered ``(t n)``. (The official code orders them
 ``(n t)``; attention does not depend on the order, and frame-major makes the per-frame view free.)
+Between divided blocks the class token ``(B, 1, D)`` and the patches ``(B, T, N, D)`` travel apart
+(:meth:`DividedSpaceTimeBlock.forward_split`): a block joins them once, for the MLP.
 """
 
 from __future__ import annotations
 
 import torch
-from einops import rearrange, reduce, repeat
 from torch import nn
 
 from deepsports.model.attention import Attention
@@ -25,11 +26,15 @@ class DropPath(nn.Module):
         self.rate = rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x)[0]
+
+    def drop(self, *branches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Residual branches of the same samples (dim 0), dropped together: one mask for all of them."""
         if self.rate == 0.0 or not self.training:
-            return x
+            return branches
         keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        mask = branches[0].new_empty(branches[0].shape[0]).bernoulli_(keep).div_(keep)
+        return tuple(x * mask.view((-1,) + (1,) * (x.ndim - 1)) for x in branches)
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
@@ -88,19 +93,30 @@ class DividedSpaceTimeBlock(Block):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """``(B, 1 + T*N, D) -> (B, 1 + T*N, D)`` with patches ordered ``(t n)``; T = ``num_frames``."""
-        # split (not slicing) so the backward pass concatenates gradients instead of zero-filling copies
         cls, patches = x.split([1, x.shape[1] - 1], dim=1)
+        cls, frames = self.forward_split(cls, patches.unflatten(1, (num_frames, -1)))
+        return torch.cat([cls, frames.flatten(1, 2)], dim=1)
 
-        by_patch = rearrange(patches, "b (t n) d -> (b n) t d", t=num_frames)
-        temporal = self.temporal_attn(self.temporal_norm1(by_patch))
-        temporal = rearrange(temporal, "(b n) t d -> b (t n) d", b=x.shape[0])
-        patches = patches + self.drop_path(self.temporal_fc(temporal))
+    def forward_split(self, cls: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 1, D), (B, T, N, D) -> (B, 1, D), (B, T, N, D)``: the class token and the patches of every frame.
 
-        by_frame = torch.cat([repeat(cls, "b 1 d -> (b t) 1 d", t=num_frames),
-                              rearrange(patches, "b (t n) d -> (b t) n d", t=num_frames)], dim=1)
-        cls_spatial, patch_spatial = self.attn(self.norm1(by_frame)).split([1, by_frame.shape[1] - 1], dim=1)
-        cls_update = reduce(cls_spatial, "(b t) 1 d -> b 1 d", "mean", t=num_frames)
-        patch_update = rearrange(patch_spatial, "(b t) n d -> b (t n) d", t=num_frames)
-        x = torch.cat([cls, patches], dim=1) + self.drop_path(torch.cat([cls_update, patch_update], dim=1))
+        Kept apart between blocks, so a block joins them once (for the MLP) and splits them as views;
+        every temporal <-> spatial switch is a view that the next LayerNorm, concatenation or residual
+        add reads through (one copy each).
+        """
+        b, t, n, d = frames.shape
+        # Temporal: every patch over the T frames. The residual add reads the (b n t) result transposed.
+        by_patch = self.temporal_norm1(frames.transpose(1, 2)).reshape(b * n, t, d)
+        temporal = self.temporal_fc(self.temporal_attn(by_patch)).view(b, n, t, d).transpose(1, 2)
+        frames = frames + self.drop_path(temporal)
 
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Spatial: every frame over its N patches and the class token, whose T results are averaged.
+        by_frame = torch.cat([cls.unsqueeze(1).expand(b, t, 1, d), frames], dim=2).view(b * t, 1 + n, d)
+        cls_spatial, patch_spatial = self.attn(self.norm1(by_frame)).view(b, t, 1 + n, d).split([1, n], dim=2)
+        cls_update, patch_update = self.drop_path.drop(cls_spatial.mean(1), patch_spatial)
+        # The MLP runs once over the joined tokens: its GEMMs stay whole, and a GPU launches no extra
+        # small kernels for the class token (on the CPU, joined and apart measured the same).
+        x = torch.cat([cls + cls_update, (frames + patch_update).flatten(1, 2)], dim=1)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        cls, patches = x.split([1, t * n], dim=1)
+        return cls, patches.unflatten(1, (t, n))

@@ -29,10 +29,22 @@ class PatchEmbed(nn.Module):
         height, width = video.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"frame size {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        if video.device.type == "cpu":
+            return self._as_matmul(video), (height // self.patch_size, width // self.patch_size)
         frames = rearrange(video, "b c t h w -> (b t) c h w")
         patches = self.proj(frames)
         grid = (patches.shape[-2], patches.shape[-1])
         return rearrange(patches, "(b t) d gh gw -> b t (gh gw) d", b=video.shape[0]), grid
+
+    def _as_matmul(self, video: torch.Tensor) -> torch.Tensor:
+        """The conv as one GEMM: a stride = kernel conv is a linear map of each flattened patch.
+
+        On the CPU this skips the conv's im2col and its backward's col2im buffers, and the GEMM writes
+        the ``(B, T, N, D)`` layout directly (the conv writes ``(B*T, D, H/p, W/p)``, which needs a copy).
+        """
+        p = self.patch_size
+        patches = rearrange(video, "b c t (gh ph) (gw pw) -> b t (gh gw) (c ph pw)", ph=p, pw=p)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 def grid_of(pos_embed: torch.Tensor) -> tuple[int, int]:

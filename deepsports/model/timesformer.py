@@ -94,28 +94,33 @@ class TimeSformer(nn.Module):
         proj = {id(p) for p in self.feature_proj.parameters()}
         return [p for p in self.parameters() if id(p) not in proj]
 
-    def _embed(self, video: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Tokens with position (and time) embeddings: ``(B, 1 + T*N, D)``, or ``(B*T, 1 + N, D)`` for space_only."""
+    def _embed(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class token ``(B, 1, D)`` and the patches ``(B, T, N, D)``, with position (and time) embeddings."""
         patches, grid = self.patch_embed(video)
-        batch, num_frames = patches.shape[:2]
         pos = resize_pos_embed(self.pos_embed, self.grid, grid)
         cls = self.cls_token + pos[:, :1]
-        patches = patches + pos[:, None, 1:]
-        if self.time_embed is None:
-            frames = rearrange(patches, "b t n d -> (b t) n d")
-            return torch.cat([cls.expand(frames.shape[0], -1, -1), frames], dim=1), num_frames
-        time = resize_time_embed(self.time_embed, num_frames)
-        patches = patches + rearrange(time, "1 t d -> 1 t 1 d")
-        tokens = rearrange(patches, "b t n d -> b (t n) d")
-        return torch.cat([cls.expand(batch, -1, -1), tokens], dim=1), num_frames
+        # Position and time embeddings are summed at (T, N) size first: one pass over the patches.
+        embed = pos[:, None, 1:]
+        if self.time_embed is not None:
+            embed = embed + rearrange(resize_time_embed(self.time_embed, patches.shape[1]), "1 t d -> 1 t 1 d")
+        return cls.expand(patches.shape[0], -1, -1), patches + embed
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, C, T, H, W) -> (B, L, width)``: the token sequence after the last block, before the final norm.
 
-        L = 1 + T*N (class token first); for ``space_only`` the per-frame sequences are averaged over
-        time, as in the official model, so L = 1 + N.
+        L = 1 + T*N (class token first, patches ordered ``(t n)``); for ``space_only`` the per-frame
+        sequences are averaged over time, as in the official model, so L = 1 + N.
         """
-        x, num_frames = self._embed(video)
+        cls, frames = self._embed(video)
+        batch, num_frames = frames.shape[:2]
+        if self.attention_type == "divided_space_time":
+            for block in self.blocks:
+                cls, frames = block.forward_split(cls, frames)
+            return torch.cat([cls, frames.flatten(1, 2)], dim=1)
+        if self.attention_type == "space_only":
+            x = torch.cat([cls.repeat_interleave(num_frames, 0), frames.flatten(0, 1)], dim=1)
+        else:
+            x = torch.cat([cls, frames.flatten(1, 2)], dim=1)
         for block in self.blocks:
             x = block(x, num_frames)
         if self.time_embed is None:
