@@ -92,7 +92,8 @@ def _one_child_per_trial(client: MlflowClient, study: optuna.Study) -> dict[int,
 
 
 def test_usr1_to_a_worker_pauses_its_trial_and_the_restarted_workers_resume_it(tmp_path, cache_dir):
-    storage, epochs, max_trials = str(tmp_path / "study.journal"), 8, 3
+    # 5 epochs (0.3-0.5 s each): the victim, signalled after its first, is still training for seconds.
+    storage, epochs, max_trials = str(tmp_path / "study.journal"), 5, 3
     proc, uri = _start(tmp_path, cache_dir, storage, max_trials=max_trials, epochs=epochs)
     victim = _mid_training(proc, storage)
     os.kill(_worker_pid(victim), signal.SIGUSR1)
