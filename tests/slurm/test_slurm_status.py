@@ -88,6 +88,19 @@ def _check_the_killed_trial_and_its_retry(storage: str, killed, uri: str) -> Non
     _epochs_logged_once(client, run.info.run_id, EPOCHS)
 
 
+def _check_the_requeued_task_resumed_its_trial(storage: str, preempted, requeued: str, logs: Path, uri: str) -> None:
+    """The requeued task, restarted (restart 1), resumed its own paused trial from the checkpoint its pause
+    wrote, in the same MLflow run (the USR1 path, with the array's other tasks free to claim it:
+    tests/slurm/test_slurm_field_signals.py)."""
+    trial = optuna.load_study(study_name="s", storage=open_storage(storage)).trials[preempted.number]
+    checkpoint = trial.user_attrs[RESUMED_ATTR]["checkpoint"]
+    run = MlflowClient(uri).get_run(trial.user_attrs[RUN_ATTR])
+    assert run.data.tags["slurm.restart_count"] == "1" and run.data.tags["deepsports.resumes"] == "1"
+    assert run.data.tags["deepsports.resumed_from"].startswith(Path(checkpoint).name)
+    log = (logs / f"st_{requeued}.log").read_text()
+    assert "restart 0," in log and "restart 1," in log and f"resuming from {checkpoint}" in log
+
+
 def test_status_after_a_requeue_a_killed_worker_and_a_fault(slurm_cluster, tmp_path, tiny_cache_dir):
     storage, uri = str(tmp_path / "study.journal"), f"sqlite:///{tmp_path / 'mlflow.db'}"
     job, logs = _submit(tmp_path, tiny_cache_dir, storage, uri), tmp_path / "logs"
@@ -125,6 +138,7 @@ def test_status_after_a_requeue_a_killed_worker_and_a_fault(slurm_cluster, tmp_p
     assert [(a["outcome"], a["task"]) for a in trials[preempted.number]["attempts"]] == [
         ("paused", requeued), ("complete", requeued)]
     assert trials[preempted.number]["state"] == "COMPLETE"
+    _check_the_requeued_task_resumed_its_trial(storage, preempted, requeued, logs, uri)
     assert doc["tasks"][other]["deaths"] == 1 and doc["tasks"][requeued]["pauses"] == 1
 
     # Compute, from the epoch timings: the dead attempt ends at its last heartbeat, at most one interval
