@@ -108,11 +108,12 @@ def test_eight_optuna_workers_get_unique_trials(tmp_path, kind):
           f"unique_numbers={len({t.number for t in trials})} running=0 errors=0 seconds={seconds:.1f}")
 
 
-def test_tune_cli_with_two_local_workers_trains_each_trial_once(tmp_path):
+def test_tune_cli_with_two_local_workers_trains_each_trial_once(tmp_path, tiny_cache_dir):
     """``deepsports tune --workers 2``: two processes on one journal study and one MLflow store, real training."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The session's clip cache (the same synthetic clips and frame size): the writers under test are the stores'.
     sets = {"synth_clips": 40, "frame_num": 4, "spatial_size": 32, "embed_dim": 32, "epochs": 2, "num_workers": 0,
-            "log_model": "false", "evaluate": "false", "cache_dir": tmp_path / "cache",
+            "log_model": "false", "evaluate": "false", "cache_dir": tiny_cache_dir,
             "checkpoint_dir": tmp_path / "ckpt"}
     storage = tmp_path / "study.journal"
     cmd = deepsports_cmd("tune", str(REPO / "search_spaces" / "demo.yaml"), "--study", "demo", "--storage",

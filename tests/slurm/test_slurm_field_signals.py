@@ -1,11 +1,14 @@
 """Signals the way the local SLURM cluster delivers them, with the default ``num_workers`` (two DataLoader
 worker processes per trial): ``scontrol requeue`` (SIGTERM to every process of the task),
-``scancel --signal=USR1 --batch`` five times in a row on a 4-task array throttled to ``%2``, and
+``scancel --signal=USR1 --batch`` five times in a row on a 4-task array throttled to ``%2`` (each paused
+trial, its partial checkpoint and its MLflow run are followed through the requeue: what a single USR1
+proves too; that the requeued task itself resumes its trial: tests/slurm/test_slurm_status.py), and
 signals that reach the batch shell before Python runs."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,8 +22,9 @@ from optuna.trial import TrialState
 
 from deepsports.slurm.jobs import build_profile, render_script, submit
 from deepsports.train.loop import EPOCH_METRICS
-from deepsports.tune.attrs import PAUSED_BY_ATTR, RUN_ATTR, TASK_ATTR, WORKER_ATTR
-from tests.slurm.test_slurm_tune import _active, _study, _submit, _tasks, _wait
+from deepsports.tune.attrs import (ATTEMPTS_ATTR, CKPT_ATTR, PARENT_RUN_ATTR, PAUSED_BY_ATTR, RESUMED_ATTR, RUN_ATTR,
+                                   TASK_ATTR, WORKER_ATTR)
+from tests.slurm.test_slurm_tune import _active, _children_by_trial, _study, _submit, _tasks, _wait
 from tests.e2e_helpers import REPO, PYTHON_BIN
 
 pytestmark = pytest.mark.slurm
@@ -108,18 +112,37 @@ def test_requeue_and_a_usr1_storm_on_a_throttled_array_pause_and_resume_trials(s
     tasks = _tasks(job)
     for victim in (requeued, stormed):
         info = tasks[victim.user_attrs[TASK_ATTR].rsplit("_", 1)[1]]
+        assert victim.user_attrs[TASK_ATTR] == f"{job}_{info['ArrayTaskId']}"
         assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info
+        log = (logs / f"t_{job}_{info['ArrayTaskId']}.log").read_text()
+        assert "restart 0," in log and "restart 1," in log
     trials = {t.number: t for t in _study(storage).trials}
     assert sorted(trials) == [0, 1, 2, 3] and all(t.state == TrialState.COMPLETE for t in trials.values())
     client = MlflowClient(uri)
+    text = "\n".join(p.read_text() for p in logs.glob("*.log"))
     for victim in (requeued, stormed):
         trial = trials[victim.number]
         assert trial.params == victim.params and trial.user_attrs[PAUSED_BY_ATTR] == victim.user_attrs[TASK_ATTR]
+        # Paused by its task with the partial checkpoint the pause wrote, resumed from that very checkpoint
+        # (by whichever task of the array claimed it first) in the same trial and MLflow run.
+        paused, resumed = trial.user_attrs[ATTEMPTS_ATTR]
+        assert (paused["outcome"], paused["task"], resumed["outcome"]) == ("paused", victim.user_attrs[TASK_ATTR],
+                                                                           "complete")
+        assert paused["checkpoint_at"] is not None and paused["checkpoint_at"] <= paused["end"] <= resumed["start"]
+        partial = Path(trial.user_attrs[RESUMED_ATTR]["checkpoint"])  # partial unless stopped between epochs
+        assert partial.parent == Path(trial.user_attrs[CKPT_ATTR]) and re.fullmatch(r"epoch-\d{4}(-partial)?\.pt",
+                                                                                      partial.name)
+        assert trial.user_attrs[RESUMED_ATTR]["epoch"] >= max(victim.intermediate_values)
+        assert f"resuming from {partial}" in text
         assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
         run = client.get_run(trial.user_attrs[RUN_ATTR])
         assert run.info.status == "FINISHED" and run.data.tags["deepsports.resumes"] == "1"
+        assert run.data.tags["deepsports.resumed_from"].startswith(partial.name)
         for key in EPOCH_METRICS:
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(
                 range(1, epochs + 1)), key
-    text = "\n".join(p.read_text() for p in logs.glob("*.log"))
+    children = _children_by_trial(client, _study(storage).user_attrs[PARENT_RUN_ATTR])
+    assert sorted(children) == sorted(trials) and all(len(runs) == 1 for runs in children.values())
+    assert sorted(r.info.run_id for runs in children.values() for r in runs) == sorted(
+        t.user_attrs[RUN_ATTR] for t in trials.values())
     assert "DataLoader worker" not in text and "Traceback" not in text

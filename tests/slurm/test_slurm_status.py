@@ -4,7 +4,9 @@ One array of two tasks runs a study of 4 trials: one task is requeued the cluste
 requeue``: SIGTERM to the job) mid-trial, the other is SIGKILLed mid-trial (its trial is failed by the
 surviving task's sweep and retried), and the first new trial after the first two runs out of memory through ``train``'s fault hook
 (tests/slurm/fault_worker.py). The status document must then hold exactly those counts, causes and
-links, compute figures consistent with the attempts' epoch timings, and the parent run the same.
+links, compute figures consistent with the attempts' epoch timings, and the parent run the same; the
+killed task's trial is failed, retried with its params from its last epoch checkpoint into its own
+MLflow run, each epoch logged once (the SQLite/RDB sweep of a killed worker: tests/tune/test_tune_workers.py).
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.slurm import jobs as slurm
-from deepsports.tune.attrs import TASK_ATTR
-from deepsports.tune.study import open_storage
+from deepsports.tune.attrs import REASON_ATTR, RESUMED_ATTR, RETRIED_FROM_ATTR, RUN_ATTR, TASK_ATTR
+from deepsports.tune.study import open_storage, retried_from
 from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
-from tests.slurm.test_slurm_tune import _active, _tasks, _wait
+from tests.slurm.test_slurm_tune import _active, _epochs_logged_once, _tasks, _wait
 
 pytestmark = pytest.mark.slurm
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 HEARTBEAT = 2
+EPOCHS = 3
 
 
 def _submit(tmp_path: Path, cache_dir: Path, storage: str, uri: str) -> str:
@@ -43,7 +46,7 @@ def _submit(tmp_path: Path, cache_dir: Path, storage: str, uri: str) -> str:
                        "FAULT_MARKER": str(tmp_path / "fault-done"), "OMP_NUM_THREADS": "1"}}
     (tmp_path / "profile.yaml").write_text(yaml.safe_dump(profile))
     (tmp_path / "space.yaml").write_text(textwrap.dedent(TUNE_SPACE))
-    settings = {**TINY, "cache_dir": str(cache_dir), "epochs": 3, "evaluate": "false"}
+    settings = {**TINY, "cache_dir": str(cache_dir), "epochs": EPOCHS, "evaluate": "false"}
     sets = [arg for key, value in settings.items() if key != "learning_rate" for arg in ("--set", f"{key}={value}")]
     args = [str(tmp_path / "space.yaml"), "--study", "s", "--storage", storage, "--max-trials", "4", "--pruner", "none",
             "--seed", "0", "--heartbeat", str(HEARTBEAT), "--grace-period", "6", *sets]
@@ -66,6 +69,38 @@ def _trial_state(storage: str, number: int) -> TrialState:
     return optuna.load_study(study_name="s", storage=open_storage(storage)).trials[number].state
 
 
+def _check_the_killed_trial_and_its_retry(storage: str, killed, uri: str) -> None:
+    """The killed task's trial: failed by the sweep, retried once with its params from its last epoch
+    checkpoint, in its own MLflow run, each epoch logged once; the retry is no extra original trial."""
+    trials = {t.number: t for t in optuna.load_study(study_name="s", storage=open_storage(storage)).trials}
+    dead = trials[killed.number]
+    assert dead.state == TrialState.FAIL and "stopped beating" in dead.user_attrs[REASON_ATTR]
+    (retry,) = [t for t in trials.values() if retried_from(t) == killed.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+    assert retry.user_attrs[RETRIED_FROM_ATTR] == killed.number and retry.number > killed.number
+    assert retry.user_attrs[RUN_ATTR] == dead.user_attrs[RUN_ATTR]
+    assert retry.user_attrs[RESUMED_ATTR]["epoch"] >= max(killed.intermediate_values) + 1
+    assert sum(retried_from(t) is None for t in trials.values()) == 4  # max_trials originals
+    client = MlflowClient(uri)
+    run = client.get_run(retry.user_attrs[RUN_ATTR])
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.retry_of"] == str(killed.number)
+    assert "stopped beating" in run.data.tags["deepsports.failure_reason"]  # set by the sweeping worker
+    _epochs_logged_once(client, run.info.run_id, EPOCHS)
+
+
+def _check_the_requeued_task_resumed_its_trial(storage: str, preempted, requeued: str, logs: Path, uri: str) -> None:
+    """The requeued task, restarted (restart 1), resumed its own paused trial from the checkpoint its pause
+    wrote, in the same MLflow run (the USR1 path, with the array's other tasks free to claim it:
+    tests/slurm/test_slurm_field_signals.py)."""
+    trial = optuna.load_study(study_name="s", storage=open_storage(storage)).trials[preempted.number]
+    checkpoint = trial.user_attrs[RESUMED_ATTR]["checkpoint"]
+    run = MlflowClient(uri).get_run(trial.user_attrs[RUN_ATTR])
+    assert run.data.tags["slurm.restart_count"] == "1" and run.data.tags["deepsports.resumes"] == "1"
+    assert run.data.tags["deepsports.resumed_from"].startswith(Path(checkpoint).name)
+    log = (logs / f"st_{requeued}.log").read_text()
+    assert "restart 0," in log and "restart 1," in log and f"resuming from {checkpoint}" in log
+
+
 def test_status_after_a_requeue_a_killed_worker_and_a_fault(slurm_cluster, tmp_path, tiny_cache_dir):
     storage, uri = str(tmp_path / "study.journal"), f"sqlite:///{tmp_path / 'mlflow.db'}"
     job, logs = _submit(tmp_path, tiny_cache_dir, storage, uri), tmp_path / "logs"
@@ -79,7 +114,10 @@ def test_status_after_a_requeue_a_killed_worker_and_a_fault(slurm_cluster, tmp_p
     subprocess.run(["scancel", "--signal=KILL", "--batch", other], check=True)
     killed_at = time.time()
     _wait(lambda: not _active(job), 400, "the array to finish", job, logs)
-    assert _tasks(job)[requeued.split("_")[1]]["Restarts"] == "1"
+    tasks = _tasks(job)
+    assert tasks[requeued.split("_")[1]]["Restarts"] == "1"
+    assert tasks[other.split("_")[1]]["JobState"] != "COMPLETED" and tasks[other.split("_")[1]]["Restarts"] == "0"
+    _check_the_killed_trial_and_its_retry(storage, killed, uri)
 
     proc = subprocess.run(deepsports_cmd("status", "s", "--storage", storage, "--json"), env=subprocess_env(uri),
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -100,6 +138,7 @@ def test_status_after_a_requeue_a_killed_worker_and_a_fault(slurm_cluster, tmp_p
     assert [(a["outcome"], a["task"]) for a in trials[preempted.number]["attempts"]] == [
         ("paused", requeued), ("complete", requeued)]
     assert trials[preempted.number]["state"] == "COMPLETE"
+    _check_the_requeued_task_resumed_its_trial(storage, preempted, requeued, logs, uri)
     assert doc["tasks"][other]["deaths"] == 1 and doc["tasks"][requeued]["pauses"] == 1
 
     # Compute, from the epoch timings: the dead attempt ends at its last heartbeat, at most one interval

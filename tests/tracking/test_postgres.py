@@ -24,11 +24,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.config import LOCATION_KEYS, build_config, config_fields
-from deepsports.data import build_datasets
+from deepsports.config import LOCATION_KEYS, config_fields
 from deepsports.tune.attrs import PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
 from deepsports.train.loop import EPOCH_METRICS
-from tests.e2e_helpers import REPO, TINY, deepsports_cmd, free_port, run_checked, subprocess_env
+from tests.e2e_helpers import REPO, deepsports_cmd, free_port, run_checked, subprocess_env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -121,12 +120,11 @@ def test_the_server_listens_on_loopback_only_and_wants_the_password(postgres):
 
 
 @pytest.fixture(scope="module")
-def study(postgres, tracking_server, tmp_path_factory):
+def study(postgres, tracking_server, tmp_path_factory, tiny_cache_dir):
     """`deepsports tune --workers 2` with Optuna on PostgreSQL and MLflow through the server."""
     tmp_path = tmp_path_factory.mktemp("pg-study")
-    cache = tmp_path / "cache"
-    # The clip cache is made once before the workers start, as a lab's `deepsports prepare` would.
-    build_datasets(build_config({**TINY, "cache_dir": str(cache)}), progress=False)
+    # The clip cache is made before the workers start (the session's, as a lab's `deepsports prepare` would).
+    cache = tiny_cache_dir
     space = tmp_path / "space.yaml"
     space.write_text(textwrap.dedent(SPACE))
     overrides = dict(synth_clips=40, frame_num=4, spatial_size=32, embed_dim=32, epochs=EPOCHS, num_workers=0,

@@ -24,7 +24,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 EPOCHS = 5
 WARMUP_EPOCHS = 3  # never pruned in epochs 1-3: the learning trials start below a random model's ranking
-STARTUP_TRIALS = 3
+STARTUP_TRIALS = 2  # the learners: the median the stuck trials are judged by
 LEARNS, STUCK = 1.0e-3, 1.0e-9  # learning rates: 1e-9 leaves the model as initialised
 SPACE = f"""\
 fixed: {{epochs: {EPOCHS}}}
@@ -35,13 +35,12 @@ params:
 #: TINY on 128 clips: 57 train, 39 validation clips (enough for Spearman to tell a model that learned
 #: from one that did not), without dropout (the tiny model then learns within 4 epochs). A stuck model
 #: keeps its initial ranking, which depends on the seed: 0.5 for seed 0, 0.1 to 0.36 for seeds 1-3.
-#: Seed 2: all three learners learn (0.77, 0.66, 0.63 at epoch 4), the stuck trials stay below 0.36.
+#: Seed 2: the learners learn (0.63 to 0.77 at epoch 4), the stuck trials stay below 0.36.
 DATA = {"synth_clips": 128, "train_val_split_ratio": 0.6, "dropout": "0.0", "seed": 2}
-#: Trial order, fixed by enqueueing: three learning trials complete first (the pruner's startup
+#: Trial order, fixed by enqueueing: two learning trials complete first (the pruner's startup
 #: trials), then the stuck ones meet the pruner.
 ORDER = [{"learning_rate": LEARNS, "activation": "none"}, {"learning_rate": LEARNS, "activation": "relu"},
-         {"learning_rate": LEARNS, "activation": "gelu"}, {"learning_rate": STUCK, "activation": "relu"},
-         {"learning_rate": STUCK, "activation": "gelu"}]
+         {"learning_rate": STUCK, "activation": "relu"}, {"learning_rate": STUCK, "activation": "gelu"}]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_the_median_pruner_prunes_trials_that_cannot_learn_and_completes_the_oth
     assert [t.params for t in trials] == ORDER, report
     learning = [t for t in trials if t.params["learning_rate"] == LEARNS]
     stuck = [t for t in trials if t.params["learning_rate"] == STUCK]
-    assert [t.state for t in learning] == [TrialState.COMPLETE] * 3, report
+    assert [t.state for t in learning] == [TrialState.COMPLETE] * STARTUP_TRIALS, report
     assert all(list(t.intermediate_values) == list(range(1, EPOCHS + 1)) for t in learning), report
     assert [t.state for t in stuck] == [TrialState.PRUNED] * 2, report
     first_prunable = WARMUP_EPOCHS + 1

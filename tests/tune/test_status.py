@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import optuna
@@ -23,14 +22,14 @@ from optuna.trial import TrialState
 from deepsports.errors import ConfigError, PreemptedError
 from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR,
-                                    RETRIED_BY_PREFIX, RUN_ATTR)
+from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, RERUN_BY_PREFIX,
+                                    RERUN_OF_ATTR, RETRIED_BY_PREFIX, RUN_ATTR)
 from deepsports.tune.checks import check_causes
 from deepsports.tune.status import study_status
 from deepsports.tune.study import open_storage, retried_from
 from deepsports.tune.settings import TuneSettings
 from deepsports.tune.worker import tune
-from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
+from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env, wait_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -213,7 +212,13 @@ def test_a_killed_workers_attempt_is_dead_its_work_since_the_last_epoch_lost_and
     proc = subprocess.Popen([sys.executable, "-c", _DYING_WORKER, storage], env=subprocess_env(tracking_uri),
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "training"
-    time.sleep(2.5)  # beats at least twice after the epoch
+
+    def beat_a_second_after_the_epoch() -> bool:  # what the dead attempt's end is judged by below
+        (trial,) = optuna.load_study(study_name="dead", storage=open_storage(storage)).get_trials(deepcopy=False)
+        epoch_end = trial.user_attrs[f"{EPOCH_END_PREFIX}1.1"]
+        return float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)) - epoch_end >= 1.0
+
+    wait_for(beat_a_second_after_the_epoch, 60, interval=0.1, what="a heartbeat a second after the epoch")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     study = optuna.load_study(study_name="dead", storage=open_storage(storage))
