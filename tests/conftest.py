@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -79,6 +78,6 @@ def store_uri(tmp_path, migrated_store) -> str:
     """``sqlite:///<tmp_path>/mlflow.db``, a copy of ``migrated_store``: the store as a user's second run finds
     it. The first open of a new store runs MLflow's migrations (2-4 s per test); tests of that first open, and of
     processes racing to create a store, use a path of their own instead."""
-    target = tmp_path / "mlflow.db"
-    shutil.copyfile(migrated_store, target)
-    return f"sqlite:///{target}"
+    from tests.e2e_helpers import copy_store
+
+    return copy_store(migrated_store, tmp_path)

@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from deepsports.config import LOCATION_KEYS, config_fields
 from deepsports.train.loop import EPOCH_METRICS
-from tests.e2e_helpers import PYTHON_BIN, REPO, free_port, run_checked, subprocess_env, tiny_overrides, wait_for
+from tests.e2e_helpers import (PYTHON_BIN, REPO, copy_store, free_port, run_checked, subprocess_env, tiny_overrides,
+                               wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +23,10 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def project_run(tmp_path_factory, tiny_cache_dir):
+def project_run(tmp_path_factory, tiny_cache_dir, migrated_store):
     """`mlflow run . --env-manager local` with a couple of epochs on a tiny synthetic set."""
     tmp_path = tmp_path_factory.mktemp("project")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = copy_store(migrated_store, tmp_path)
     params = tiny_overrides(tmp_path, epochs=EPOCHS, log_model="true", evaluate="true", cache_dir=tiny_cache_dir)
     cmd = [str(PYTHON_BIN / "mlflow"), "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e"]
     for key, value in params.items():
