@@ -61,3 +61,23 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return uri
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store that MLflow itself created (every migration applied), made once per session."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store_uri(tmp_path, migrated_store) -> str:
+    """``sqlite:///<tmp_path>/mlflow.db``, a copy of ``migrated_store``: the store as a user's second run finds
+    it. The first open of a new store runs MLflow's migrations (2-4 s per test); tests of that first open, and of
+    processes racing to create a store, use a path of their own instead."""
+    from tests.e2e_helpers import copy_store
+
+    return copy_store(migrated_store, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -74,6 +75,13 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def copy_store(migrated_store: Path, directory: Path) -> str:
+    """Copy the session's migrated MLflow store (conftest ``migrated_store``) to ``directory/mlflow.db``; its URI."""
+    target = directory / "mlflow.db"
+    shutil.copyfile(migrated_store, target)
+    return f"sqlite:///{target}"
 
 
 def run_checked(cmd: list[str], env: dict[str, str], cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -36,9 +36,10 @@ def files_in(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_one_epoch_smoke_run_works_with_the_default_warmup(tmp_path):
+def test_a_one_epoch_smoke_run_works_with_the_default_warmup(tmp_path, tiny_cache_dir):
+    # The shared clip cache (the demo test below makes its own from nothing); the store is new.
     tiny = {k: v for k, v in TINY.items() if k != "warmup_epochs"}  # the default warm-up (1 epoch)
-    proc = run(tmp_path, "train", "epochs=1", "evaluate=false", f"cache_dir={tmp_path / 'cache'}", *as_args(tiny))
+    proc = run(tmp_path, "train", "epochs=1", "evaluate=false", f"cache_dir={tiny_cache_dir}", *as_args(tiny))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["best_epoch"] == 1 and summary["run_id"]
@@ -51,7 +52,7 @@ def test_a_one_epoch_smoke_run_works_with_the_default_warmup(tmp_path):
     logged = client.get_run(summary["run_id"])
     assert client.get_experiment(logged.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert not set(LOCATION_KEYS) & set(logged.data.params) and {"epochs", "learning_rate"} <= set(logged.data.params)
-    assert logged.data.tags["deepsports.config.cache_dir"] == str(tmp_path / "cache")
+    assert logged.data.tags["deepsports.config.cache_dir"] == str(tiny_cache_dir)
     assert (tmp_path / "checkpoints" / summary["run_id"] / "best.pt").is_file()  # in the working directory
 
 

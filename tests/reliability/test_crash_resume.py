@@ -1,10 +1,11 @@
 """SIGKILL at random moments of `deepsports train`, restarted each time, against one uninterrupted run.
 
-Kills land during a checkpoint write (a ``.tmp-`` file is in the checkpoint directory), right after
-an epoch checkpoint appears (while that epoch's metrics are being logged) and at seeded random
-moments. After every kill the checkpoint directory holds a loadable checkpoint (or none yet) and
-never hands out a temp file; at the end there is one FINISHED MLflow run with every epoch logged
-once, and its metrics are bit-identical to an uninterrupted run with the same seed (CPU, one thread).
+The first kill lands inside epoch 1, before any checkpoint; the others during a checkpoint write (a
+``.tmp-`` file is in the checkpoint directory), right after an epoch checkpoint appears (while that
+epoch's metrics are being logged) and at seeded random moments. After every kill the checkpoint
+directory holds a loadable checkpoint (or none yet) and never hands out a temp file, and the one MLflow
+run is left RUNNING; at the end that run is FINISHED with every epoch logged once, and its metrics are
+bit-identical to an uninterrupted run with the same seed (CPU, one thread).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ TIMING_METRICS = {"epoch_seconds", "clips_per_s", "data_wait_fraction"}
 KILL_PLAN = (("checkpoint-write", 0.0), ("after-checkpoint", 0.0), ("random", 2.5))
 
 
-def _train_args(tmp_path: Path, ckpt: Path, experiment: str) -> list[str]:
+def _train_args(tmp_path: Path, ckpt: Path, experiment: str, cache_dir: Path) -> list[str]:
     return as_args(tiny_overrides(tmp_path, epochs=EPOCHS, checkpoint_dir=str(ckpt), evaluate="false",
-                                  experiment_name=experiment, seed=3))
+                                  experiment_name=experiment, seed=3, cache_dir=cache_dir))
 
 
 def _epoch_files(ckpt: Path) -> set[str]:
@@ -77,40 +78,60 @@ def _assert_checkpoint_dir_is_usable(ckpt: Path, run_id: str | None) -> int:
     return int(state["epoch"]) - 1  # the checkpoint of epoch N resumes at epoch N + 1
 
 
-def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def _kill_before_the_first_checkpoint(cmd: list[str], env: dict[str, str], tmp_path: Path, ckpt: Path) -> None:
+    """Start ``cmd`` and SIGKILL it inside epoch 1: its run exists and its data is loaded, no checkpoint yet."""
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log_file:
+        first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: " train / " in log_path.read_text() or first.poll() is not None, timeout=240,
+                     interval=0.02, what="training to start")
+        finally:
+            first.kill()
+            first.wait()
+    assert first.returncode == -9 and not _epoch_files(ckpt), log_path.read_text()[-3000:]
+
+
+def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_cache_dir, store_uri):
+    """Also the first kill: an epoch on real data takes hours, so a kill inside epoch 1 (before any
+    checkpoint) must be continued by the next start, not leave a RUNNING orphan run beside a second one."""
+    uri = store_uri
     env = subprocess_env(uri, OMP_NUM_THREADS="1")
     rng = random.Random(7)
 
-    reference = run_checked(deepsports_cmd("train", *_train_args(tmp_path, tmp_path / "ref-ckpt", "reference")),
-                            env, cwd=tmp_path)
+    reference = run_checked(deepsports_cmd("train", *_train_args(tmp_path, tmp_path / "ref-ckpt", "reference",
+                                                                 tiny_cache_dir)), env, cwd=tmp_path)
     reference_run = json.loads(reference.stdout[reference.stdout.index("{"):])["run_id"]
 
     ckpt = tmp_path / "ckpt"
-    args = _train_args(tmp_path, ckpt, "killed")
-    # The first kill waits for the first checkpoint: a run killed before it has no checkpoint to
-    # resume from (see test below for what happens to its MLflow run).
-    first = subprocess.Popen(deepsports_cmd("train", *args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    seen = [_kill_at(first, ckpt, "after-checkpoint", 0.0)]
-    assert seen[0] != "exited"
+    args = _train_args(tmp_path, ckpt, "killed", tiny_cache_dir)
+    _kill_before_the_first_checkpoint(deepsports_cmd("train", *args), env, tmp_path, ckpt)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("killed").experiment_id
-    run_id = client.search_runs([experiment])[0].info.run_id
+    [killed] = client.search_runs([experiment])
+    run_id = killed.info.run_id
     done = [_assert_checkpoint_dir_is_usable(ckpt, run_id)]
-    for moment, spread in KILL_PLAN:
+    seen = ["before the first checkpoint"]
+    # The next kill waits for the first checkpoint, then the plan's moments.
+    for moment, spread in (("after-checkpoint", 0.0), *KILL_PLAN):
         proc = subprocess.Popen(deepsports_cmd("train", *args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         seen.append(f"{moment}: {_kill_at(proc, ckpt, moment, rng.uniform(0, spread))}")
         done.append(_assert_checkpoint_dir_is_usable(ckpt, run_id))
         assert done[-1] >= done[-2]  # a restart never loses a finished epoch
+        if not seen[-1].endswith("exited"):
+            runs = client.search_runs([experiment])  # the same run, left RUNNING: SIGKILL gives no chance to end it
+            assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "RUNNING")], seen
+    assert done[1] >= 1, (seen, done)  # the start after the early kill trained on in the same run
     kills = [s for s in seen if not s.endswith("exited")]
-    assert len(kills) >= 3, seen
+    assert len(kills) >= 4, seen
     assert any("tmp file present" in s for s in seen), seen  # at least one kill during a checkpoint write
 
     final = run_checked(deepsports_cmd("train", *args), env, cwd=tmp_path)
     summary = json.loads(final.stdout[final.stdout.index("{"):])
     assert summary["run_id"] == run_id
+    assert 2 <= summary["resumed_from_epoch"] == done[-1], (summary, done)
+    assert "resuming from" in final.stderr
     assert not _temp_files(ckpt)  # the next save removed what the killed writers left
 
     runs = client.search_runs([experiment])
@@ -127,32 +148,3 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
         client.get_run(reference_run).data.metrics["best_val_spearman"]
     print(f"\n[reliability] crash/resume: kills={len(kills)} ({'; '.join(seen)}), epochs done after each kill "
           f"{done}, final metrics bit-identical to the uninterrupted run")
-
-
-def test_a_run_killed_before_its_first_checkpoint_is_continued_not_duplicated(tmp_path):
-    """An epoch on real data takes hours: a kill inside epoch 1 must not leave a RUNNING orphan run."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = subprocess_env(uri, OMP_NUM_THREADS="1")
-    ckpt = tmp_path / "ckpt"
-    args = as_args(tiny_overrides(tmp_path, epochs=1, checkpoint_dir=str(ckpt), evaluate="false",
-                                  experiment_name="early"))
-    log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log_file:
-        first = subprocess.Popen(deepsports_cmd("train", *args), env=env, cwd=tmp_path, stdout=log_file,
-                                 stderr=subprocess.STDOUT)
-        try:  # the run exists and its data is loaded, but epoch 1 has no checkpoint yet
-            wait_for(lambda: " train / " in log_path.read_text() or first.poll() is not None, timeout=240,
-                     interval=0.02, what="training to start")
-        finally:
-            first.kill()
-            first.wait()
-    assert first.returncode == -9 and not _epoch_files(ckpt), log_path.read_text()[-3000:]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("early").experiment_id
-    [killed] = client.search_runs([experiment])
-
-    final = run_checked(deepsports_cmd("train", *args), env, cwd=tmp_path)
-    assert json.loads(final.stdout[final.stdout.index("{"):])["run_id"] == killed.info.run_id
-    runs = client.search_runs([experiment])
-    assert [(r.info.run_id, r.info.status) for r in runs] == [(killed.info.run_id, "FINISHED")]
-    assert [m.step for m in client.get_metric_history(killed.info.run_id, "val_spearman")] == [1]

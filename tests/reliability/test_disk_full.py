@@ -64,8 +64,8 @@ def _fill(directory: Path) -> None:
 
 
 def test_a_full_checkpoint_disk_is_one_clear_error_and_the_last_good_checkpoint_stays(tmp_path, small_fs,
-                                                                                      tiny_cache_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+                                                                                      tiny_cache_dir, store_uri):
+    uri = store_uri
     ckpt = small_fs / "ckpt"
     values = tiny_overrides(tmp_path, epochs=1, checkpoint_dir=ckpt, evaluate="false", cache_dir=tiny_cache_dir)
     first = subprocess.run(deepsports_cmd("train", *as_args(values)), env=subprocess_env(uri), cwd=tmp_path,
@@ -115,8 +115,8 @@ def test_a_full_tracking_store_disk_is_a_disk_full_error_not_retried(small_fs, m
             tracker.log_metrics({f"m{i}": float(i) for i in range(500)}, step=step)
 
 
-def test_a_tune_worker_stops_on_a_full_disk_and_its_trial_waits(tmp_path, small_fs, tiny_cache_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_tune_worker_stops_on_a_full_disk_and_its_trial_waits(tmp_path, small_fs, tiny_cache_dir, store_uri):
+    uri = store_uri
     storage = str(tmp_path / "study.journal")
     (tmp_path / "space.yaml").write_text(textwrap.dedent(TUNE_SPACE))
     small_fs.resize(4 * 1024 * 1024)  # far less than one checkpoint of the tiny model

@@ -65,23 +65,29 @@ def _each_epoch_once(client: MlflowClient, run_id: str) -> None:
         assert sorted(steps) == list(range(1, EPOCHS + 1)), (key, steps)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
-def test_train_with_loader_workers_pauses_on_a_group_signal_and_resumes(tmp_path, cache_dir, sig):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_train_with_loader_workers_pauses_on_a_group_signal_and_resumes(tmp_path, cache_dir, store_uri):
+    """SIGTERM, then (the same command resumed) SIGUSR1, each to the whole group: each pauses the run."""
+    uri = store_uri
     ckpt = tmp_path / "ckpt"
     values = tiny_overrides(tmp_path, epochs=EPOCHS, checkpoint_dir=ckpt, evaluate="false")
     values.update(cache_dir=str(cache_dir), num_workers="2")  # the default: two DataLoader worker processes
     cmd = deepsports_cmd("train", *as_args(values))
-    proc = subprocess.Popen(cmd, env=_env(uri), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    # Mid-training with its loader workers alive: after the first epoch's checkpoint, workers running.
-    _signal_group_when(proc, lambda: (ckpt / "epoch-0001.pt").exists() and len(_loader_workers(proc.pid)) >= 2, sig)
-    _out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err[-6000:]
-    assert "DataLoader worker" not in err and "Traceback" not in err, err[-6000:]
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("deepsports").experiment_id])
-    assert run.info.status == "KILLED" and run.data.tags["deepsports.interrupted"] == "true"
+    run_ids = []
+    # Mid-training with its loader workers alive: after an epoch's checkpoint (the first, then one the resumed
+    # process wrote), workers running; EPOCHS leaves epochs to train after each.
+    for sig, epoch in ((signal.SIGTERM, 1), (signal.SIGUSR1, 2)):
+        proc = subprocess.Popen(cmd, env=_env(uri), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        _signal_group_when(proc, lambda: (ckpt / f"epoch-{epoch:04d}.pt").exists()
+                           and len(_loader_workers(proc.pid)) >= 2, sig)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 75, (sig, err[-6000:])
+        assert "DataLoader worker" not in err and "Traceback" not in err, (sig, err[-6000:])
+        (run,) = client.search_runs([client.get_experiment_by_name("deepsports").experiment_id])
+        assert run.info.status == "KILLED" and run.data.tags["deepsports.interrupted"] == "true", sig
+        run_ids.append(run.info.run_id)
+    assert run_ids[0] == run_ids[1]  # the first pause was resumed, not restarted as a second run
 
     again = subprocess.run(cmd, env=_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-6000:]

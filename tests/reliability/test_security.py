@@ -68,12 +68,13 @@ def test_a_crafted_annotation_pickle_is_refused_by_the_cli_and_runs_nothing(tmp_
 
 
 @pytest.mark.slow
-def test_crafted_pretrained_and_resume_checkpoints_are_refused_by_the_cli_and_run_nothing(tmp_path):
+def test_crafted_pretrained_and_resume_checkpoints_are_refused_by_the_cli_and_run_nothing(tmp_path, tiny_cache_dir,
+                                                                                           store_uri):
     _assert_payload_is_live(tmp_path)
     pretrained_marker, resume_marker = tmp_path / "pwned-pretrained", tmp_path / "pwned-resume"
     evil = tmp_path / "evil.pt"
     torch.save({"model": {"w": torch.ones(2)}, "extra": _Payload(pretrained_marker)}, evil)
-    proc = _run(tmp_path, "train", *as_args(tiny_overrides(tmp_path, epochs=1, evaluate="false",
+    proc = _run(tmp_path, "train", *as_args(tiny_overrides(tmp_path, epochs=1, evaluate="false", cache_dir=tiny_cache_dir,
                                                            pretrained_model=str(evil))))
     assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
     assert f"checkpoint '{evil}' refused" in proc.stderr and "GLOBAL posix.system" in proc.stderr, proc.stderr
@@ -83,12 +84,12 @@ def test_crafted_pretrained_and_resume_checkpoints_are_refused_by_the_cli_and_ru
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     torch.save({"model": {}, "epoch": 2, "extra": _Payload(resume_marker)}, ckpt / "epoch-0001.pt")
-    proc = _run(tmp_path, "train", *as_args(tiny_overrides(tmp_path, epochs=1, evaluate="false",
+    proc = _run(tmp_path, "train", *as_args(tiny_overrides(tmp_path, epochs=1, evaluate="false", cache_dir=tiny_cache_dir,
                                                            checkpoint_dir=str(ckpt), experiment_name="resume")))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "skipping unusable checkpoint" in proc.stderr and "was refused" in proc.stderr
     assert not resume_marker.exists()
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(store_uri)  # the store _run names
     [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["deepsports.resumes"] == "0"
 

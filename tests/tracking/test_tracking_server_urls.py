@@ -58,11 +58,11 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(server, tmp_path_factory):
+def trained(server, tmp_path_factory, tiny_cache_dir):
     """`deepsports train` (tiny, with a logged model) whose only tracking setting is the server's URL."""
     client_dir = tmp_path_factory.mktemp("client")
     overrides = tiny_overrides(client_dir, epochs=EPOCHS, log_model="true", evaluate="false",
-                               experiment_name="through-server")
+                               experiment_name="through-server", cache_dir=tiny_cache_dir)
     run_checked(deepsports_cmd("train", *as_args(overrides)), subprocess_env(server["uri"], OMP_NUM_THREADS="2"),
                 cwd=client_dir)
     experiment = _get(server["uri"], "/api/2.0/mlflow/experiments/get-by-name", experiment_name="through-server")

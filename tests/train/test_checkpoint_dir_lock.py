@@ -29,8 +29,9 @@ def _holder(ckpt) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_process_stops_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, tiny_cache_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_second_process_stops_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, tiny_cache_dir,
+                                                                                           store_uri):
+    uri = store_uri
     ckpt = tmp_path / "ckpt"
     values = tiny_overrides(tmp_path, epochs=1, checkpoint_dir=ckpt, evaluate="false", cache_dir=tiny_cache_dir)
     cmd = deepsports_cmd("train", *as_args(values))

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.e2e_helpers import as_args, deepsports_cmd, run_checked, subprocess_env, tiny_overrides
+from tests.e2e_helpers import as_args, copy_store, deepsports_cmd, run_checked, subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_cache_dir):
+def trained(tmp_path_factory, tiny_cache_dir, migrated_store):
     """One tiny run trained by `deepsports train` (evaluate: true) in its own store."""
     tmp_path = tmp_path_factory.mktemp("evaluate")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = copy_store(migrated_store, tmp_path)
     values = tiny_overrides(tmp_path, epochs=2, cache_dir=tiny_cache_dir, checkpoint_dir=tmp_path / "ckpt")
     proc = run_checked(deepsports_cmd("train", *as_args(values)), subprocess_env(uri), cwd=tmp_path)
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])

@@ -42,8 +42,8 @@ def _check_aggregates(client: MlflowClient, parent, seeds: list[int]) -> None:
     assert not any(k.endswith("_ci_low_mean") for k in parent.data.metrics)  # bootstrap bounds are not averaged
 
 
-def test_train_seeds_logs_siblings_and_their_aggregates_once(tmp_path, tiny_cache_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_train_seeds_logs_siblings_and_their_aggregates_once(tmp_path, tiny_cache_dir, store_uri):
+    uri = store_uri
     values = tiny_overrides(tmp_path, epochs=1, cache_dir=tiny_cache_dir, checkpoint_dir=tmp_path / "ckpt", seed=3)
     cmd = deepsports_cmd("train", "--seeds", "2", *as_args(values))
     out = _json(run_checked(cmd, subprocess_env(uri), cwd=tmp_path).stdout)
@@ -59,8 +59,8 @@ def test_train_seeds_logs_siblings_and_their_aggregates_once(tmp_path, tiny_cach
     assert len(client.get_metric_history(parent.info.run_id, "test_spearman_mean")) == 1
 
 
-def test_best_retrain_seeds_nests_the_seeds_under_the_study(tmp_path, tiny_cache_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_best_retrain_seeds_nests_the_seeds_under_the_study(tmp_path, tiny_cache_dir, store_uri):
+    uri = store_uri
     env = subprocess_env(uri)
     (tmp_path / "space.yaml").write_text(textwrap.dedent(TUNE_SPACE))
     settings = {**TINY, "cache_dir": str(tiny_cache_dir), "epochs": 1, "evaluate": "false"}

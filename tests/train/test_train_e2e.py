@@ -1,4 +1,5 @@
-"""End to end: the MLflow Project, the store it fills, resume after SIGKILL, and the tracking server."""
+"""End to end: the MLflow Project, the store it fills and the tracking server (resume after SIGKILL:
+tests/reliability/test_crash_resume.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from deepsports.config import LOCATION_KEYS, config_fields
 from deepsports.train.loop import EPOCH_METRICS
-from tests.e2e_helpers import (PYTHON_BIN, REPO, as_args, deepsports_cmd, free_port, run_checked, subprocess_env,
-                               tiny_overrides, wait_for)
+from tests.e2e_helpers import (PYTHON_BIN, REPO, copy_store, free_port, run_checked, subprocess_env, tiny_overrides,
+                               wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +23,11 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def project_run(tmp_path_factory):
+def project_run(tmp_path_factory, tiny_cache_dir, migrated_store):
     """`mlflow run . --env-manager local` with a couple of epochs on a tiny synthetic set."""
     tmp_path = tmp_path_factory.mktemp("project")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = tiny_overrides(tmp_path, epochs=EPOCHS, log_model="true", evaluate="true")
+    uri = copy_store(migrated_store, tmp_path)
+    params = tiny_overrides(tmp_path, epochs=EPOCHS, log_model="true", evaluate="true", cache_dir=tiny_cache_dir)
     cmd = [str(PYTHON_BIN / "mlflow"), "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
@@ -126,39 +127,3 @@ def test_mlflow_server_lists_the_runs_over_rest(project_run, tmp_path):
         server.terminate()
         server.wait(timeout=30)
 
-
-def test_sigkill_mid_run_then_resume_continues_the_same_run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = subprocess_env(uri)
-    ckpt = tmp_path / "ckpt"
-    epochs = 6
-    args = as_args(tiny_overrides(tmp_path, epochs=epochs, checkpoint_dir=str(ckpt), evaluate="false",
-                                  experiment_name="resume"))
-    log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log_file:
-        first = subprocess.Popen(deepsports_cmd("train", *args), env=env, cwd=tmp_path, stdout=log_file,
-                                 stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: len(list(ckpt.glob("epoch-*.pt"))) >= 2 or first.poll() is not None, timeout=300,
-                     interval=0.05, what="two epoch checkpoints")
-        finally:
-            first.kill()
-            first.wait()
-    assert first.returncode == -9, log_path.read_text()[-3000:]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("resume")
-    killed = client.search_runs([experiment.experiment_id])
-    assert len(killed) == 1 and killed[0].info.status == "RUNNING"  # SIGKILL leaves no chance to end it
-    done_epochs = len(list(ckpt.glob("epoch-*.pt")))
-    assert done_epochs < epochs
-
-    second = run_checked(deepsports_cmd("train", *args), env, cwd=tmp_path)
-    summary = json.loads(second.stdout[second.stdout.index("{"):])
-    assert summary["run_id"] == killed[0].info.run_id
-    assert 2 <= summary["resumed_from_epoch"] < epochs
-    assert "resuming from" in second.stderr
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    for key in EPOCH_METRICS:
-        steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
-        assert steps == list(range(1, epochs + 1)), (key, steps)
