@@ -64,7 +64,9 @@ def test_signals_before_python_runs_are_kept_and_handed_to_the_worker(slurm_clus
     profile = build_profile({
         "partition": "debug", "time": "5", "cpus_per_task": 1, "mem": "200M", "grace_seconds": 30,
         "array_size": 2, "array_concurrency": 2, "logdir": str(tmp_path / "logs"),
-        "setup_lines": ["sleep 4"],  # the batch shell's set-up (a venv, modules) before Python runs
+        # The batch shell's set-up (a venv, modules) before Python runs, here lasting until the template's
+        # trap has noted a signal (at most 60 s): the signals land before Python however loaded the machine.
+        "setup_lines": ['for _ in $(seq 600); do [ -n "$deepsports_early_signals" ] && break; sleep 0.1; done'],
         "env": {"PYTHONPATH": str(REPO)}}, "test")
     script = render_script("tune", profile, [sys.executable, str(tmp_path / "worker.py"), str(out)],
                            job_name="test-early")
