@@ -22,9 +22,7 @@ back to back, and the best round (least disturbed) is reported next to the media
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,25 +31,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from _common import finish, machine, print_machine  # noqa: E402 - also puts the repo on sys.path
 from deepsports.config import build_config
 from deepsports.model import attention_backend, build_model
 from deepsports.model.presets import get_preset
-
-
-def machine() -> dict[str, str | int]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, str | int] = {"nproc": os.cpu_count() or 0, "torch_threads": torch.get_num_threads(),
-                                  "cpu": cpu, "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _sync(device: torch.device) -> None:
@@ -270,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"machine": machine(), "device": str(device)}
-    print("machine:", ", ".join(f"{k}={v}" for k, v in results["machine"].items()))
+    print_machine(results["machine"])
 
     tiny = bench_tiny(device, args.rounds, args.batch, compile_mode=args.compile)
     results[f"tiny_8x112_batch{args.batch}"] = tiny
@@ -321,8 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_profile:
         print("top operators of one tiny training step:")
         print(profile_tiny(device, args.batch))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    finish(results, args.json)
     return results
 
 
