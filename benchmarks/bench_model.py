@@ -9,11 +9,11 @@ Reports, in one run:
   AVX-512 BF16 / AMX, or a GPU), next to a bf16 matmul;
 - each GEMM of the step on its own (forward, input gradient, weight gradient) at the step's shapes, warm
   and with its operands evicted from L2, as a fraction of the square matmul's FLOP/s (``--gemm-shapes``);
-- ``torch.compile`` (Inductor) of the same step (``--compile``: ~20 s of compiling on 2 CPU cores);
+- ``torch.compile`` (Inductor) of the same step (``--compile [max-autotune]``: ~30 s of compiling on 2 CPU cores);
 - the top operators of one profiled step;
 - on a CUDA GPU, the ``base`` preset (TimeSformer-B, 8 x 224) in fp32 and in bf16/fp16 autocast.
 
-Usage: ``python benchmarks/bench_model.py [--rounds 10] [--gemm-shapes] [--compile] [--json out.json]``
+Usage: ``python benchmarks/bench_model.py [--rounds 10] [--gemm-shapes] [--compile [max-autotune]] [--json out.json]``
 
 The CPU figures of a shared machine are noisy: each round runs both attention paths and a matmul
 back to back, and the best round (least disturbed) is reported next to the median.
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time each GEMM of the step on its own against the square matmul")
     parser.add_argument("--compile", nargs="?", const="default", choices=("default", "max-autotune"), default=None,
                         help="also time the step compiled with torch.compile (Inductor) in this mode "
-                             "(default: ~20 s to compile on 2 cores)")
+                             "(~30 s to compile on 2 cores)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
 
