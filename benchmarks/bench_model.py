@@ -101,8 +101,8 @@ def bench_tiny(device: torch.device, rounds: int, batch: int, compile_mode: str 
     video = torch.rand(batch, 3, 8, 112, 112, device=device)
     target = torch.rand(batch, 2, device=device)
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    a16, b16 = a.bfloat16(), b.bfloat16()
     bf16 = bf16_supported(device)
+    a16, b16 = (a.bfloat16(), b.bfloat16()) if bf16 else (a, b)  # the bf16 matmul runs only when bf16 does
     # (name, attention backend, autocast dtype, module)
     variants = [("sdpa", "sdpa", None, model), ("reference", "reference", None, model)]
     if bf16:
