@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 from deepsports.errors import ConfigError, DeepSportsError
 from deepsports.slurm.env import SLURM_TAGS, ClusterEnv
-from deepsports.slurm.profile import (_NAME_RE, PROFILE_DIR, SlurmProfile, build_profile,
+from deepsports.slurm.profile import (_NAME_RE, PROFILE_DIR, SECRET_ENV, SlurmProfile, build_profile,
                                       load_profile, resolve_profile_path, time_limit_seconds)
 
 __all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile", "build_profile", "load_profile",
@@ -175,8 +175,10 @@ def submit(script_text: str, dry_run: bool = False, *, cwd: str | os.PathLike | 
         except OSError as exc:
             raise SlurmError(f"cannot create the log directory {str(base / directory)!r}: {exc}") from exc
     try:
+        # sbatch hands the job its own environment: not the secrets in it (tasks read a credentials file).
+        env = {key: value for key, value in os.environ.items() if key not in SECRET_ENV}
         proc = subprocess.run([sbatch, "--parsable"], input=script_text, text=True, capture_output=True,
-                              cwd=base, check=False)
+                              cwd=base, check=False, env=env)
     except OSError as exc:
         raise SlurmError(f"cannot run {sbatch}: {exc}") from exc
     if proc.returncode != 0:
