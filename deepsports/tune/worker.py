@@ -176,7 +176,10 @@ class _Worker:
         self.ledger = ledger = accounting.AttemptLedger(self.study, trial._trial_id, trial.number, self.identity,
                                                         self.label)
         state, value, failed = None, None, None
-        with heartbeat:
+        # Fencing (recovery.TrialLease): cut off from the study for longer than the grace period less one
+        # heartbeat, this process ends before a sweeper may fail the trial and a retry resume it.
+        lease = recovery.TrialLease(heartbeat, self.settings.grace - self.settings.heartbeat_interval, trial.number)
+        with heartbeat, lease:
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
                 state = TrialState.COMPLETE

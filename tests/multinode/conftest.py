@@ -24,6 +24,9 @@ CLUSTER = REPO / "deploy" / "slurm-cluster.sh"
 STATE = Path("/var/lib/deepsports-cluster")
 CONF = STATE / "slurm.conf"
 LOGIN = "10.77.0.1"
+#: The login node's second address on the bridge, for the MLflow server alone: a node can be cut off from
+#: the tracking server (a route) while it still reaches slurmctld and PostgreSQL on LOGIN.
+TRACKING_ADDR = "10.77.0.2"
 NODES = ("node1", "node2", "node3")
 
 
@@ -96,7 +99,8 @@ def lab(multinode_cluster, tmp_path_factory) -> Lab:
     pg_env = {**multinode_cluster, "DEEPSPORTS_PG_DIR": str(base / "pg"), "DEEPSPORTS_PG_PORT": str(free_port()),
               "DEEPSPORTS_PG_HOST": LOGIN}
     mlflow_port = free_port()
-    ml_env = {**pg_env, "DEEPSPORTS_MLFLOW_DIR": str(base / "mlflow"), "DEEPSPORTS_MLFLOW_HOST": LOGIN,
+    subprocess.run(["ip", "addr", "replace", f"{TRACKING_ADDR}/24", "dev", "dsc-br0"], check=True)
+    ml_env = {**pg_env, "DEEPSPORTS_MLFLOW_DIR": str(base / "mlflow"), "DEEPSPORTS_MLFLOW_HOST": TRACKING_ADDR,
               "DEEPSPORTS_MLFLOW_PORT": str(mlflow_port), "DEEPSPORTS_MLFLOW_WORKERS": "2",
               "DEEPSPORTS_MLFLOW_USERS_FILE": str(users_file),
               "DEEPSPORTS_MLFLOW_BIN": _mlflow_program(base)}
@@ -107,9 +111,9 @@ def lab(multinode_cluster, tmp_path_factory) -> Lab:
         _run([str(REPO / "deploy" / "mlflow-server.sh"), "start"], ml_env)
         optuna_url = _run([str(REPO / "deploy" / "postgres-local.sh"), "url", "optuna", "--no-password"], pg_env).strip()
         os.environ["PGPASSFILE"] = str(base / "pg" / "pgpass")
-        os.environ["MLFLOW_TRACKING_URI"] = f"http://{LOGIN}:{mlflow_port}"
+        os.environ["MLFLOW_TRACKING_URI"] = f"http://{TRACKING_ADDR}:{mlflow_port}"
         yield Lab(env={**multinode_cluster, "PGPASSFILE": str(base / "pg" / "pgpass")},
-                  tracking_uri=f"http://{LOGIN}:{mlflow_port}", pg_dir=base / "pg", optuna_url=optuna_url,
+                  tracking_uri=f"http://{TRACKING_ADDR}:{mlflow_port}", pg_dir=base / "pg", optuna_url=optuna_url,
                   mlflow_dir=base / "mlflow", users=users,
                   admin_password=(base / "mlflow" / "admin-password").read_text().strip(), credentials=credentials)
     finally:
@@ -121,3 +125,4 @@ def lab(multinode_cluster, tmp_path_factory) -> Lab:
             else:
                 os.environ[key] = value
         shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["ip", "addr", "del", f"{TRACKING_ADDR}/24", "dev", "dsc-br0"], capture_output=True)

@@ -36,7 +36,7 @@ from deepsports.tune.attrs import PARENT_RUN_ATTR, RUN_ATTR
 from deepsports.tune.accounting import attempts_of
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, deepsports_cmd
-from tests.multinode.conftest import LOGIN, NODES, Lab
+from tests.multinode.conftest import NODES, TRACKING_ADDR, Lab
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -79,6 +79,16 @@ def _submit_tune(lab: Lab, scenario: Scenario, cache_dir: Path, *, tasks: int, t
     profile = build_profile(profile or _profile(lab, scenario.directory, array_size=tasks, array_concurrency=tasks),
                             scenario.name)
     script = render_script("tune", profile, command, job_name=scenario.name)
+    (scenario.directory / "job.sbatch").write_text(script)
+    scenario.job = submit(script, cwd=scenario.directory)
+
+
+def _submit_ddp(lab: Lab, scenario: Scenario, cache_dir: Path) -> None:
+    values = {**TINY, "cache_dir": str(cache_dir), "epochs": scenario.epochs, "batch_size": 5, "evaluate": "false"}
+    command = worker_command("train", *[f"{k}={v}" for k, v in values.items()], "run_name=ddp-two-nodes",
+                             f"checkpoint_dir={scenario.directory / 'ckpt'}", python=sys.executable)
+    profile = build_profile(_profile(lab, scenario.directory, nodes=2, tasks_per_node=1), "ddp")
+    script = render_script("train", profile, command, job_name="ddp")
     (scenario.directory / "job.sbatch").write_text(script)
     scenario.job = submit(script, cwd=scenario.directory)
 
@@ -183,9 +193,27 @@ def field(lab: Lab, tiny_cache_dir, tmp_path_factory) -> dict[str, Scenario]:
         outage = Scenario("outage", d, lab.optuna_url, epochs=4)
         profile = _profile(lab, d, array_size=1, array_concurrency=1)
         profile["env"] = {**profile["env"], "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+        profile["extra_sbatch"] = ["--nodelist=node3"]  # kept apart from the node that fails below
         _submit_tune(lab, outage, tiny_cache_dir, tasks=1, trials=1, profile=profile)
         scenarios["outage"] = outage
         _drive(outage, _outage, lab)
+
+        # A node drops off the network in the middle of a trial (PostgreSQL study: the cut-off worker
+        # cannot reach it either). Heartbeat 2 s, grace 8 s: the worker's lease is 6 s.
+        d = tmp_path_factory.mktemp("node-failure")
+        failure = Scenario("nodefail", d, lab.optuna_url, epochs=6)
+        profile = _profile(lab, d, array_size=1, array_concurrency=1, extra_sbatch=["--exclude=node3"])
+        _submit_tune(lab, failure, tiny_cache_dir, tasks=1, trials=1, profile=profile,
+                     extra=("--heartbeat", "2", "--grace-period", "8"))
+        scenarios["failure"] = failure
+        _drive(failure, _node_failure, lab)
+
+        # A DDP run over two nodes (srun, gloo across the bridge), requeued, resumed on other nodes.
+        d = tmp_path_factory.mktemp("ddp")
+        ddp = Scenario("ddp", d, "", epochs=4)
+        _submit_ddp(lab, ddp, tiny_cache_dir)
+        scenarios["ddp"] = ddp
+        _drive(ddp, _ddp_requeue, lab)
     finally:
         if saved is None:
             os.environ.pop("SLURM_CONF", None)
@@ -247,25 +275,21 @@ def test_the_same_study_with_a_journal_on_the_shared_file_system(lab, field):
     assert [t["state"] for t in status["trials"]] == ["COMPLETE"] * 4
 
 
-def _block(node: str, port: int) -> None:
-    """Drop every packet from ``node`` to the login node's ``port`` (tc in the node's own namespace: SLURM
-    and PostgreSQL still get through, so the node stays healthy)."""
-    ns = ["nsenter", f"--net=/run/netns/dsc-{node}"]
-    subprocess.run([*ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "prio"], check=True)
-    subprocess.run([*ns, "tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "u32", "match", "ip",
-                    "dst", f"{LOGIN}/32", "match", "ip", "dport", str(port), "0xffff", "action", "drop"], check=True)
+def _block(node: str) -> None:
+    """Cut ``node`` off the tracking server's address only (a blackhole route in the node's own namespace):
+    SLURM and PostgreSQL on the login node's main address still get through, so the node stays healthy."""
+    subprocess.run(["nsenter", f"--net=/run/netns/dsc-{node}", "ip", "route", "add", "blackhole",
+                    f"{TRACKING_ADDR}/32"], check=True)
 
 
 def _unblock(node: str) -> None:
-    subprocess.run(["nsenter", f"--net=/run/netns/dsc-{node}", "tc", "qdisc", "del", "dev", "eth0", "root"],
-                   check=False, capture_output=True)
+    subprocess.run(["nsenter", f"--net=/run/netns/dsc-{node}", "ip", "route", "del", "blackhole",
+                    f"{TRACKING_ADDR}/32"], check=True)
 
 
 def _outage(lab: Lab, scenario: Scenario) -> None:
     """Driver (a thread started with the jobs): once epoch 1 of the trial has ended, cut its node off the
     tracking server for 60 s, then note what was seen."""
-    port = int(lab.tracking_uri.rsplit(":", 1)[1])
-
     def training_epoch_2():
         try:
             trials = _study(scenario).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -275,7 +299,7 @@ def _outage(lab: Lab, scenario: Scenario) -> None:
 
     trial = _wait(lab, scenario, training_epoch_2, 400, "epoch 1 to end")
     node = _node(attempts_of(trial)[0])
-    _block(node, port)
+    _block(node)
     try:
         time.sleep(60)
         # The node stayed healthy in SLURM's eyes, and the trial has not finished without the server.
@@ -297,6 +321,119 @@ def test_the_tracking_server_unreachable_for_60_s_mid_epoch_loses_and_doubles_no
     assert (task["JobState"], task["ExitCode"], task["Restarts"]) == ("COMPLETED", "0:0", "0")
     # Training went on: the one attempt on that node finished every epoch, each logged exactly once.
     assert _assert_study(lab, scenario, 1) == [node]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _node_failure(lab: Lab, scenario: Scenario) -> None:
+    """Driver: once epoch 1 has ended, take the trial's node off the network; note when its worker fenced
+    itself; once the retry runs elsewhere, bring the link back and let the node rejoin."""
+    def in_epoch_2():
+        try:
+            trials = _study(scenario).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except (ValueError, KeyError):
+            return None
+        return trials[0] if trials and 1 in trials[0].intermediate_values else None
+
+    trial = _wait(lab, scenario, in_epoch_2, 400, "epoch 1 to end")
+    attempt = attempts_of(trial)[0]
+    node, pid = _node(attempt), int(attempt["worker"].split(":", 1)[1].split()[0])
+    link = f"dsc-n{node[len('node'):]}"
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    cut = time.time()
+    scenario.notes.update(node=node, pid=pid, cut=cut)
+    try:
+        _wait(lab, scenario, lambda: not _alive(pid), 60, f"the cut-off worker {pid} on {node} to fence itself")
+        scenario.notes["fenced"] = time.time()
+
+        def retry_running():
+            trials = _study(scenario).get_trials(deepcopy=False)
+            return len(trials) == 2 and trials[1].state == TrialState.RUNNING and trials[1].intermediate_values
+
+        _wait(lab, scenario, retry_running, 300, "the retry to train on another node")
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    scenario.notes["healed"] = time.time()
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=lab.env, capture_output=True)
+
+
+def test_a_node_lost_mid_trial_is_fenced_and_its_trial_resumes_on_another_node(lab, field):
+    scenario = field["failure"]
+    _driven(scenario)
+    _finished(lab, scenario)
+    notes = scenario.notes
+    (task,) = _jobs(lab, scenario.job)
+    assert (task["JobState"], task["ExitCode"], task["Restarts"]) == ("COMPLETED", "0:0", "1"), task
+    assert task["BatchHost"] != notes["node"]
+    study = _study(scenario)
+    first, retry = study.trials
+    assert (first.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert retry.system_attrs["failed_trial"] == 0 and retry.user_attrs[RUN_ATTR] == first.user_attrs[RUN_ATTR]
+    (dead,) = attempts_of(first)
+    (resumed,) = attempts_of(retry)
+    assert (dead["outcome"], _node(dead)) == ("dead", notes["node"])
+    assert (resumed["outcome"], _node(resumed)) == ("complete", task["BatchHost"]) and resumed["resumed_epoch"] >= 1
+    # Fenced: the cut-off worker was gone before the retry started, and wrote nothing after it.
+    assert notes["cut"] < notes["fenced"] < resumed["start"] < notes["healed"]
+    log = (scenario.logs / f"nodefail_{scenario.job}_0.log").read_text()
+    assert f"fenced: no heartbeat of trial 0 reached the study storage" in log and f":{notes['pid']}, exit 9" in log
+    for path in (scenario.directory / "ckpt").rglob("*"):
+        if path.is_file():
+            assert not notes["fenced"] < path.stat().st_mtime < resumed["start"], path
+    # One run, both attempts: every epoch exactly once, FINISHED.
+    client = lab.client("alice")
+    run = client.get_run(retry.user_attrs[RUN_ATTR])
+    assert run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(
+            range(1, scenario.epochs + 1)), key
+    parent = study.user_attrs[PARENT_RUN_ATTR]
+    children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert [r.info.run_id for r in children] == [run.info.run_id]
+    assert sorted(retry.intermediate_values) == list(range(1, scenario.epochs + 1))
+
+
+def _ddp_requeue(lab: Lab, scenario: Scenario) -> None:
+    """Driver: after epoch 1's checkpoint, ``scontrol requeue`` the DDP job and keep it off one of its nodes."""
+    ckpt = scenario.directory / "ckpt"
+    _wait(lab, scenario, lambda: (ckpt / "epoch-0001.pt").exists(), 400, "epoch 1's checkpoint")
+    (job,) = _jobs(lab, scenario.job)
+    scenario.notes["before"] = job["NodeList"]
+    subprocess.run(["scontrol", "requeue", scenario.job], env=lab.env, check=True)
+    _wait(lab, scenario, lambda: _jobs(lab, scenario.job)[0]["JobState"] == "PENDING", 120, "the requeue")
+    first = subprocess.run(["scontrol", "show", "hostnames", job["NodeList"]], env=lab.env, capture_output=True,
+                           text=True, check=True).stdout.split()[0]
+    subprocess.run(["scontrol", "update", f"JobId={scenario.job}", f"ExcNodeList={first}"], env=lab.env, check=True)
+    scenario.notes["excluded"] = first
+
+
+def test_a_ddp_run_over_two_nodes_requeued_resumes_on_other_nodes_in_the_same_run(lab, field):
+    scenario = field["ddp"]
+    _driven(scenario)
+    _finished(lab, scenario)
+    (job,) = _jobs(lab, scenario.job)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), job
+    after = subprocess.run(["scontrol", "show", "hostnames", job["NodeList"]], env=lab.env, capture_output=True,
+                           text=True, check=True).stdout.split()
+    before = subprocess.run(["scontrol", "show", "hostnames", scenario.notes["before"]], env=lab.env,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert len(before) == len(after) == 2 and scenario.notes["excluded"] not in after and before != after
+    log = (scenario.logs / f"ddp_{scenario.job}.log").read_text()
+    assert f"on {before[0]}, restart 0," in log and f"on {after[0]}, restart 1," in log
+    client = lab.client("alice")
+    runs = client.search_runs([client.get_experiment_by_name("deepsports").experiment_id],
+                              filter_string="attributes.run_name = 'ddp-two-nodes'")
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.data.tags["deepsports.world_size"] == "2"
+    assert run.data.tags["slurm.job_id"] == scenario.job
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(
+            range(1, scenario.epochs + 1)), key
 
 
 def _leaks(secret: str, lab: Lab, scenarios: dict[str, Scenario]) -> list[str]:
@@ -355,7 +492,8 @@ def test_security_no_credentials_read_only_users_and_no_password_anywhere(lab, f
 
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", lab.admin_password
     admin = AuthServiceClient(lab.tracking_uri)
-    assert admin.get_experiment_permission(experiment.experiment_id, "alice").permission == "MANAGE"
+    assert admin.get_user_permission("alice", "experiment", experiment.experiment_id).permission == "MANAGE"
+    assert admin.get_user_permission("bob", "experiment", experiment.experiment_id).permission == "READ"
     # bob (the default READ permission on others' experiments) reads, and cannot write.
     bob = lab.client("bob")
     runs = bob.search_runs([experiment.experiment_id])
