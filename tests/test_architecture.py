@@ -7,6 +7,7 @@ Every import counts, also one inside a function: a lazy import hides a circle fr
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -31,6 +32,7 @@ ALLOWED = {
     "fileio": {"errors"},
     "locate": {"errors"},
     "_lazy": set(),
+    "tags": set(),
     "__main__": {"cli"},
     "__init__": {"config", "errors"},
 }
@@ -43,9 +45,10 @@ TRAIN_MAY_USE_FROM_SLURM = {"deepsports.slurm", "deepsports.slurm.env", "deepspo
 ENV_READER = "deepsports.slurm.env"
 
 #: Modules at the bottom that every room may use: the cluster-environment reader above, fileio (the
-#: one atomic writer and the one torch-file reader; standard library at import time) and locate (the
-#: shipped named files).
-BOTTOM = {ENV_READER, "deepsports.fileio", "deepsports.locate", "deepsports._lazy"}
+#: one atomic writer and the one torch-file reader; standard library at import time), locate (the
+#: shipped named files) and tags (every run tag and study attribute name).
+TAGS = "deepsports.tags"
+BOTTOM = {ENV_READER, "deepsports.fileio", "deepsports.locate", "deepsports._lazy", TAGS}
 
 
 def _module_name(path: Path) -> str:
@@ -55,6 +58,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def _modules() -> dict[str, tuple[Path, ast.Module]]:
     return {_module_name(path): (path, ast.parse(path.read_text(), filename=str(path)))
             for path in sorted(PACKAGE.rglob("*.py"))}
@@ -214,6 +218,53 @@ def test_files_are_written_and_torch_files_read_only_through_fileio():
 def test_slurm_literal_finder():
     tree = ast.parse('import os\nos.environ.get("SLURM_JOB_ID")\nx = {"SLURMD_NODENAME": 1}\n"""SLURM_X in a docstring"""')
     assert _slurm_literals(tree) == ["SLURMD_NODENAME", "SLURM_JOB_ID"]
+
+
+_DOTTED = re.compile(r"deepsports(\.[A-Za-z_][A-Za-z0-9_]*)*\.?")
+
+
+def _tag_literals(tree: ast.Module, modules: set[str]) -> list[str]:
+    """String literals (f-string pieces included) spelled like a ``deepsports.`` tag: dotted names under
+    ``deepsports`` that are not a module of the package (``"deepsports.cli"`` for ``python -m``, a logger's
+    or a generator's module name), or a prefix ending in a dot (``f"deepsports.config.{key}"``)."""
+    return sorted({node.value for node in ast.walk(tree)
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                   and node.value.startswith("deepsports.") and _DOTTED.fullmatch(node.value)
+                   and node.value not in modules})
+
+
+def test_tags_are_spelled_only_in_the_tag_module():
+    modules = _modules()
+    spelled = {module: names for module, (_path, tree) in modules.items()
+               if module != TAGS and (names := _tag_literals(tree, set(modules)))}
+    assert spelled == {}
+
+
+def test_tag_literal_finder():
+    tree = ast.parse('"""deepsports.resumes in a docstring"""\nt = {"deepsports.resumes": "0", f"deepsports.config.{k}": 1}\n'
+                     'run(["python", "-m", "deepsports.cli"])\nfiles("deepsports.data")\nx = "deepsports.cli.main:main"')
+    assert _tag_literals(tree, {"deepsports.cli", "deepsports.data"}) == ["deepsports.config.", "deepsports.resumes"]
+
+
+#: Modules that configure the package's root logger (``deepsports``, the parent of every module's logger).
+ROOT_LOGGER_MODULES = {"deepsports.train.runtime": "setup_logging: the level and the one handler"}
+
+
+def _hand_named_loggers(tree: ast.Module) -> list[int]:
+    """Lines calling ``getLogger`` with anything but ``__name__`` (a hand-written name, or the root logger)."""
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and (getattr(node.func, "attr", None) == "getLogger"
+                                               or getattr(node.func, "id", None) == "getLogger")
+            and [ast.dump(arg) for arg in node.args] != [ast.dump(ast.Name("__name__", ast.Load()))]]
+
+
+def test_loggers_are_named_by_their_module():
+    found = {module: lines for module, (_path, tree) in _modules().items()
+             if module not in ROOT_LOGGER_MODULES and (lines := _hand_named_loggers(tree))}
+    assert found == {}
+    tree = ast.parse('import logging\na = logging.getLogger(__name__)\nb = logging.getLogger("deepsports.x")\n'
+                     'c = logging.getLogger()\nfrom logging import getLogger\nd = getLogger("x")')
+    assert _hand_named_loggers(tree) == [3, 4, 6]
 
 
 def _exit_calls(tree: ast.Module) -> list[int]:

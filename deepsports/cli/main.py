@@ -12,12 +12,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
-log = logging.getLogger("deepsports")
+if TYPE_CHECKING:
+    from deepsports.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

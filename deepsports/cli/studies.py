@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from deepsports.tags import STUDY_PARENT_RUN_TAG
 from deepsports.cli.status import add_status_parser, enqueue_reruns, missing_work
 from deepsports.errors import ConfigError, PreemptedError
 
@@ -150,7 +151,7 @@ def _tag_project_run(parent_run_id: str) -> None:
 
         tracker = tracking.RunTracker()
         tracker.start(run_id=run_id)
-        tracker.set_tags({"deepsports.study_parent_run_id": parent_run_id})
+        tracker.set_tags({STUDY_PARENT_RUN_TAG: parent_run_id})
 
 
 def _run_local_workers(args: argparse.Namespace) -> int:

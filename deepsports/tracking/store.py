@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from deepsports.errors import StorageError, disk_full
 
-log = logging.getLogger("deepsports.tracking")
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs", "9p")

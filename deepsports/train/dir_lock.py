@@ -25,7 +25,7 @@ from typing import Iterator
 
 from deepsports.errors import CheckpointDirBusyError
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 #: errno values of a file system that has no (working) flock: run unprotected instead of failing.

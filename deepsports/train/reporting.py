@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from deepsports.tags import CONFIG_TAG_PREFIX
 import deepsports
 from deepsports.train import plots, quality
 from deepsports.tracking import runs as tracking
@@ -17,14 +18,14 @@ from deepsports.train.distributed import SINGLE, DistEnv
 from deepsports.train.evaluation import eval_loader, make_loader, predict
 from deepsports.train.runtime import Runtime
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 
 def log_config(tracker, config: Config, leave_out: tuple[str, ...] = ()) -> None:
     """Config keys as params, as ``train`` logs them: the location keys as ``deepsports.config.<key>`` tags."""
     params = {k: v for k, v in config.to_params().items() if k not in leave_out}
     tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
-    tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS if k in params})
+    tracker.set_tags({f"{CONFIG_TAG_PREFIX}{k}": params[k] for k in LOCATION_KEYS if k in params})
 
 
 def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: torch.nn.Module,

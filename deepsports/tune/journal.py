@@ -26,7 +26,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from deepsports.errors import StorageError
 
-log = logging.getLogger("deepsports.study")
+log = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.train.loop import EPOCH_METRICS
-from deepsports.tune.attrs import PAUSED_BY_ATTR, RUN_ATTR, WORKER_ATTR
+from deepsports.tags import PAUSED_BY_ATTR, RUN_ATTR, WORKER_ATTR
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, subprocess_env, tiny_overrides
 

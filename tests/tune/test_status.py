@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from deepsports.errors import ConfigError, PreemptedError
 from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, RERUN_BY_PREFIX,
+from deepsports.tags import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, RERUN_BY_PREFIX,
                                     RERUN_OF_ATTR, RETRIED_BY_PREFIX, RUN_ATTR)
 from deepsports.tune.checks import check_causes
 from deepsports.tune.status import study_status

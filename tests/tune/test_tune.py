@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 from deepsports.config import load_config
 from deepsports.errors import PreemptedError, SearchSpaceError, StorageError
 from deepsports.tune.recovery import StaleTrialRetry, task_identity
-from deepsports.tune.attrs import PAUSED_BY_ATTR, RESUMED_ATTR
+from deepsports.tags import PAUSED_BY_ATTR, RESUMED_ATTR
 from deepsports.tune.search_space import load_search_space
-from deepsports.tune.attrs import CKPT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
+from deepsports.tags import CKPT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
 from deepsports.tune.study import (create_parent_run, make_pruner, make_sampler, open_storage, open_study,
                                    store_parent_run, worker_seed)
 from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots
