@@ -294,8 +294,8 @@ MAX_FUNCTION_LINES = 60
 #: Modules longer than MAX_MODULE_LINES, each with the reason it stays one module.
 LONG_MODULES = {
     "deepsports.config": "the one source of truth: every key's type, default, help and check side by side",
-    "deepsports.data.synth": "the synthetic dataset's generator and its layout; the renderer is already synth_render",
 }
+#: Lines of a module outside its top-level imports (ruff's import sorter writes a long import one name a line).
 MAX_MODULE_LINES = 450
 
 
@@ -316,8 +316,13 @@ def test_no_long_function_without_a_reason():
     assert set(LONG_FUNCTIONS) - set(found) == set(), "no longer long: drop it from LONG_FUNCTIONS"
 
 
+def _module_lines(path: Path, tree: ast.Module) -> int:
+    imports = sum(node.end_lineno - node.lineno + 1 for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+    return len(path.read_text().splitlines()) - imports
+
+
 def test_no_long_module_without_a_reason():
-    found = {module: len(path.read_text().splitlines()) for module, (path, _tree) in _modules().items()}
+    found = {module: _module_lines(path, tree) for module, (path, tree) in _modules().items()}
     found = {module: lines for module, lines in found.items() if lines > MAX_MODULE_LINES}
     assert {module: lines for module, lines in found.items() if module not in LONG_MODULES} == {}
     assert set(LONG_MODULES) - set(found) == set(), "no longer long: drop it from LONG_MODULES"

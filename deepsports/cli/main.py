@@ -11,8 +11,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
@@ -172,7 +173,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.",
+    parser = argparse.ArgumentParser(prog="deepsports",
+                                     description="DeepSports: train, tune and track AQA models of diving videos.",
                                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"deepsports {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

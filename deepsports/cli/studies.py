@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from deepsports.tags import STUDY_PARENT_RUN_TAG
 from deepsports.cli.status import add_status_parser, enqueue_reruns, missing_work
 from deepsports.errors import ConfigError, PreemptedError
+from deepsports.tags import STUDY_PARENT_RUN_TAG
 
 
 def _positive_or_none(text: str) -> int | None:

@@ -16,13 +16,20 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from deepsports.errors import ConfigError, DeepSportsError
 from deepsports.slurm.env import SLURM_TAGS, ClusterEnv
-from deepsports.slurm.profile import (_NAME_RE, PROFILE_DIR, SlurmProfile, build_profile,
-                                      load_profile, resolve_profile_path, time_limit_seconds)
+from deepsports.slurm.profile import (
+    _NAME_RE,
+    PROFILE_DIR,
+    SlurmProfile,
+    build_profile,
+    load_profile,
+    resolve_profile_path,
+    time_limit_seconds,
+)
 
 __all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile", "build_profile", "load_profile",
            "render_script", "requeue_if_slurm", "requeue_self", "resolve_profile_path", "slurm_env", "submit", "task_job_id",

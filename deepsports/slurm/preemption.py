@@ -21,8 +21,9 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from deepsports.errors import TrainingError
 
@@ -93,7 +94,7 @@ class PreemptionFlag:
         self._previous: dict[int, _Handler] = {}
         self._owner_pid: int | None = None
 
-    def install(self) -> "PreemptionFlag":
+    def install(self) -> PreemptionFlag:
         """Install the handlers (main thread only: Python delivers signals there)."""
         if threading.current_thread() is not threading.main_thread():
             raise TrainingError("PreemptionFlag must be installed from the main thread (Python runs signal "
@@ -120,7 +121,7 @@ class PreemptionFlag:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
-    def __enter__(self) -> "PreemptionFlag":
+    def __enter__(self) -> PreemptionFlag:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

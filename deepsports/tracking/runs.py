@@ -30,16 +30,40 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 
-from deepsports.tags import FAILURE_REASON_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, HOST_TAG, MODEL_URI_TAG, PARAM_CHANGED_PREFIX, PYTHON_TAG, RESUMES_TAG, VERSION_TAG
 from deepsports.errors import PreemptedError, StorageError
 from deepsports.slurm.env import ClusterEnv
+from deepsports.tags import (
+    FAILURE_REASON_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    HOST_TAG,
+    MODEL_URI_TAG,
+    PARAM_CHANGED_PREFIX,
+    PYTHON_TAG,
+    RESUMES_TAG,
+    VERSION_TAG,
+)
+from deepsports.tracking.store import (  # noqa: F401
+    DEFAULT_TRACKING_URI,
+    RetryPolicy,
+    _default_tracking_uri,
+    _first_line,
+    call_with_retry,
+    default_retry_policy,
+    enable_sqlite_wal,
+    is_transient,
+    redact_uri,
+    sqlite_path,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +73,6 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _MAX_METRICS, _MAX_PARAMS_TAGS, _MAX_TAG_VALUE = 1000, 100, 8000  # MLflow log_batch limits
 _T = TypeVar("_T")
-
-
-from deepsports.tracking.store import (DEFAULT_TRACKING_URI, RetryPolicy, _default_tracking_uri,  # noqa: F401
-                                      _first_line, call_with_retry, default_retry_policy, enable_sqlite_wal,
-                                      is_transient, redact_uri, sqlite_path, tracking_uri)
 
 
 # --- Context tags ---
@@ -99,7 +118,7 @@ def _mlflow_context_tags(run_name: str | None) -> dict[str, str]:
 class MetricBuffer:
     """Collects metric points and sends them with ``log_batch`` (<= 1000 per call); use for per-step metrics."""
 
-    def __init__(self, tracker: "RunTracker", max_points: int = _MAX_METRICS):
+    def __init__(self, tracker: RunTracker, max_points: int = _MAX_METRICS):
         self.tracker, self.max_points, self._points = tracker, max(1, min(max_points, _MAX_METRICS)), []
 
     def __len__(self) -> int:
@@ -160,7 +179,7 @@ class RunTracker:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def __enter__(self) -> "RunTracker":
+    def __enter__(self) -> RunTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -12,9 +12,10 @@ import random
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import requests  # an MLflow dependency
 import sqlalchemy.exc  # an MLflow dependency

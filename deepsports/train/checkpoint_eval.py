@@ -17,13 +17,20 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from deepsports.tags import CHECKPOINT_DIR_TAG, EVALUATED_CHECKPOINT_TAG, EVALUATED_EPOCH_TAG, EVALUATED_SPLIT_TAG, EVALUATION_OF_RUN_TAG
 from deepsports.config import Config, build_config
 from deepsports.errors import CheckpointError, ConfigError, StorageError
+from deepsports.tags import (
+    CHECKPOINT_DIR_TAG,
+    EVALUATED_CHECKPOINT_TAG,
+    EVALUATED_EPOCH_TAG,
+    EVALUATED_SPLIT_TAG,
+    EVALUATION_OF_RUN_TAG,
+)
 from deepsports.train.reporting import log_config
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from deepsports.errors import CheckpointDirBusyError
 

@@ -14,26 +14,43 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from deepsports.tags import BEST_EPOCH_TAG, CHECKPOINT_DIR_TAG, DATASET_TAG_PREFIX, DEVICE_TAG, FAILURE_REASON_TAG, INTERRUPTED_TAG, TOTAL_PARAMS_TAG, TRAINABLE_PARAMS_TAG, WORLD_SIZE_TAG
-from deepsports.train import distributed
-
-from deepsports.tracking import runs as tracking
-from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from deepsports.config import Config, build_config
 from deepsports.data import build_datasets
-from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
+from deepsports.model import build_model
+from deepsports.tags import (
+    BEST_EPOCH_TAG,
+    CHECKPOINT_DIR_TAG,
+    DATASET_TAG_PREFIX,
+    DEVICE_TAG,
+    FAILURE_REASON_TAG,
+    INTERRUPTED_TAG,
+    TOTAL_PARAMS_TAG,
+    TRAINABLE_PARAMS_TAG,
+    WORLD_SIZE_TAG,
+)
+from deepsports.tracking import runs as tracking
+from deepsports.train import distributed
+from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from deepsports.train.dir_lock import checkpoint_dir_lock
+from deepsports.train.distributed import (
+    DistEnv,
+    GlobalBatchModel,
+    ShardedBatchSampler,
+    gather_rows,
+    steps_per_epoch,
+    wrap_ddp,
+)
 from deepsports.train.evaluation import EpochSampler, eval_loader, make_loader, predict
 from deepsports.train.losses import aqa_loss
-from deepsports.model import build_model
 from deepsports.train.optim import build_optimizer, build_scheduler
-from deepsports.train.dir_lock import checkpoint_dir_lock
 from deepsports.train.reporting import EpochMetricLog, log_config, log_final_artifacts
 from deepsports.train.runtime import seed_everything, select_runtime, setup_logging, warnings_only
 
@@ -47,7 +64,8 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
 #: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
 RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "compile", "loglevel", "log_every_steps", "gpu", "evaluate",
-                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
+                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir",
+                               "dist_backend"})
 
 
 @dataclass
@@ -213,7 +231,7 @@ class _Run:
 
     config: Config
     env: DistEnv
-    tracker: "tracking.RunTracker"
+    tracker: tracking.RunTracker
     run_id: str
     ckpt_dir: Path
     runtime: Any
@@ -243,7 +261,7 @@ class _Run:
                 "epoch": epoch, "step": step, "partial": partial_now, "history": self.history, "best": self.best}
 
 
-def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
+def _train_tracked(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
                    resume_state: dict | None, hooks: TrainHooks) -> TrainResult:
     run = _build_run(config, env, tracker, run_id, ckpt_dir, resume_state)
     _restore(run, resume_state)
@@ -261,7 +279,7 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
                        resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
 
 
-def _build_run(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
+def _build_run(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
                resume_state: dict | None) -> _Run:
     """Data, model, optimizer and friends, the same on every rank (seeded alike)."""
     seed_everything(config.seed, config.deterministic)  # the same seed on every rank: identical init

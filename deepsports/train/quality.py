@@ -21,16 +21,26 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from deepsports.tags import BOOTSTRAP_TAG, GROUP_MIN_CLIPS_TAG
-from deepsports.train.metrics import (BOOTSTRAP_CONFIDENCE, BOOTSTRAP_METHOD, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
-                                      bootstrap_interval, rel_l2_rows, relative_l2, score_with_true_difficulty,
-                                      spearman, spearman_rows)
+from deepsports.train.metrics import (
+    BOOTSTRAP_CONFIDENCE,
+    BOOTSTRAP_METHOD,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    bootstrap_interval,
+    rel_l2_rows,
+    relative_l2,
+    score_with_true_difficulty,
+    spearman,
+    spearman_rows,
+)
 
 #: A group's Spearman is reported only from this many clips on: below it the 95 % interval of a
 #: rank correlation spans most of [-1, 1] and the number would mean nothing.

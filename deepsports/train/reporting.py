@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from deepsports.tags import CONFIG_TAG_PREFIX
 import deepsports
-from deepsports.train import plots, quality
-from deepsports.tracking import runs as tracking
-from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import LOCATION_KEYS, Config
+from deepsports.tags import CONFIG_TAG_PREFIX
+from deepsports.tracking import runs as tracking
+from deepsports.train import plots, quality
+from deepsports.train.checkpoints import CheckpointManager
 from deepsports.train.distributed import SINGLE, DistEnv
 from deepsports.train.evaluation import eval_loader, make_loader, predict
 from deepsports.train.runtime import Runtime
@@ -28,7 +28,7 @@ def log_config(tracker, config: Config, leave_out: tuple[str, ...] = ()) -> None
     tracker.set_tags({f"{CONFIG_TAG_PREFIX}{k}": params[k] for k in LOCATION_KEYS if k in params})
 
 
-def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: torch.nn.Module,
+def log_final_artifacts(config: Config, tracker: tracking.RunTracker, model: torch.nn.Module,
                         manager: CheckpointManager, data, runtime: Runtime, loss_fn,
                         history: list[dict[str, float]], env: DistEnv = SINGLE) -> dict[str, float]:
     """Evaluate the best checkpoint (val, and test when ``evaluate``) and log every artifact of the run.
@@ -91,7 +91,7 @@ class EpochMetricLog:
     checkpoint holds but MLflow missed (killed between checkpoint and logging) is logged on resume.
     """
 
-    def __init__(self, tracker: "tracking.RunTracker", keys: tuple[str, ...]):
+    def __init__(self, tracker: tracking.RunTracker, keys: tuple[str, ...]):
         self.tracker, self.keys = tracker, keys
         # One query per key on a resumed run: any key may hold steps the others lack (an older version's
         # logging, a failed batch); a fresh run answers with empty histories.

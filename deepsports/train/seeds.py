@@ -18,16 +18,17 @@ import csv
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from deepsports.tags import SEEDS_TAG, SEED_PARENT_RUN_TAG
 from deepsports.config import Config
 from deepsports.errors import ConfigError
 from deepsports.fileio import atomic_write
+from deepsports.tags import SEED_PARENT_RUN_TAG, SEEDS_TAG
 
 #: Confidence of the interval of the mean across seeds.
 SEEDS_CONFIDENCE = 0.95

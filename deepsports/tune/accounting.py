@@ -33,17 +33,26 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tags import RERUN_CAUSE_ATTR
+from deepsports.tags import (
+    ATTEMPTS_ATTR,
+    EPOCH_END_PREFIX,
+    HEARTBEAT_ATTR,
+    REASON_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_CAUSE_ATTR,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RETRIED_FROM_ATTR,
+)
 from deepsports.tune.checks import CAUSES
-from deepsports.tags import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR,
-                                    RETRIED_BY_PREFIX, RETRIED_FROM_ATTR)
 
 log = logging.getLogger(__name__)
 

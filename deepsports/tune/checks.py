@@ -9,8 +9,9 @@ where it came from and what is allowed; nothing here creates a file.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from deepsports.errors import ConfigError
 

@@ -44,13 +44,24 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tags import OPTUNA_TRIAL_STATE_TAG
-from deepsports.tracking import runs as tracking
 from deepsports.errors import StorageError
 from deepsports.slurm.env import ClusterEnv
-from deepsports.tags import (CKPT_ATTR, EXPERIMENT_ATTR, HEARTBEAT_ATTR, PAUSED_AT_ATTR, PAUSED_BY_ATTR, PAUSES_ATTR,
-                                    REASON_ATTR, RESUMED_ATTR, RETRIED_BY_PREFIX, RETRIED_FROM_ATTR, RETRY_REASON_ATTR,
-                                    RUN_ATTR, TASK_ATTR, WORKER_ATTR)
+from deepsports.tags import (
+    CKPT_ATTR,
+    EXPERIMENT_ATTR,
+    HEARTBEAT_ATTR,
+    OPTUNA_TRIAL_STATE_TAG,
+    PAUSED_AT_ATTR,
+    PAUSED_BY_ATTR,
+    PAUSES_ATTR,
+    REASON_ATTR,
+    RETRIED_BY_PREFIX,
+    RETRIED_FROM_ATTR,
+    RETRY_REASON_ATTR,
+    RUN_ATTR,
+    WORKER_ATTR,
+)
+from deepsports.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +98,7 @@ class TrialHeartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
-    def __enter__(self) -> "TrialHeartbeat":
+    def __enter__(self) -> TrialHeartbeat:
         self.beat()  # at once: a trial claimed from WAITING carries its old, stale heartbeat
         self._thread.start()
         return self

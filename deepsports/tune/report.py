@@ -13,22 +13,29 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tags import OPTUNA_STUDY_NAME_TAG, RETRAIN_OF_RUN_TAG, RETRAIN_OF_TRIAL_TAG
-from deepsports.tracking import runs as tracking
 from deepsports.config import Config, build_config, config_fields
 from deepsports.errors import StorageError
 from deepsports.fileio import atomic_write
+from deepsports.tags import (
+    CONFIG_ATTR,
+    OPTUNA_STUDY_NAME_TAG,
+    PARENT_RUN_ATTR,
+    RETRAIN_OF_RUN_TAG,
+    RETRAIN_OF_TRIAL_TAG,
+    RUN_ATTR,
+)
+from deepsports.tracking import runs as tracking
 from deepsports.tune.study import open_storage, storage_label
-from deepsports.tags import CONFIG_ATTR, PARENT_RUN_ATTR, RUN_ATTR
 
 log = logging.getLogger(__name__)
 

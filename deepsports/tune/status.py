@@ -18,12 +18,25 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tags import ATTEMPT_TAG_PREFIX, RERUN_CAUSE_ATTR
+from deepsports.tags import (
+    ATTEMPT_TAG_PREFIX,
+    CKPT_ATTR,
+    HEARTBEAT_ATTR,
+    MAX_TRIALS_ATTR,
+    PARENT_RUN_ATTR,
+    PAUSED_AT_ATTR,
+    PAUSED_BY_ATTR,
+    REASON_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_CAUSE_ATTR,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RETRY_REASON_ATTR,
+    RUN_ATTR,
+    TASK_ATTR,
+)
 from deepsports.tune import accounting as acc
 from deepsports.tune.accounting import retried_from
-from deepsports.tags import (CKPT_ATTR, HEARTBEAT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, PAUSED_AT_ATTR,
-                                    PAUSED_BY_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR, RETRIED_BY_PREFIX,
-                                    RETRY_REASON_ATTR, RUN_ATTR, TASK_ATTR)
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +312,8 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
     """Write the run's attempts: ``attempts.json``, the tag ``deepsports.attempts`` (how many), one tag
     ``deepsports.attempt.<i>`` each, and ``deepsports.first_failure_reason`` (never overwritten)."""
     from deepsports.errors import StorageError
-    from deepsports.tracking import runs as tracking
     from deepsports.tags import ATTEMPTS_TAG, FIRST_FAILURE_TAG
+    from deepsports.tracking import runs as tracking
 
     tracker = tracker or tracking.RunTracker()
     attempts = run_attempts(study, run_id, number)

@@ -25,24 +25,36 @@ import random
 import socket
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from deepsports.tags import KIND_TAG, OPTUNA_PRUNER_TAG, OPTUNA_SAMPLER_TAG, OPTUNA_STORAGE_TAG, OPTUNA_STUDY_NAME_TAG, SPACE_SHA_TAG, SPACE_TAG
-from deepsports.tracking import runs as tracking
 from deepsports.config import config_fields
 from deepsports.errors import SearchSpaceError, StorageError
 from deepsports.slurm.env import ClusterEnv
-from deepsports.tags import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
-                                    SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
-from deepsports.tune.search_space import SearchSpace
+from deepsports.tags import (
+    EXPERIMENT_ATTR,
+    KIND_TAG,
+    OPTUNA_PRUNER_TAG,
+    OPTUNA_SAMPLER_TAG,
+    OPTUNA_STORAGE_TAG,
+    OPTUNA_STUDY_NAME_TAG,
+    PARENT_RUN_ATTR,
+    RUN_ATTR,
+    SPACE_ATTR,
+    SPACE_SHA_ATTR,
+    SPACE_SHA_TAG,
+    SPACE_TAG,
+)
+from deepsports.tracking import runs as tracking
 from deepsports.tune.accounting import retried_from  # noqa: F401 (re-exported; retry lineage is accounting's)
+from deepsports.tune.search_space import SearchSpace
 from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)

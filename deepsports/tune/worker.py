@@ -44,30 +44,72 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from mlflow.entities import Metric
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tags import OPTUNA_MAX_TRIALS_TAG, OPTUNA_PARAM_TAG_PREFIX, OPTUNA_PRUNER_TAG, OPTUNA_RETRY_OF_TAG, OPTUNA_RETRY_TRIAL_NUMBER_TAG, OPTUNA_SAMPLER_TAG, OPTUNA_STORAGE_TAG, OPTUNA_STUDY_NAME_TAG, OPTUNA_TRIAL_NUMBER_TAG, OPTUNA_TRIAL_STATE_TAG, RESUMED_ATTR, RESUMED_FROM_TAG, SPACE_SHA_TAG, TASK_ATTR
-from deepsports.tune import accounting, recovery
-from deepsports.tune import status as study_status
+from deepsports.config import format_value
+from deepsports.errors import (
+    CheckpointError,
+    ConfigError,
+    DeepSportsError,
+    DiskFullError,
+    PreemptedError,
+    SearchSpaceError,
+    StorageError,
+    TrainingError,
+)
+from deepsports.slurm.env import ClusterEnv
+from deepsports.tags import (
+    CKPT_ATTR,
+    CONFIG_ATTR,
+    EXPERIMENT_ATTR,
+    MAX_TRIALS_ATTR,
+    OPTUNA_MAX_TRIALS_TAG,
+    OPTUNA_PARAM_TAG_PREFIX,
+    OPTUNA_PRUNER_TAG,
+    OPTUNA_RETRY_OF_TAG,
+    OPTUNA_RETRY_TRIAL_NUMBER_TAG,
+    OPTUNA_SAMPLER_TAG,
+    OPTUNA_STORAGE_TAG,
+    OPTUNA_STUDY_NAME_TAG,
+    OPTUNA_TRIAL_NUMBER_TAG,
+    OPTUNA_TRIAL_STATE_TAG,
+    PARENT_RUN_ATTR,
+    REASON_ATTR,
+    RESUMED_ATTR,
+    RESUMED_FROM_TAG,
+    RUN_ATTR,
+    SPACE_SHA_TAG,
+    TASK_ATTR,
+    WORKER_ATTR,
+)
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
-from deepsports.config import format_value
-from deepsports.errors import (CheckpointError, ConfigError, DeepSportsError, DiskFullError, PreemptedError,
-                               SearchSpaceError, StorageError, TrainingError)
-from deepsports.tune.search_space import SearchSpace, load_search_space
-from deepsports.slurm.env import ClusterEnv
+from deepsports.tune import accounting, recovery
+from deepsports.tune import status as study_status
 from deepsports.tune.checks import check_overrides
+from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.tune.settings import TuneSettings
-from deepsports.tags import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, REASON_ATTR,
-                                    RUN_ATTR, WORKER_ATTR)
-from deepsports.tune.study import (StudySummary, constant, default_worker_id, make_pruner, make_sampler, open_storage,
-                                   open_study, retried_from, storage_label, summarize, worker_label, worker_seed)
+from deepsports.tune.study import (
+    StudySummary,
+    constant,
+    default_worker_id,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    open_study,
+    retried_from,
+    storage_label,
+    summarize,
+    worker_label,
+    worker_seed,
+)
 
 log = logging.getLogger(__name__)
 
