@@ -85,9 +85,12 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
         if path.is_dir():
             raise ConfigError(f"{source} {text!r} is a directory: expected a journal file path (e.g. {text}/study.log)")
         return str(path)
+    from deepsports.tracking.store import redact_uri  # a URL may carry a password: never shown
+
+    shown = redact_uri(text)
     scheme = text.split("://", 1)[0].split("+", 1)[0]
     if scheme not in _RDB_SCHEMES:
-        raise ConfigError(f"{source} {text!r}: unsupported scheme {scheme!r}: expected a journal file path or a "
+        raise ConfigError(f"{source} {shown!r}: unsupported scheme {scheme!r}: expected a journal file path or a "
                           f"{', '.join(s + '://' for s in _RDB_SCHEMES)} URL")
     if scheme == "sqlite":
         rest = text.split("://", 1)[1]
@@ -102,6 +105,7 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
 
     try:
         make_url(text)
-    except ArgumentError as exc:
-        raise ConfigError(f"{source}: {exc}: expected a URL like {scheme}://user@host/database") from None
+    except (ArgumentError, ValueError) as exc:  # ValueError: e.g. a port that is not a number
+        raise ConfigError(f"{source} {shown!r}: {redact_uri(str(exc))}: expected a URL like "
+                          f"{scheme}://user@host/database") from None
     return text
