@@ -71,6 +71,14 @@ def check_overrides(space: Any, overrides: Mapping[str, Any], source: str = "--s
         raise ConfigError(f"{source} {', '.join(sampled)}: the search space {space.path} samples "
                           f"{'it' if len(sampled) == 1 else 'them'}: drop it from {source} or from the space's params")
     check_corners(space, overrides, f"with {source}")
+    if "loss_spcoef_weight" in space.keys:
+        from deepsports.config import require_torchsort
+
+        require_torchsort(f"the search space {space.path}, which samples loss_spcoef_weight,")
+    elif "loss_spcoef_weight" in overrides:
+        from deepsports.config import check_installed, build_config
+
+        check_installed(build_config({"loss_spcoef_weight": overrides["loss_spcoef_weight"]}), source)
 
 
 def resolve_storage(storage: str, source: str = "--storage", base: Path | None = None) -> str:
