@@ -31,10 +31,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from deepsports.slurm.jobs import requeue_if_slurm
         from deepsports.train.distributed import detect
         from deepsports.train.loop import train
+        from deepsports.train.state import TrainHooks
 
         main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
         try:
-            result = train(config, stop_requested=flag.requested)
+            result = train(config, hooks=TrainHooks(stop_requested=flag.requested))
         except PreemptedError:
             if main_rank:
                 requeue_if_slurm()
@@ -51,11 +52,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train_seeds(config: Config, n_seeds: int) -> int:
     from deepsports.slurm.jobs import requeue_if_slurm
     from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.train.state import TrainHooks
     from deepsports.train.seeds import train_seeds
 
     with PreemptionFlag() as flag:
         try:
-            result = train_seeds(config, n_seeds, stop_requested=flag.requested)
+            result = train_seeds(config, n_seeds, hooks=TrainHooks(stop_requested=flag.requested))
         except PreemptedError:
             requeue_if_slurm()
             raise

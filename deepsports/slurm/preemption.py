@@ -12,7 +12,7 @@ inside :func:`stop_signals_blocked`), and a signal the batch shell trapped befor
 through ``$DEEPSPORTS_EARLY_SIGNAL`` when the flag is installed.
 
     with PreemptionFlag() as flag:
-        train(config, stop_requested=flag.requested)
+        train(config, hooks=TrainHooks(stop_requested=flag.requested))
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class PreemptionFlag:
         self._count += 1
 
     def requested(self) -> bool:
-        """True once one of the signals arrived (pass as ``stop_requested=flag.requested``)."""
+        """True once one of the signals arrived (``TrainHooks(stop_requested=flag.requested)``)."""
         return self._signum is not None
 
     @property
