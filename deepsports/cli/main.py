@@ -21,13 +21,18 @@ log = logging.getLogger("deepsports")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from deepsports.config import check_installed
+
     if args.seeds is not None:
-        return _train_seeds(config_from_args(args), args.seeds)
+        config = config_from_args(args)
+        check_installed(config)
+        return _train_seeds(config, args.seeds)
     from deepsports.slurm.preemption import PreemptionFlag
 
     # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
         config = config_from_args(args)  # a bad value is refused in a blink, not after torch's import
+        check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
         from deepsports.slurm.jobs import requeue_if_slurm
         from deepsports.train.distributed import detect
         from deepsports.train.loop import train
