@@ -16,7 +16,7 @@ Standard library only, so that every room may import it (docs/preemption.md tell
   [enforce fail at inline_container.cc...]``). The signal is handled the moment the write is done.
 
     with StopFlag() as flag:
-        train(config, stop_requested=flag.requested)
+        train(config, hooks=TrainHooks(stop_requested=flag.requested))
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class StopFlag:
             raise PreemptedError(f"stopped by {signal.Signals(signum).name}")
 
     def requested(self) -> bool:
-        """True once one of the signals arrived (pass as ``stop_requested=flag.requested``)."""
+        """True once one of the signals arrived (``TrainHooks(stop_requested=flag.requested)``)."""
         return self._signum is not None
 
     @property

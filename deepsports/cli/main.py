@@ -35,9 +35,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
         from deepsports.train.distributed import detect
         from deepsports.train.loop import train
+        from deepsports.train.state import TrainHooks
 
         main_rank = stop.requeue = detect().is_main  # under torchrun/srun only rank 0 requeues and prints
-        result = train(config, stop_requested=stop.requested)
+        result = train(config, hooks=TrainHooks(stop_requested=stop.requested))
     if not main_rank:
         return 0
     summary = {"run_id": result.run_id, "best_val_spearman": result.best_val_spearman, "best_epoch": result.best_epoch,
@@ -50,9 +51,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train_seeds(config: Config, n_seeds: int) -> int:
     from deepsports.slurm.preemption import preemptible
     from deepsports.train.seeds import train_seeds
+    from deepsports.train.state import TrainHooks
 
     with preemptible() as stop:
-        result = train_seeds(config, n_seeds, stop_requested=stop.requested)
+        result = train_seeds(config, n_seeds, hooks=TrainHooks(stop_requested=stop.requested))
     print(json.dumps({"parent_run_id": result.run_id, "seeds": result.seeds, "run_ids": result.run_ids,
                       **result.test_metrics}, indent=2))
     return 0

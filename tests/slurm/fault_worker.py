@@ -6,6 +6,7 @@ stop flag and what a stopped SLURM task does (deepsports.slurm.preemption) and i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -34,7 +35,8 @@ def _train(config, **kwargs):
     tags = kwargs["tags"]
     faulty = ("optuna.retry_of" not in tags and "deepsports.resumed_from" not in tags
               and int(tags["optuna.trial_number"]) >= int(os.environ["FAULT_FROM"]) and _first_fault())
-    return train(config, fault_hook=out_of_memory if faulty else None, **kwargs)
+    hooks = dataclasses.replace(kwargs.pop("hooks"), fault_hook=out_of_memory if faulty else None)
+    return train(config, hooks=hooks, **kwargs)
 
 
 def main() -> int:
