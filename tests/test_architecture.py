@@ -31,6 +31,7 @@ ALLOWED = {
     "errors": set(),
     "fileio": {"errors"},
     "locate": {"errors"},
+    "signals": {"errors"},
     "_lazy": set(),
     "tags": set(),
     "__main__": {"cli"},
@@ -46,9 +47,9 @@ ENV_READER = "deepsports.slurm.env"
 
 #: Modules at the bottom that every room may use: the cluster-environment reader above, fileio (the
 #: one atomic writer and the one torch-file reader; standard library at import time), locate (the
-#: shipped named files) and tags (every run tag and study attribute name).
+#: shipped named files), signals (process signals) and tags (every run tag and study attribute name).
 TAGS = "deepsports.tags"
-BOTTOM = {ENV_READER, "deepsports.fileio", "deepsports.locate", "deepsports._lazy", TAGS}
+BOTTOM = {ENV_READER, "deepsports.fileio", "deepsports.locate", "deepsports._lazy", "deepsports.signals", TAGS}
 
 
 def _module_name(path: Path) -> str:
@@ -141,7 +142,7 @@ def test_graph_sees_lazy_imports():
     """The reader counts function-level imports and resolves ``from pkg import module``."""
     graph = _graph()
     assert "deepsports.tune.worker" in graph["deepsports.cli.studies"]  # imported inside _cmd_tune
-    assert "deepsports.slurm.jobs" in graph["deepsports.cli.main"]
+    assert "deepsports.slurm.preemption" in graph["deepsports.cli.main"]  # imported inside _cmd_train
 
 
 def test_no_import_cycles():
@@ -273,8 +274,8 @@ def _exit_calls(tree: ast.Module) -> list[int]:
 
 #: Library modules that may end a process, each with the reason (never the user's main process).
 EXITING_MODULES = {
-    "deepsports.slurm.preemption": "a forked DataLoader worker leaves at once when its parent shuts the loader "
-                                   "down (as torch's own worker handler does); the main process never exits there",
+    "deepsports.signals": "a forked DataLoader worker leaves at once when its parent shuts the loader "
+                          "down (as torch's own worker handler does); the main process never exits there",
 }
 
 

@@ -10,7 +10,7 @@ last slot at once). Retries of dead workers' trials do not count against ``max_t
 Trials. The sampled config trains with ``parent_run_id`` set; validation Spearman is reported every
 epoch and a pruned trial stops at once (its run ends KILLED). A trial whose training raises
 :class:`TrainingError` (NaN loss, out of memory), whose sampled config is invalid or whose
-checkpoint is bad is FAIL with the reason in the user attribute ``deepsports.failure_reason``, and the
+checkpoint is bad is FAIL with the reason in the user attribute ``deepsports.fail_reason``, and the
 study goes on.
 
 Preemption (SIGUSR1/SIGTERM, ``stop_requested``) or Ctrl-C: training writes its checkpoint and ends
@@ -91,6 +91,7 @@ from deepsports.tags import (
 )
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
+from deepsports.train.state import TrainHooks
 from deepsports.tune import accounting, recovery
 from deepsports.tune import status as study_status
 from deepsports.tune.checks import check_overrides
@@ -379,8 +380,8 @@ class _Worker:
                 raise PrunedTrial(f"pruned after epoch {report.epoch}: val_spearman {value:.4f}")
 
         try:
-            result = self.train_fn(config, parent_run_id=parent, tags=tags, epoch_callback=on_epoch,
-                                   stop_requested=stop_requested)
+            result = self.train_fn(config, parent_run_id=parent, tags=tags,
+                                   hooks=TrainHooks(epoch_callback=on_epoch, stop_requested=stop_requested))
         except TRIAL_ERRORS as exc:
             trial.set_user_attr(REASON_ATTR, f"{type(exc).__name__}: {exc}"[:2000])
             raise
