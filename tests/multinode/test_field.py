@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 
 from deepsports.slurm.jobs import build_profile, render_script, submit, worker_command
 from deepsports.train.loop import EPOCH_METRICS
-from deepsports.tune.attrs import PARENT_RUN_ATTR, RUN_ATTR
+from deepsports.tags import PARENT_RUN_ATTR, RUN_ATTR
 from deepsports.tune.accounting import attempts_of
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, deepsports_cmd
