@@ -128,11 +128,7 @@ check_secret_file() {
 # Sets AUTH_ARGS and exports the basic-auth app's settings into this shell (the server's environment only).
 prepare_auth() {
     AUTH_ARGS=""
-    if [ "$AUTH" = none ]; then
-        [ "$LOOPBACK" -eq 1 ] ||
-            die "refusing to listen on $HOST without authentication (DEEPSPORTS_MLFLOW_AUTH=none): anyone who reaches the port could read, write and delete runs; use DEEPSPORTS_MLFLOW_AUTH=basic (the default beyond loopback)"
-        return 0
-    fi
+    [ "$AUTH" = none ] && return 0
     if [ ! -e "$ADMIN_PASSWORD_FILE" ] && [ -z "${DEEPSPORTS_MLFLOW_ADMIN_PASSWORD_FILE:-}" ]; then
         (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$ADMIN_PASSWORD_FILE")
         say "wrote a new admin password to $ADMIN_PASSWORD_FILE"
@@ -191,6 +187,9 @@ PY
 }
 
 cmd_start() {
+    if [ "$AUTH" = none ] && [ "$LOOPBACK" -eq 0 ]; then
+        die "refusing to listen on $HOST without authentication (DEEPSPORTS_MLFLOW_AUTH=none): anyone who reaches the port could read, write and delete runs; use DEEPSPORTS_MLFLOW_AUTH=basic (the default beyond loopback)"
+    fi
     local pid
     pid="$(our_pid)"
     if [ -n "$pid" ]; then

@@ -127,6 +127,14 @@ class TrialHeartbeat:
         self.last_accepted = sent
 
 
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup must not kill the beat; the next one retries
+                log.warning("heartbeat of trial id %d failed: %s: %s", self.trial_id, type(exc).__name__, exc)
+
+
 #: Exit status of a worker that fenced itself (:class:`TrialLease`).
 FENCED_EXIT_CODE = 9
 
@@ -155,7 +163,7 @@ class TrialLease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{number}", daemon=True)
 
-    def __enter__(self) -> "TrialLease":
+    def __enter__(self) -> TrialLease:
         self._thread.start()
         return self
 
@@ -181,13 +189,6 @@ class TrialLease:
             os.write(2, message.encode())
         finally:
             os._exit(FENCED_EXIT_CODE)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.beat()
-            except Exception as exc:  # noqa: BLE001 - a storage hiccup must not kill the beat; the next one retries
-                log.warning("heartbeat of trial id %d failed: %s: %s", self.trial_id, type(exc).__name__, exc)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ import requests
 from optuna.trial import TrialState
 
 from deepsports.slurm.jobs import build_profile, render_script, submit, worker_command
-from deepsports.train.loop import EPOCH_METRICS
 from deepsports.tags import PARENT_RUN_ATTR, RUN_ATTR
+from deepsports.train.loop import EPOCH_METRICS
 from deepsports.tune.accounting import attempts_of
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, deepsports_cmd
@@ -381,7 +381,7 @@ def test_a_node_lost_mid_trial_is_fenced_and_its_trial_resumes_on_another_node(l
     # Fenced: the cut-off worker was gone before the retry started, and wrote nothing after it.
     assert notes["cut"] < notes["fenced"] < resumed["start"] < notes["healed"]
     log = (scenario.logs / f"nodefail_{scenario.job}_0.log").read_text()
-    assert f"fenced: no heartbeat of trial 0 reached the study storage" in log and f":{notes['pid']}, exit 9" in log
+    assert "fenced: no heartbeat of trial 0 reached the study storage" in log and f":{notes['pid']}, exit 9" in log
     for path in (scenario.directory / "ckpt").rglob("*"):
         if path.is_file():
             assert not notes["fenced"] < path.stat().st_mtime < resumed["start"], path
