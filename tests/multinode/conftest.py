@@ -27,7 +27,9 @@ LOGIN = "10.77.0.1"
 #: The login node's second address on the bridge, for the MLflow server alone: a node can be cut off from
 #: the tracking server (a route) while it still reaches slurmctld and PostgreSQL on LOGIN.
 TRACKING_ADDR = "10.77.0.2"
+#: The nodes the scenarios share; node4 is the one taken off the network (nothing else runs there).
 NODES = ("node1", "node2", "node3")
+FAILING_NODE = "node4"
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> str:
@@ -39,9 +41,9 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600
 
 @pytest.fixture(scope="session")
 def multinode_cluster() -> dict[str, str]:
-    """The 3-node cluster (``up`` is idempotent: a running one is used as it is); the environment for its
+    """The 4-node cluster (``up`` is idempotent: a running one is used as it is); the environment for its
     commands (``SLURM_CONF``). `.ci/run` brings it up before the tests and down after them."""
-    _run([str(CLUSTER), "up", "--nodes", "3"])
+    _run([str(CLUSTER), "up", "--nodes", "4"])
     return {**os.environ, "SLURM_CONF": str(CONF)}
 
 

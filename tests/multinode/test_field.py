@@ -36,7 +36,7 @@ from deepsports.train.loop import EPOCH_METRICS
 from deepsports.tune.accounting import attempts_of
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, deepsports_cmd
-from tests.multinode.conftest import NODES, TRACKING_ADDR, Lab
+from tests.multinode.conftest import FAILING_NODE, NODES, TRACKING_ADDR, Lab
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -61,6 +61,7 @@ class Scenario:
 def _profile(lab: Lab, directory: Path, **values) -> dict:
     return {"partition": "debug", "time": "15", "cpus_per_task": 1, "mem": "1G", "grace_seconds": 30,
             "logdir": str(directory / "logs"), "setup_lines": [f"export PATH={PYTHON_BIN}:$PATH"],
+            "extra_sbatch": [f"--exclude={FAILING_NODE}"],  # kept for the node failure alone
             "env": {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": lab.tracking_uri,
                     # Names of 0600 files, never a secret: the job script and environment hold no password.
                     "DEEPSPORTS_MLFLOW_CREDENTIALS": str(lab.credentials["alice"]), "PGPASSFILE": lab.env["PGPASSFILE"]},
@@ -193,16 +194,17 @@ def field(lab: Lab, tiny_cache_dir, tmp_path_factory) -> dict[str, Scenario]:
         outage = Scenario("outage", d, lab.optuna_url, epochs=4)
         profile = _profile(lab, d, array_size=1, array_concurrency=1)
         profile["env"] = {**profile["env"], "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-        profile["extra_sbatch"] = ["--nodelist=node3"]  # kept apart from the node that fails below
+        profile["extra_sbatch"] = ["--nodelist=node3"]
         _submit_tune(lab, outage, tiny_cache_dir, tasks=1, trials=1, profile=profile)
         scenarios["outage"] = outage
         _drive(outage, _outage, lab)
 
         # A node drops off the network in the middle of a trial (PostgreSQL study: the cut-off worker
-        # cannot reach it either). Heartbeat 2 s, grace 8 s: the worker's lease is 6 s.
+        # cannot reach it either). Heartbeat 2 s, grace 8 s: the worker's lease is 6 s. The first attempt
+        # runs on node4, where nothing else runs (the driver lets the requeued task go anywhere else).
         d = tmp_path_factory.mktemp("node-failure")
         failure = Scenario("nodefail", d, lab.optuna_url, epochs=6)
-        profile = _profile(lab, d, array_size=1, array_concurrency=1, extra_sbatch=["--exclude=node3"])
+        profile = _profile(lab, d, array_size=1, array_concurrency=1, extra_sbatch=[f"--exclude={','.join(NODES)}"])
         _submit_tune(lab, failure, tiny_cache_dir, tasks=1, trials=1, profile=profile,
                      extra=("--heartbeat", "2", "--grace-period", "8"))
         scenarios["failure"] = failure
@@ -350,6 +352,10 @@ def _node_failure(lab: Lab, scenario: Scenario) -> None:
     try:
         _wait(lab, scenario, lambda: not _alive(pid), 60, f"the cut-off worker {pid} on {node} to fence itself")
         scenario.notes["fenced"] = time.time()
+        # SLURM requeues the task once the node is DOWN; it may then run anywhere but there.
+        _wait(lab, scenario, lambda: _jobs(lab, scenario.job)[0]["JobState"] == "PENDING", 120, "the requeue")
+        scenario.notes["requeued"] = time.time()
+        subprocess.run(["scontrol", "update", f"JobId={scenario.job}", f"ExcNodeList={node}"], env=lab.env, check=True)
 
         def retry_running():
             trials = _study(scenario).get_trials(deepcopy=False)
@@ -369,7 +375,7 @@ def test_a_node_lost_mid_trial_is_fenced_and_its_trial_resumes_on_another_node(l
     notes = scenario.notes
     (task,) = _jobs(lab, scenario.job)
     assert (task["JobState"], task["ExitCode"], task["Restarts"]) == ("COMPLETED", "0:0", "1"), task
-    assert task["BatchHost"] != notes["node"]
+    assert notes["node"] == FAILING_NODE and task["BatchHost"] in NODES
     study = _study(scenario)
     first, retry = study.trials
     assert (first.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
@@ -396,6 +402,8 @@ def test_a_node_lost_mid_trial_is_fenced_and_its_trial_resumes_on_another_node(l
     children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     assert [r.info.run_id for r in children] == [run.info.run_id]
     assert sorted(retry.intermediate_values) == list(range(1, scenario.epochs + 1))
+    print(f"figure: node failure: link down -> worker fenced {notes['fenced'] - notes['cut']:.1f} s, -> task requeued "
+          f"{notes['requeued'] - notes['cut']:.1f} s, -> retry attempt started {resumed['start'] - notes['cut']:.1f} s")
 
 
 def _ddp_requeue(lab: Lab, scenario: Scenario) -> None:
@@ -405,10 +413,12 @@ def _ddp_requeue(lab: Lab, scenario: Scenario) -> None:
     (job,) = _jobs(lab, scenario.job)
     scenario.notes["before"] = job["NodeList"]
     subprocess.run(["scontrol", "requeue", scenario.job], env=lab.env, check=True)
+    scenario.notes["requeued_at"] = time.time()
     _wait(lab, scenario, lambda: _jobs(lab, scenario.job)[0]["JobState"] == "PENDING", 120, "the requeue")
     first = subprocess.run(["scontrol", "show", "hostnames", job["NodeList"]], env=lab.env, capture_output=True,
                            text=True, check=True).stdout.split()[0]
-    subprocess.run(["scontrol", "update", f"JobId={scenario.job}", f"ExcNodeList={first}"], env=lab.env, check=True)
+    subprocess.run(["scontrol", "update", f"JobId={scenario.job}", f"ExcNodeList={first},{FAILING_NODE}"],
+                   env=lab.env, check=True)
     scenario.notes["excluded"] = first
 
 
@@ -434,6 +444,14 @@ def test_a_ddp_run_over_two_nodes_requeued_resumes_on_other_nodes_in_the_same_ru
     for key in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(
             range(1, scenario.epochs + 1)), key
+    started = subprocess.run(["scontrol", "-o", "show", "job", scenario.job], env=lab.env, capture_output=True,
+                             text=True).stdout
+    print(f"figure: DDP requeue -> restarted on {after} (job StartTime {_field(started, 'StartTime')}), requeued at "
+          f"{time.strftime('%H:%M:%S', time.localtime(scenario.notes['requeued_at']))}")
+
+
+def _field(line: str, key: str) -> str:
+    return dict(re.findall(r"(\w+)=(\S*)", line)).get(key, "?")
 
 
 def _leaks(secret: str, lab: Lab, scenarios: dict[str, Scenario]) -> list[str]:
