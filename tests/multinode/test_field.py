@@ -200,13 +200,14 @@ def field(lab: Lab, tiny_cache_dir, tmp_path_factory) -> dict[str, Scenario]:
         _drive(outage, _outage, lab)
 
         # A node drops off the network in the middle of a trial (PostgreSQL study: the cut-off worker
-        # cannot reach it either). Heartbeat 2 s, grace 8 s: the worker's lease is 6 s. The first attempt
+        # cannot reach it either). Heartbeat 3 s, grace 15 s: the worker's lease is 12 s (a 2-core machine
+        # running every scenario at once delays a beat by several seconds). The first attempt
         # runs on node4, where nothing else runs (the driver lets the requeued task go anywhere else).
         d = tmp_path_factory.mktemp("node-failure")
         failure = Scenario("nodefail", d, lab.optuna_url, epochs=6)
         profile = _profile(lab, d, array_size=1, array_concurrency=1, extra_sbatch=[f"--exclude={','.join(NODES)}"])
         _submit_tune(lab, failure, tiny_cache_dir, tasks=1, trials=1, profile=profile,
-                     extra=("--heartbeat", "2", "--grace-period", "8"))
+                     extra=("--heartbeat", "3", "--grace-period", "15"))
         scenarios["failure"] = failure
         _drive(failure, _node_failure, lab)
 
@@ -479,7 +480,7 @@ def _leaks(secret: str, lab: Lab, scenarios: dict[str, Scenario]) -> list[str]:
             if secret in shown or secret in script:
                 found.append(f"job {job['JobId']}")
         study = _study(scenario)
-        attrs = [study.user_attrs, study.system_attrs, *[t.user_attrs for t in study.trials],
+        attrs = [study.user_attrs, study._storage.get_study_system_attrs(study._study_id), *[t.user_attrs for t in study.trials],
                  *[t.system_attrs for t in study.trials]]
         if secret in json.dumps(attrs, default=str):
             found.append(f"study {scenario.name}")

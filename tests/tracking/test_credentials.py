@@ -11,7 +11,7 @@ import pytest
 
 from deepsports.errors import ConfigError
 from deepsports.slurm.jobs import build_profile
-from deepsports.tracking.store import CREDENTIALS_ENV, load_credentials
+from deepsports.tracking.credentials import CREDENTIALS_ENV, load_credentials
 from tests.e2e_helpers import REPO, deepsports_cmd, subprocess_env
 
 GOOD = "[mlflow]\nmlflow_tracking_username = alice\nmlflow_tracking_password = p:a%s$w0rd=x\n"
