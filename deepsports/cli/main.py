@@ -22,12 +22,12 @@ log = logging.getLogger("deepsports")
 
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.seeds is not None:
-        return _train_seeds(config_from_args(args), args.seeds)
+        return _train_seeds(_checked_config(args), args.seeds)
     from deepsports.slurm.preemption import PreemptionFlag
 
     # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
     with PreemptionFlag() as flag:
-        config = config_from_args(args)  # a bad value is refused in a blink, not after torch's import
+        config = _checked_config(args)  # a bad value is refused in a blink, not after torch's import
         from deepsports.slurm.jobs import requeue_if_slurm
         from deepsports.train.distributed import detect
         from deepsports.train.loop import train
@@ -46,6 +46,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _checked_config(args: argparse.Namespace, *, checkpoint: bool = True):
+    """The command line's config, its cache and checkpoint folders writable (before any run exists)."""
+    from deepsports.config import check_writable_dirs
+    from deepsports.tracking.uris import check_tracking_uri
+
+    config = config_from_args(args)
+    if checkpoint:
+        check_tracking_uri()
+        check_writable_dirs(config)
+    else:
+        check_writable_dirs(cache_dir=config.cache_dir)
+    return config
 
 
 def _train_seeds(config: Config, n_seeds: int) -> int:
@@ -70,7 +84,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from deepsports.data import prepare_from_config
     from deepsports.slurm.jobs import requeue_if_slurm
 
-    config = config_from_args(args)
+    config = _checked_config(args, checkpoint=False)
 
     # prepare is resumable (every clip is written to a temporary name, then renamed), so on
     # SIGUSR1/SIGTERM it may stop at once; under SLURM it requeues itself and continues later.

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import mlflow
 import numpy as np
@@ -51,8 +51,9 @@ _T = TypeVar("_T")
 
 
 from deepsports.tracking.store import (DEFAULT_TRACKING_URI, RetryPolicy, _default_tracking_uri,  # noqa: F401
-                                      _first_line, call_with_retry, default_retry_policy, enable_sqlite_wal,
-                                      is_transient, redact_uri, sqlite_path, tracking_uri)
+                                      _first_line, absolute_uri, call_with_retry, check_store_folder,
+                                      default_retry_policy, enable_sqlite_wal, is_transient, redact_uri, sqlite_path,
+                                      tracking_uri)
 
 
 # --- Context tags ---
@@ -117,6 +118,36 @@ class MetricBuffer:
             del self._points[:len(chunk)]  # only after the store has them: a failed flush keeps them
 
 
+@contextlib.contextmanager
+def _store_init_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock serialising the first open of SQLite store ``path`` across processes.
+
+    Held on the store's folder itself, so nothing is left beside the database; where a folder cannot
+    be flocked (NFS forwards flock as a POSIX lock, which needs a file open for writing) on the file
+    ``<db>.init-lock`` instead, as before.
+    """
+    import fcntl
+
+    folder = path.expanduser().absolute().parent
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise StorageError(f"cannot open the folder of tracking store {folder}: {exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            try:
+                fd = os.open(path.with_name(path.name + ".init-lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StorageError(f"cannot open tracking store {path}: {exc}") from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
 class RunTracker:
     """One MLflow run: ``start`` (new, resumed or adopted from ``mlflow run``), log, ``end``.
 
@@ -136,28 +167,18 @@ class RunTracker:
 
     def _open_store(self, wal: bool) -> mlflow.MlflowClient:
         # Processes opening a new SQLite store at once would all run MLflow's schema creation and
-        # trip over each other: the first call runs under an exclusive flock on <db>.init-lock.
+        # trip over each other: the first call runs under an exclusive flock (_store_init_lock).
         path = sqlite_path(self.uri)
         if path is None:  # a server: the client connects lazily, so ask it something now
             client = self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
             self._call("open tracking store", client.search_experiments, max_results=1)
             return client
-        import fcntl
-
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(path.with_name(path.name + ".init-lock"), "a")
-        except OSError as exc:
-            raise StorageError(f"cannot open tracking store {redact_uri(self.uri)}: {exc}") from exc
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if wal:
-                    self._call("enable WAL", enable_sqlite_wal, self.uri)
-                # MlflowClient builds a SQL store eagerly: tables are created/migrated here.
-                return self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        check_store_folder(self.uri)
+        with _store_init_lock(path):
+            if wal:
+                self._call("enable WAL", enable_sqlite_wal, self.uri)
+            # MlflowClient builds a SQL store eagerly: tables are created/migrated here.
+            return self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
 
     def __enter__(self) -> "RunTracker":
         return self

@@ -10,6 +10,7 @@ PARENT_RUN_ATTR = "deepsports.mlflow_parent_run_id"
 SPACE_ATTR = "deepsports.search_space"
 SPACE_SHA_ATTR = "deepsports.search_space_sha256"
 EXPERIMENT_ATTR = "deepsports.experiment_name"
+TRACKING_URI_ATTR = "deepsports.tracking_uri"      # the MLflow store the study logs to (absolute, redacted)
 
 #: Trial user attributes.
 RUN_ATTR = "deepsports.mlflow_run_id"

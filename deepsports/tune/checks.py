@@ -84,6 +84,9 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
         path = (base / Path(text).expanduser()).resolve()
         if path.is_dir():
             raise ConfigError(f"{source} {text!r} is a directory: expected a journal file path (e.g. {text}/study.log)")
+        if not path.parent.is_dir():  # a typo in a shared path must not start a fresh study somewhere new
+            raise ConfigError(f"{source} {text!r}: the folder {str(path.parent)!r} does not exist: create it first, "
+                              "or fix the path (nothing was created)")
         return str(path)
     scheme = text.split("://", 1)[0].split("+", 1)[0]
     if scheme not in _RDB_SCHEMES:
@@ -105,3 +108,14 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
     except ArgumentError as exc:
         raise ConfigError(f"{source}: {exc}: expected a URL like {scheme}://user@host/database") from None
     return text
+
+
+def check_trial_dirs(space: Any, overrides: Mapping[str, Any]) -> None:
+    """The trials' ``cache_dir`` and checkpoint root (the space's ``base_config``/``fixed`` values, then
+    ``--set``) accept files: one ConfigError naming the folder and the reason, before any study exists."""
+    from deepsports.config import build_config, check_writable_dirs, config_fields
+
+    values = {**space.base_values, **space.fixed, **overrides}
+    cache = build_config({"cache_dir": values.get("cache_dir", config_fields()["cache_dir"].default)}).cache_dir
+    check_writable_dirs(cache_dir=cache, checkpoint_dir=str(values.get("checkpoint_dir") or "checkpoints"),
+                        what="the trials' ")

@@ -53,6 +53,10 @@ def load_existing_study(name: str, storage: str | os.PathLike) -> optuna.Study:
     if "://" not in str(storage) and not Path(storage).expanduser().is_file():
         raise StorageError(f"no study storage at {str(storage)!r}: the journal file does not exist "
                            "(give --storage as used by `deepsports tune`)")
+    database = tracking.sqlite_path(str(storage))
+    if database is not None and not database.expanduser().is_file():  # opening it would create an empty one
+        raise StorageError(f"no study storage at {storage_label(storage)!r}: the database file does not exist "
+                           "(give --storage as used by `deepsports tune`)")
     backend = open_storage(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)]
     if name not in names:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.config import load_config
-from deepsports.errors import PreemptedError, SearchSpaceError, StorageError
+from deepsports.errors import ConfigError, PreemptedError, SearchSpaceError, StorageError
 from deepsports.tune.recovery import StaleTrialRetry, task_identity
 from deepsports.tune.attrs import PAUSED_BY_ATTR, RESUMED_ATTR
 from deepsports.tune.search_space import load_search_space
@@ -66,6 +66,10 @@ def _children(client: MlflowClient, parent: str) -> list:
 # --------------------------------------------------------------------------------------------
 
 def test_storages_from_paths_and_urls(tmp_path):
+    with pytest.raises(ConfigError, match=r"the folder '.*/sub' does not exist: create it first"):
+        open_storage(tmp_path / "sub" / "study.journal")  # a typo in a shared path starts no fresh study
+    assert not (tmp_path / "sub").exists()
+    (tmp_path / "sub").mkdir()
     journal = open_storage(tmp_path / "sub" / "study.journal")
     assert isinstance(journal, optuna.storages.JournalStorage)
     rdb = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=5, max_retry=2)
