@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install $(TORCH_PIN)
 	# torchsort ships no wheel and its isolated build cannot see torch: build it against ours.
 	bash scripts/install-torchsort.sh $(BIN)/python 0.1.10
-	$(BIN)/python -m pip install -e '.[test,dashboard,bench]'
+	$(BIN)/python -m pip install -e '.[spearman,test,dashboard,bench]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -434,6 +434,37 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     return parse_value(f.name, value)
 
 
+#: How to add the soft-Spearman loss's torchsort to an installed DeepSports (docs/install.md: why not
+#: ``pip install deepsports[spearman]`` alone: torchsort ships no wheel and its isolated build cannot see torch).
+TORCHSORT_INSTALL = "pip install --no-build-isolation torchsort==0.1.10"
+
+
+def torchsort_installed() -> bool:
+    """Whether torchsort (the ``spearman`` extra) can be imported, without importing it (or torch)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torchsort") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_torchsort(what: str) -> None:
+    """Raise :class:`ConfigError` naming the install command when torchsort is missing."""
+    if not torchsort_installed():
+        raise ConfigError(f"{what} needs torchsort, which is not installed: {TORCHSORT_INSTALL} "
+                          "(after torch; `make install` in a clone does it; docs/install.md)",
+                          keys=("loss_spcoef_weight",))
+
+
+def check_installed(config: "Config", source: str = "") -> None:
+    """What ``config`` needs beyond the core dependencies is installed (before any run is created):
+    ``loss_spcoef_weight != 0`` needs torchsort."""
+    if config.loss_spcoef_weight != 0:
+        where = f" ({source})" if source else ""
+        require_torchsort(f"loss_spcoef_weight={format_value(config.loss_spcoef_weight)}{where}")
+
+
 def unknown_key_message(name: str, where: str = "") -> str:
     import difflib
 

@@ -50,11 +50,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _checked_config(args: argparse.Namespace, *, checkpoint: bool = True):
     """The command line's config, its cache and checkpoint folders writable (before any run exists)."""
-    from deepsports.config import check_writable_dirs
+    from deepsports.config import check_installed, check_writable_dirs
     from deepsports.tracking.uris import check_tracking_uri
 
     config = config_from_args(args)
     if checkpoint:
+        check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
         check_tracking_uri()
         check_writable_dirs(config)
     else:

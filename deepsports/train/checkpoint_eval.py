@@ -82,7 +82,9 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
     check_source_form(source)
     run = _source_run(tracker, source)
     if run is None:
-        raise ConfigError(f"evaluate: run {source!r} is not in the tracking store {tracker.uri}")
+        from deepsports.tracking.store import redact_uri
+
+        raise ConfigError(f"evaluate: run {source!r} is not in the tracking store {redact_uri(tracker.uri)}")
     from deepsports.tracking.store import call_with_retry
 
     artifacts = call_with_retry("list artifacts", tracker.uri, tracker.client.list_artifacts, source, "checkpoints",

@@ -24,7 +24,7 @@ from deepsports.train import distributed
 
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from deepsports.config import Config, build_config
+from deepsports.config import Config, build_config, check_installed
 from deepsports.data import build_datasets
 from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
@@ -128,6 +128,7 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
     step)`` is called at named points of the loop; tests use it to inject faults.
     """
     setup_logging(config.loglevel)
+    check_installed(config)  # before any run is created
     use_cuda = config.gpu and torch.cuda.is_available()
     layout = distributed.detect()
     if config.batch_size < layout.world_size:  # checked before waiting for the other processes

@@ -7,6 +7,10 @@ judges x 10 points, so the product recovers the final score).
 Unlike the original, the soft ranks are taken over the *batch* of final scores (one vector of B
 values, torchsort shape ``(1, B)``) and stay on the tensors' own device (torchsort dispatches to its
 CUDA kernel for CUDA tensors), so there is no CPU round trip.
+
+torchsort is an optional dependency (the ``spearman`` extra, docs/install.md): it is imported only when
+a soft rank is needed. Without it the default loss (``spcoef_weight=0``) trains as before and the
+monitored ``soft_spearman`` part is the exact (hard-rank) Spearman of the batch.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torchsort
+
+from deepsports.config import require_torchsort, torchsort_installed
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,15 @@ def _average_ranks(values: torch.Tensor) -> torch.Tensor:
     return less.to(values.dtype) + (equal.to(values.dtype) + 1.0) / 2.0
 
 
+def _exact_spearman(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(B,)``, ``(B,)`` -> the exact Spearman (tie-averaged ranks) as a scalar tensor; 0 for B < 2 or no spread."""
+    if pred.shape[0] < 2:
+        return pred.sum() * 0.0
+    ranks = [_average_ranks(v.float()) for v in (pred, target)]
+    pred_rank, true_rank = (F.normalize(r - r.mean(), dim=0, eps=1e-8) for r in ranks)
+    return (pred_rank * true_rank).sum()
+
+
 def soft_spearman(pred: torch.Tensor, target: torch.Tensor,
                   regularization_strength: float = DEFAULT_REGULARIZATION_STRENGTH) -> torch.Tensor:
     """Differentiable Spearman correlation of ``pred`` ``(B,)`` against ``target`` ``(B,)`` -> scalar in [-1, 1].
@@ -80,6 +94,9 @@ def soft_spearman(pred: torch.Tensor, target: torch.Tensor,
         raise ValueError(f"soft_spearman expects two (B,) tensors, got {tuple(pred.shape)} and {tuple(target.shape)}")
     if pred.shape[0] < 2:
         return pred.sum() * 0.0
+    require_torchsort("the soft-Spearman loss (soft_spearman)")
+    import torchsort
+
     pred = pred.float()
     pred_rank = torchsort.soft_rank(_rank_scale(pred).unsqueeze(0),
                                     regularization_strength=regularization_strength).squeeze(0)
@@ -96,7 +113,8 @@ def aqa_loss(outputs: torch.Tensor, targets: torch.Tensor, mse_weight: float = 1
 
     Returns ``(loss, parts)``; ``parts`` holds detached scalar tensors ``mse``, ``soft_spearman`` and
     ``loss`` (tensors, so the training loop decides when to pay for a device sync with ``.item()``).
-    The soft Spearman is computed for monitoring even when ``spcoef_weight`` is 0 (without gradient).
+    The soft Spearman is computed for monitoring even when ``spcoef_weight`` is 0 (without gradient;
+    the exact Spearman where torchsort is not installed).
 
     A batch of one clip has no ranking: with ``spcoef_weight != 0`` its Spearman term contributes 0
     (a warning is logged once per process) and the loss is the weighted MSE alone.
@@ -115,7 +133,8 @@ def aqa_loss(outputs: torch.Tensor, targets: torch.Tensor, mse_weight: float = 1
         loss = mse_weight * mse - spcoef_weight * spearman
     else:
         with torch.no_grad():
-            spearman = soft_spearman(pred_final, true_final, regularization_strength)
+            spearman = (soft_spearman(pred_final, true_final, regularization_strength) if torchsort_installed()
+                        else _exact_spearman(pred_final, true_final))
         loss = mse_weight * mse
     parts = {"mse": mse.detach(), "soft_spearman": spearman.detach(), "loss": loss.detach()}
     return loss, parts

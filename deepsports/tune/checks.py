@@ -71,6 +71,14 @@ def check_overrides(space: Any, overrides: Mapping[str, Any], source: str = "--s
         raise ConfigError(f"{source} {', '.join(sampled)}: the search space {space.path} samples "
                           f"{'it' if len(sampled) == 1 else 'them'}: drop it from {source} or from the space's params")
     check_corners(space, overrides, f"with {source}")
+    if "loss_spcoef_weight" in space.keys:
+        from deepsports.config import require_torchsort
+
+        require_torchsort(f"the search space {space.path}, which samples loss_spcoef_weight,")
+    elif "loss_spcoef_weight" in overrides:
+        from deepsports.config import check_installed, build_config
+
+        check_installed(build_config({"loss_spcoef_weight": overrides["loss_spcoef_weight"]}), source)
 
 
 def resolve_storage(storage: str, source: str = "--storage", base: Path | None = None) -> str:
@@ -88,9 +96,12 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
             raise ConfigError(f"{source} {text!r}: the folder {str(path.parent)!r} does not exist: create it first, "
                               "or fix the path (nothing was created)")
         return str(path)
+    from deepsports.tracking.uris import redact_uri  # a URL may carry a password: never shown
+
+    shown = redact_uri(text)
     scheme = text.split("://", 1)[0].split("+", 1)[0]
     if scheme not in _RDB_SCHEMES:
-        raise ConfigError(f"{source} {text!r}: unsupported scheme {scheme!r}: expected a journal file path or a "
+        raise ConfigError(f"{source} {shown!r}: unsupported scheme {scheme!r}: expected a journal file path or a "
                           f"{', '.join(s + '://' for s in _RDB_SCHEMES)} URL")
     if scheme == "sqlite":
         rest = text.split("://", 1)[1]
@@ -105,8 +116,9 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
 
     try:
         make_url(text)
-    except ArgumentError as exc:
-        raise ConfigError(f"{source}: {exc}: expected a URL like {scheme}://user@host/database") from None
+    except (ArgumentError, ValueError) as exc:  # ValueError: e.g. a port that is not a number
+        raise ConfigError(f"{source} {shown!r}: {redact_uri(str(exc))}: expected a URL like "
+                          f"{scheme}://user@host/database") from None
     return text
 
 

@@ -176,6 +176,11 @@ def test_conda_env_mirrors_the_package_dependencies():
     conda = yaml.safe_load((REPO / "conda.yaml").read_text())
     pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     conda_names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in pip_section}
-    # torchsort is built by scripts/install-torchsort.sh, which every MLproject entry point runs first
-    assert names - conda_names == {"torchsort"}
+    assert names - conda_names == set()
+    # The same bounds (torch and torchvision: the Makefile's exact pins, inside the bounds).
+    assert {d.split("#")[0].strip() for d in deps if not d.startswith("torch")} <= set(pip_section)
+    # torchsort (the `spearman` extra) is built by scripts/install-torchsort.sh, which every MLproject entry
+    # point runs first
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [re.split(r"[<>=\[ ]", d)[0] for d in extras["spearman"]] == ["torchsort"]
     assert "install-torchsort.sh" in (REPO / "MLproject").read_text()
