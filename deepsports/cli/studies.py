@@ -129,7 +129,7 @@ def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, st
         resolve_storage(args.storage, storage_source)
     space, overrides = load_search_space(args.search_space), parse_overrides(args.overrides)
     check_overrides(space, overrides)
-    if check_storage:  # else the job runs elsewhere (a SLURM node): its folders are not ours to probe
+    if check_storage:  # else the job runs on a SLURM node, whose folders are not ours to probe
         check_trial_dirs(space, overrides)
 
 
@@ -246,8 +246,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
     from deepsports.tune.report import best_trial, export_best, log_study_plots, retrain_best
 
     study = existing_study(args.study, args.storage)  # a missing study exits 2, as in `status`
-    uri = study_tracking_uri(study, needed=True)
-    best = best_trial(study)
+    uri, best = study_tracking_uri(study, needed=True), best_trial(study)
     # Everything is checked: only now is anything written (the config file, the plots).
     path = export_best(best, args.out or Path("experiments") / f"{args.study}_best.yaml")
     plots = log_study_plots(study, uri)

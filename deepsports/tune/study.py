@@ -204,8 +204,7 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
                                f"(sha256 {attrs[SPACE_SHA_ATTR][:16]}), but this worker loaded {space.path} "
                                f"(sha256 {space.sha256[:16]}): use the same file, or a new study name")
     check_same_store(study, store)  # before this worker opens (or creates) its own store
-    if TRACKING_URI_ATTR not in attrs:  # a study from before the record, or adopted
-        study.set_user_attr(TRACKING_URI_ATTR, store_label(store))
+    study.set_user_attr(TRACKING_URI_ATTR, store_label(store))  # the same, or a study from before the record
     tracker = tracking.RunTracker(tracker_uri)
     if PARENT_RUN_ATTR in attrs:
         parent = attrs[PARENT_RUN_ATTR]
