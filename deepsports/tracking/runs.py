@@ -132,7 +132,7 @@ def _store_init_lock(path: Path) -> Iterator[None]:
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        raise StorageError(f"cannot open the folder of tracking store {folder}: {exc}") from exc
+        raise StorageError(f"cannot open tracking store {path}: its folder {folder}: {exc}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

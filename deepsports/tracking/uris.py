@@ -64,7 +64,7 @@ def check_store_folder(uri: str) -> None:
     """A ``sqlite:///`` store's folder exists: a typo in a shared path must not start an empty store
     somewhere new (MLflow would create the file, and DeepSports used to create the folders too)."""
     path = sqlite_path(uri)
-    if path is not None and not path.expanduser().absolute().parent.is_dir():
+    if path is not None and not path.expanduser().absolute().parent.exists():  # (a file there: the open says so)
         raise ConfigError(f"tracking store {redact_uri(uri)} (MLFLOW_TRACKING_URI): the folder "
                           f"{str(path.expanduser().absolute().parent)!r} does not exist: create it first, or fix "
                           "the path (nothing was created)")
