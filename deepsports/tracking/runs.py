@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -116,6 +117,17 @@ class MetricBuffer:
             chunk = self._points[:self.max_points]
             self.tracker._log_batch("log metrics", metrics=chunk)
             del self._points[:len(chunk)]  # only after the store has them: a failed flush keeps them
+
+
+def _artifacts_beside_store(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns/<experiment>`` in the store's own
+    folder, whichever folder the first run of the experiment started in (MLflow's default, ``./mlruns/<id>``,
+    follows the working directory: a run from another folder, a job's node or a test would scatter them)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None  # a server decides for itself
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return str(path.expanduser().absolute().parent / "mlruns" / slug)
 
 
 @contextlib.contextmanager
@@ -223,6 +235,7 @@ class RunTracker:
         """The id of the active experiment ``name``, created (as a model-training experiment) when missing."""
         experiment = self._call("get experiment", self.client.get_experiment_by_name, name)
         if experiment is None:
+            artifact_location = artifact_location or _artifacts_beside_store(self.uri, name)
             try:
                 return call_with_retry("create experiment", self.uri, self.client.create_experiment, name,
                                        artifact_location=artifact_location, tags=EXPERIMENT_TAGS, policy=self.retry)

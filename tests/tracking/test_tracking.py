@@ -37,6 +37,13 @@ def tracker(store, monkeypatch):
     return RunTracker(store["uri"])
 
 
+def test_opening_a_new_store_leaves_nothing_but_the_database_beside_it(store):
+    # The first open is serialised by a flock on the folder itself: no 0-byte mlflow.db.init-lock is left in
+    # every working directory (issue #25); WAL's -wal/-shm files are SQLite's own.
+    left = {p.name for p in store["db"].parent.iterdir()} - {"mlflow.db", "mlflow.db-wal", "mlflow.db-shm"}
+    assert left == set()
+
+
 def _start(tracker: RunTracker, store, **kwargs) -> str:
     return tracker.start(experiment_name="tests", artifact_location=store["artifacts"], **kwargs)
 

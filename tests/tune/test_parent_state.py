@@ -102,7 +102,9 @@ def test_ctrl_c_to_a_lone_worker_pauses_its_trial_and_ends_the_parent_killed(tmp
     storage = str(tmp_path / "study.journal")
     settings = {**TINY, "cache_dir": str(tiny_cache_dir), "epochs": 40, "evaluate": "false"}
     cmd = _tune_cmd(tmp_path, storage, *(f"{k}={v}" for k, v in settings.items() if k != "learning_rate"))
-    proc = subprocess.Popen(cmd, env=_env(store_uri), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    work = tmp_path / "work"  # a folder of its own: the runs' artifacts go beside the store, not here
+    work.mkdir()
+    proc = subprocess.Popen(cmd, env=_env(store_uri), cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
     def training() -> bool:  # a trial that logged an epoch: Ctrl-C lands mid-training
@@ -123,3 +125,5 @@ def test_ctrl_c_to_a_lone_worker_pauses_its_trial_and_ends_the_parent_killed(tmp
     study, parent = _parent(storage, store_uri)
     assert [t.state for t in study.get_trials()] == [TrialState.WAITING]  # paused, resumable
     assert parent.info.status == "KILLED"
+    assert parent.info.artifact_uri.removeprefix("file://").startswith(str(tmp_path / "mlruns" / "deepsports"))
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoints"]  # the trial's, as documented; no mlruns/
