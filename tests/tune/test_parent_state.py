@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from deepsports.tune.attrs import HEARTBEAT_ATTR, PARENT_RUN_ATTR, RUN_ATTR, TRACKING_URI_ATTR
+from deepsports.tune.attrs import CONFIG_ATTR, HEARTBEAT_ATTR, PARENT_RUN_ATTR, RUN_ATTR, TRACKING_URI_ATTR
 from deepsports.tune.parent import parent_state
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
@@ -100,11 +100,12 @@ def test_a_worker_stopped_by_a_data_error_ends_the_parent_failed_and_status_sett
 
 def test_ctrl_c_to_a_lone_worker_pauses_its_trial_and_ends_the_parent_killed(tmp_path, store_uri, tiny_cache_dir):
     storage = str(tmp_path / "study.journal")
-    settings = {**TINY, "cache_dir": str(tiny_cache_dir), "epochs": 40, "evaluate": "false"}
+    settings = {**TINY, "epochs": 40, "evaluate": "false"}  # the cache from $DEEPSPORTS_CACHE_DIR
     cmd = _tune_cmd(tmp_path, storage, *(f"{k}={v}" for k, v in settings.items() if k != "learning_rate"))
     work = tmp_path / "work"  # a folder of its own: the runs' artifacts go beside the store, not here
     work.mkdir()
-    proc = subprocess.Popen(cmd, env=_env(store_uri), cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    env = {**_env(store_uri), "DEEPSPORTS_CACHE_DIR": str(tiny_cache_dir)}
+    proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
     def training() -> bool:  # a trial that logged an epoch: Ctrl-C lands mid-training
@@ -127,3 +128,11 @@ def test_ctrl_c_to_a_lone_worker_pauses_its_trial_and_ends_the_parent_killed(tmp
     assert parent.info.status == "KILLED"
     assert parent.info.artifact_uri.removeprefix("file://").startswith(str(tmp_path / "mlruns" / "deepsports"))
     assert sorted(p.name for p in work.iterdir()) == ["checkpoints"]  # the trial's, as documented; no mlruns/
+    # What is recorded is the cache that was used: the trial's config, the run's tag and its config.yaml.
+    (trial,) = study.get_trials()
+    client = MlflowClient(store_uri)
+    run = client.get_run(trial.user_attrs[RUN_ATTR])
+    assert trial.user_attrs[CONFIG_ATTR]["cache_dir"] == run.data.tags["deepsports.config.cache_dir"] \
+        == str(tiny_cache_dir)
+    logged = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert f"cache_dir: {tiny_cache_dir}\n" in logged
