@@ -90,10 +90,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if code == 0:
             _print_study_summary(args)
         return code
-    from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.slurm.preemption import preemptible
 
     # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
-    with PreemptionFlag() as flag:
+    with preemptible() as stop:
         if not args.under_workers:
             _check_tune_args(args)  # once, before any storage or study exists
         from deepsports.train.distributed import detect
@@ -101,15 +101,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if detect().enabled:
             raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
                               "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-        from deepsports.slurm.jobs import requeue_if_slurm
         from deepsports.tune.worker import tune
 
-        settings = _tune_settings(args)
-        try:
-            summary = tune(settings, stop_requested=flag.requested)
-        except PreemptedError:
-            requeue_if_slurm()
-            raise
+        summary = tune(_tune_settings(args), stop_requested=stop.requested)
     _tag_project_run(summary.parent_run_id)
     if not args.under_workers:  # with --workers N the parent prints one summary for all
         _print_summary(summary, {"trials_run_by_this_worker": summary.trials_run})
@@ -168,6 +162,8 @@ def _run_local_workers(args: argparse.Namespace) -> int:
     """
     import time
 
+    from deepsports.signals import warning_signal
+
     base = _strip_option(list(args.argv), "--workers")
     cores = os.cpu_count() or 1
     threads = str(max(1, cores // args.workers))
@@ -189,7 +185,9 @@ def _run_local_workers(args: argparse.Namespace) -> int:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    forwarded = (warning_signal(), signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)  # blocked by a SLURM job script until handled
     try:
         while running:
             for worker_id, proc in list(running.items()):

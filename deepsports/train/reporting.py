@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import deepsports
 from deepsports.train import plots, quality
 from deepsports.tracking import runs as tracking
-from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import LOCATION_KEYS, Config
-from deepsports.train.distributed import SINGLE, DistEnv
 from deepsports.train.evaluation import eval_loader, make_loader, predict
-from deepsports.train.runtime import Runtime
+
+if TYPE_CHECKING:
+    from deepsports.train.state import Run
 
 log = logging.getLogger("deepsports.train")
 
@@ -27,14 +26,14 @@ def log_config(tracker, config: Config, leave_out: tuple[str, ...] = ()) -> None
     tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS if k in params})
 
 
-def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: torch.nn.Module,
-                        manager: CheckpointManager, data, runtime: Runtime, loss_fn,
-                        history: list[dict[str, float]], env: DistEnv = SINGLE) -> dict[str, float]:
-    """Evaluate the best checkpoint (val, and test when ``evaluate``) and log every artifact of the run.
+def log_final_artifacts(run: Run) -> dict[str, float]:
+    """Evaluate the run's best checkpoint (val, and test when ``evaluate``) and log every artifact of the run.
 
     Returns the test metrics (empty without ``evaluate``). Under DDP every rank predicts its shards;
     rank 0 writes and logs the files (the other ranks' ``tracker`` logs nothing).
     """
+    config, tracker, model, manager, data = run.config, run.tracker, run.model, run.manager, run.data
+    runtime, loss_fn, history, env = run.runtime, run.loss_fn, run.history, run.env
     best = manager.best()
     if best is not None:
         model.load_state_dict(best["model"])

@@ -57,6 +57,7 @@ from deepsports.tune import parent as study_parent
 from deepsports.tune import status as study_status
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
+from deepsports.train.state import TrainHooks
 from deepsports.config import format_value
 from deepsports.errors import (CheckpointError, ConfigError, DeepSportsError, DiskFullError, PreemptedError,
                                SearchSpaceError, StorageError, TrainingError)
@@ -344,8 +345,8 @@ class _Worker:
                 raise PrunedTrial(f"pruned after epoch {report.epoch}: val_spearman {value:.4f}")
 
         try:
-            result = self.train_fn(config, parent_run_id=parent, tags=tags, epoch_callback=on_epoch,
-                                   stop_requested=stop_requested)
+            result = self.train_fn(config, parent_run_id=parent, tags=tags,
+                                   hooks=TrainHooks(epoch_callback=on_epoch, stop_requested=stop_requested))
         except TRIAL_ERRORS as exc:
             trial.set_user_attr(REASON_ATTR, f"{type(exc).__name__}: {exc}"[:2000])
             raise

@@ -8,6 +8,7 @@ next reads fail).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import textwrap
@@ -60,14 +61,15 @@ def _faulty_train(tmp_path: Path, cache_dir: Path):
     def train_fn(config, **kwargs):
         number = int(kwargs["tags"]["optuna.trial_number"])
         if number == 0:
-            return train(config, fault_hook=_oom_at_step_1, **kwargs)
+            return train(config, hooks=dataclasses.replace(kwargs.pop("hooks"), fault_hook=_oom_at_step_1), **kwargs)
         if number == 1:
             return train(config.replace(learning_rate=1e30, optimizer="SGD", grad_clip_norm=0.0), **kwargs)
         if number == 2:
             private = tmp_path / "trial-2-cache"  # this trial's own copy, so the garbage stays with it
             shutil.copytree(cache_dir, private)
             return train(config.replace(cache_dir=str(private), num_workers=1),
-                         fault_hook=_garbage_clips_after_step_0(private), **kwargs)
+                         hooks=dataclasses.replace(kwargs.pop("hooks"), fault_hook=_garbage_clips_after_step_0(private)),
+                         **kwargs)
         return train(config, **kwargs)
     return train_fn
 

@@ -32,10 +32,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 EARLY_WORKER = """
 import json, sys
-from deepsports.slurm.preemption import PreemptionFlag
+from deepsports.signals import StopFlag
 from deepsports.slurm.jobs import slurm_env
 
-with PreemptionFlag() as flag:
+with StopFlag() as flag:
     pass
 task = slurm_env()["SLURM_ARRAY_TASK_ID"]
 with open(f"{sys.argv[1]}/task_{task}.json", "w") as f:

@@ -4,6 +4,7 @@ its retry, ``deepsports status`` (text and --json), the parent run's copy, ``--r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,9 @@ def _oom_in_trial_1(config, **kwargs):
     def hook(where: str, step: int) -> None:
         if where == "step" and step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-    return train(config, fault_hook=hook if kwargs["tags"]["optuna.trial_number"] == "1" else None, **kwargs)
+    if kwargs["tags"]["optuna.trial_number"] == "1":
+        kwargs["hooks"] = dataclasses.replace(kwargs["hooks"], fault_hook=hook)
+    return train(config, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -161,11 +161,14 @@ def test_a_trial_whose_validation_spearman_is_nan_is_pruned_at_once(tmp_path, tr
     import dataclasses
     import math
 
-    def second_trial_predicts_constants(config, *, epoch_callback, tags, **kwargs):
+    def second_trial_predicts_constants(config, *, hooks, tags, **kwargs):
+        report_to_optuna = hooks.epoch_callback
+
         def report_nan(report):
-            return epoch_callback(dataclasses.replace(report, metrics={**report.metrics, "val_spearman": math.nan}))
-        nan = tags["optuna.trial_number"] == "1"
-        return train(config, epoch_callback=report_nan if nan else epoch_callback, tags=tags, **kwargs)
+            return report_to_optuna(dataclasses.replace(report, metrics={**report.metrics, "val_spearman": math.nan}))
+        if tags["optuna.trial_number"] == "1":
+            hooks = dataclasses.replace(hooks, epoch_callback=report_nan)
+        return train(config, hooks=hooks, tags=tags, **kwargs)
 
     settings = _settings(tmp_path, cache_dir, n_trials=2, pruner="median", pruner_startup_trials=1,
                          pruner_warmup_epochs=0, overrides={"epochs": 3})
