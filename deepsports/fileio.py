@@ -17,8 +17,9 @@ import pickle
 import struct
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from deepsports.errors import CheckpointError, disk_full
 

@@ -11,13 +11,17 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
-log = logging.getLogger("deepsports")
+if TYPE_CHECKING:
+    from deepsports.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -160,7 +164,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.",
+    parser = argparse.ArgumentParser(prog="deepsports",
+                                     description="DeepSports: train, tune and track AQA models of diving videos.",
                                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"deepsports {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

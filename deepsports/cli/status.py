@@ -45,7 +45,7 @@ def study_tracking_uri(study, *, needed: bool) -> str | None:
     from deepsports.errors import StorageError
     from deepsports.tracking import runs as tracking
     from deepsports.tune import parent as study_parent
-    from deepsports.tune.attrs import PARENT_RUN_ATTR, TRACKING_URI_ATTR
+    from deepsports.tags import PARENT_RUN_ATTR, TRACKING_URI_ATTR
 
     if not needed and study_parent.parent_state(study.get_trials(deepcopy=False), None,
                                                  study_parent.DEFAULT_GRACE_S) == "RUNNING":

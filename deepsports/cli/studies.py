@@ -8,12 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from deepsports.cli.status import (add_status_parser, enqueue_reruns, existing_study, missing_work,
                                    study_tracking_uri)
 from deepsports.errors import ConfigError, PreemptedError
+from deepsports.tags import STUDY_PARENT_RUN_TAG
 
 
 def _positive_or_none(text: str) -> int | None:
@@ -149,7 +151,7 @@ def _tag_project_run(parent_run_id: str) -> None:
 
         tracker = tracking.RunTracker()
         tracker.start(run_id=run_id)
-        tracker.set_tags({"deepsports.study_parent_run_id": parent_run_id})
+        tracker.set_tags({STUDY_PARENT_RUN_TAG: parent_run_id})
 
 
 def _run_local_workers(args: argparse.Namespace) -> int:
@@ -274,7 +276,6 @@ def _cmd_best(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
     from deepsports.tracking.runs import tracking_uri
-
     from deepsports.tracking.store import redact_uri
 
     profile = slurm.load_profile(args.profile)

@@ -11,9 +11,10 @@ import os
 import random
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import requests  # an MLflow dependency
 import sqlalchemy.exc  # an MLflow dependency
@@ -23,7 +24,7 @@ from deepsports.errors import StorageError, disk_full
 from deepsports.tracking.uris import (DEFAULT_TRACKING_URI, _default_tracking_uri, absolute_uri,  # noqa: F401
                                      check_store_folder, check_uri_scheme, redact_uri, sqlite_path, tracking_uri)
 
-log = logging.getLogger("deepsports.tracking")
+log = logging.getLogger(__name__)
 
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs", "9p")
 _T = TypeVar("_T")

@@ -17,14 +17,22 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from deepsports.config import Config, build_config, check_writable_dirs
 from deepsports.errors import CheckpointError, ConfigError, StorageError
+from deepsports.tags import (
+    CHECKPOINT_DIR_TAG,
+    EVALUATED_CHECKPOINT_TAG,
+    EVALUATED_EPOCH_TAG,
+    EVALUATED_SPLIT_TAG,
+    EVALUATION_OF_RUN_TAG,
+)
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
 
@@ -93,7 +101,7 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
         local = call_with_retry("download checkpoint", tracker.uri, tracker.client.download_artifacts, source,
                                 "checkpoints/best.pt", str(download_dir), policy=tracker.retry)
         return Path(local), run
-    ckpt_dir = run.data.tags.get("deepsports.checkpoint_dir")
+    ckpt_dir = run.data.tags.get(CHECKPOINT_DIR_TAG)
     if ckpt_dir and (Path(ckpt_dir) / "best.pt").is_file():
         return Path(ckpt_dir) / "best.pt", run
     raise ConfigError(f"evaluate: run {source} logged no checkpoints/best.pt and its checkpoint_dir "
@@ -140,9 +148,9 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
         if run is None and source_run_id:
             run = _source_run(tracker, source_run_id)
         epoch = int(state.get("epoch", 1)) - 1  # the state resumes *at* ``epoch``: it holds the one before
-        tags = {"deepsports.evaluation_of_run": source_run_id or "unknown", "deepsports.evaluated_split": split,
-                "deepsports.evaluated_checkpoint": where,
-                "deepsports.evaluated_epoch": str(epoch)}
+        tags = {EVALUATION_OF_RUN_TAG: source_run_id or "unknown", EVALUATED_SPLIT_TAG: split,
+                EVALUATED_CHECKPOINT_TAG: where,
+                EVALUATED_EPOCH_TAG: str(epoch)}
         experiment = config.experiment_name
         if run is not None:
             experiment = tracker.client.get_experiment(run.info.experiment_id).name

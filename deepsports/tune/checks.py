@@ -9,8 +9,9 @@ where it came from and what is allowed; nothing here creates a file.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from deepsports.errors import ConfigError
 
@@ -76,7 +77,7 @@ def check_overrides(space: Any, overrides: Mapping[str, Any], source: str = "--s
 
         require_torchsort(f"the search space {space.path}, which samples loss_spcoef_weight,")
     elif "loss_spcoef_weight" in overrides:
-        from deepsports.config import check_installed, build_config
+        from deepsports.config import build_config, check_installed
 
         check_installed(build_config({"loss_spcoef_weight": overrides["loss_spcoef_weight"]}), source)
 

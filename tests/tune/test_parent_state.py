@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from deepsports.tune.attrs import CONFIG_ATTR, HEARTBEAT_ATTR, PARENT_RUN_ATTR, RUN_ATTR, TRACKING_URI_ATTR
+from deepsports.tags import CONFIG_ATTR, HEARTBEAT_ATTR, PARENT_RUN_ATTR, RUN_ATTR, TRACKING_URI_ATTR
 from deepsports.tune.parent import parent_state
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env

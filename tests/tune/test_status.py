@@ -21,14 +21,21 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.errors import ConfigError, PreemptedError
+from deepsports.tags import (
+    ATTEMPTS_ATTR,
+    EPOCH_END_PREFIX,
+    HEARTBEAT_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RUN_ATTR,
+)
 from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, RERUN_BY_PREFIX,
-                                    RERUN_OF_ATTR, RETRIED_BY_PREFIX, RUN_ATTR)
 from deepsports.tune.checks import check_causes
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.status import study_status
 from deepsports.tune.study import open_storage, retried_from
-from deepsports.tune.settings import TuneSettings
 from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env, wait_for
 
