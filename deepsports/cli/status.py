@@ -43,9 +43,9 @@ def study_tracking_uri(study, *, needed: bool) -> str | None:
     stale (no worker alive). ``needed``: a store without the parent run is a ConfigError naming the store to set
     (and ``$MLFLOW_TRACKING_URI`` is set to it, for the runs this command makes); else None and a warning."""
     from deepsports.errors import StorageError
+    from deepsports.tags import PARENT_RUN_ATTR, TRACKING_URI_ATTR
     from deepsports.tracking import runs as tracking
     from deepsports.tune import parent as study_parent
-    from deepsports.tags import PARENT_RUN_ATTR, TRACKING_URI_ATTR
 
     if not needed and study_parent.parent_state(study.get_trials(deepcopy=False), None,
                                                  study_parent.DEFAULT_GRACE_S) == "RUNNING":

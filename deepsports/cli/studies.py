@@ -12,8 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deepsports.cli.status import (add_status_parser, enqueue_reruns, existing_study, missing_work,
-                                   study_tracking_uri)
+from deepsports.cli.status import add_status_parser, enqueue_reruns, existing_study, missing_work, study_tracking_uri
 from deepsports.errors import ConfigError, PreemptedError
 from deepsports.tags import STUDY_PARENT_RUN_TAG
 
@@ -115,8 +114,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, storage_source: str = "--storage") -> None:
     """What a tune worker would refuse, checked before any worker, storage, study or job exists."""
     from deepsports.config import parse_overrides
-    from deepsports.tune.checks import (check_overrides, check_rerun, check_study_name, check_trial_dirs,
-                                       resolve_storage)
+    from deepsports.tune.checks import check_overrides, check_rerun, check_study_name, check_trial_dirs, resolve_storage
     from deepsports.tune.search_space import load_search_space
 
     check_study_name(args.study_name)

@@ -21,8 +21,16 @@ import sqlalchemy.exc  # an MLflow dependency
 from mlflow.exceptions import MlflowException
 
 from deepsports.errors import StorageError, disk_full
-from deepsports.tracking.uris import (DEFAULT_TRACKING_URI, _default_tracking_uri, absolute_uri,  # noqa: F401
-                                     check_store_folder, check_uri_scheme, redact_uri, sqlite_path, tracking_uri)
+from deepsports.tracking.uris import (  # noqa: F401
+    DEFAULT_TRACKING_URI,
+    _default_tracking_uri,
+    absolute_uri,
+    check_store_folder,
+    check_uri_scheme,
+    redact_uri,
+    sqlite_path,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 

@@ -30,16 +30,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from deepsports.errors import ConfigError, StorageError
+from deepsports.tags import MAX_TRIALS_ATTR, PARENT_RUN_ATTR, TRACKING_URI_ATTR
 from deepsports.tracking import runs as tracking
 from deepsports.tracking.uris import absolute_uri, redact_uri, sqlite_path, tracking_uri
 from deepsports.tune import accounting
-from deepsports.tags import MAX_TRIALS_ATTR, PARENT_RUN_ATTR, TRACKING_URI_ATTR
 from deepsports.tune.recovery import last_sign_of_life
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
