@@ -51,15 +51,12 @@ from deepsports.tags import (
     RESUMES_TAG,
     VERSION_TAG,
 )
-from deepsports.tracking.store import (  # noqa: F401
-    DEFAULT_TRACKING_URI,
+from deepsports.tracking import store
+from deepsports.tracking.store import (
     RetryPolicy,
-    _default_tracking_uri,
-    _first_line,
     call_with_retry,
     default_retry_policy,
     enable_sqlite_wal,
-    is_transient,
     redact_uri,
     sqlite_path,
     tracking_uri,
@@ -424,7 +421,7 @@ def log_model(model, example_input, run_id: str, *, tracking_uri: str | None = N
     import torch
     from mlflow.models import infer_signature
 
-    uri = tracking_uri or _default_tracking_uri()
+    uri = tracking_uri or store.tracking_uri()
     example = example_input.detach().cpu().float().numpy() if hasattr(example_input, "detach") \
         else np.asarray(example_input, dtype=np.float32)
     with torch.no_grad():

@@ -128,10 +128,10 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
     if resamples < 100:
         raise ConfigError(f"evaluate: --resamples {resamples} is too few for a 95 % interval: expected >= 100")
     _check_source_form(source)  # before opening the store: a typo fails fast
-    from deepsports.tracking import runs as tracking
+    from deepsports.tracking.runs import RunTracker
     from deepsports.train.checkpoints import load_checkpoint
 
-    tracker = tracking.RunTracker()
+    tracker = RunTracker()
     with tempfile.TemporaryDirectory(prefix="deepsports-evaluate-") as tmp:
         tmp_dir = Path(tmp)
         path, run = resolve_checkpoint(source, tracker, tmp_dir / "download")

@@ -96,7 +96,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
         raise ConfigError(f"--seeds {n_seeds}: expected 2 or more (one seed is a plain run)")
     if not config.evaluate:
         raise ConfigError("--seeds aggregates test metrics: it needs evaluate=true")
-    from deepsports.tracking import runs as tracking
+    from deepsports.tracking.runs import RunTracker
     from deepsports.train import distributed
     from deepsports.train.reporting import log_config
 
@@ -108,7 +108,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
     record = _load_record(ckpt_dir, n_seeds, config)
     seeds = [config.seed + i for i in range(n_seeds)]
     base_name = config.run_name or "train"
-    tracker = tracking.RunTracker()
+    tracker = RunTracker()
     parent = tracker.start(experiment_name=config.experiment_name, run_name=f"{base_name}-{n_seeds}seeds",
                            parent_run_id=parent_run_id, run_id=record["parent_run_id"],
                            tags={**(tags or {}), SEEDS_TAG: ",".join(map(str, seeds))})

@@ -52,10 +52,10 @@ from deepsports.tags import (
     SPACE_SHA_TAG,
     SPACE_TAG,
 )
-from deepsports.tracking import runs as tracking
-from deepsports.tune.accounting import retried_from  # noqa: F401 (re-exported; retry lineage is accounting's)
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import call_with_retry, redact_uri
 from deepsports.tune.search_space import SearchSpace
-from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
+from deepsports.tune.settings import PRUNERS
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _SCHEMA_ATTEMPTS = 6
 
 def storage_label(storage: str | os.PathLike) -> str:
     """The storage as shown in tags and messages (passwords redacted)."""
-    return tracking.redact_uri(str(storage))
+    return redact_uri(str(storage))
 
 
 def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, grace_period: int | None = None,
@@ -208,11 +208,11 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
         raise SearchSpaceError(f"study {name!r} in {label} samples the search space {attrs.get(SPACE_ATTR)} "
                                f"(sha256 {attrs[SPACE_SHA_ATTR][:16]}), but this worker loaded {space.path} "
                                f"(sha256 {space.sha256[:16]}): use the same file, or a new study name")
-    tracker = tracking.RunTracker(tracker_uri)
+    tracker = RunTracker(tracker_uri)
     if PARENT_RUN_ATTR in attrs:
         parent = attrs[PARENT_RUN_ATTR]
         # A finished study that gets more trials runs again.
-        tracking.call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
+        call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
         log.info("joined study %r in %s, MLflow parent run %s", name, label, parent)
         return study, parent
     log.warning("study %r has no MLflow parent run after %.0f s (did its creator die?): adopting it", name,
@@ -235,15 +235,15 @@ def store_parent_run(study: optuna.Study, mine: str, tracker_uri: str | None = N
             time.sleep(settle_s)
         stored = study.user_attrs[PARENT_RUN_ATTR]
     if stored != mine:
-        tracker = tracking.RunTracker(tracker_uri)
-        tracking.call_with_retry("delete duplicate parent run", tracker.uri, tracker.client.delete_run, mine)
+        tracker = RunTracker(tracker_uri)
+        call_with_retry("delete duplicate parent run", tracker.uri, tracker.client.delete_run, mine)
     return stored
 
 
 def create_parent_run(space: SearchSpace, experiment: str, name: str, tags: Mapping[str, str],
                       tracker_uri: str | None = None) -> str:
     """The study's MLflow run (left RUNNING); the search-space file and its description are artifacts."""
-    tracker = tracking.RunTracker(tracker_uri)
+    tracker = RunTracker(tracker_uri)
     with _without_env_run():
         run_id = tracker.start(experiment_name=experiment, run_name=name, tags=tags)
     tracker.log_text(space.path.read_text(), f"search_space/{space.path.name}")

@@ -14,9 +14,9 @@ import torch
 from mlflow import MlflowClient
 
 from deepsports.errors import StorageError
-from deepsports.tracking.runs import (
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import (
     RetryPolicy,
-    RunTracker,
     call_with_retry,
     enable_sqlite_wal,
     redact_uri,
