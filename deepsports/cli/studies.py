@@ -142,10 +142,11 @@ def _tag_project_run(parent_run_id: str) -> None:
     """Inside ``mlflow run -e tune`` the project's own run points at the study's parent run."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id and run_id != parent_run_id:
+        from deepsports.slurm.env import run_tags
         from deepsports.tracking.runs import RunTracker
 
         tracker = RunTracker()
-        tracker.start(run_id=run_id)
+        tracker.start(run_id=run_id, cluster=run_tags())
         tracker.set_tags({STUDY_PARENT_RUN_TAG: parent_run_id})
 
 

@@ -25,6 +25,7 @@ from deepsports.config import Config, build_config, check_installed
 from deepsports.data import build_datasets
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
 from deepsports.model import build_model
+from deepsports.slurm.env import run_tags
 from deepsports.tags import (
     BEST_EPOCH_TAG,
     CHECKPOINT_DIR_TAG,
@@ -176,7 +177,7 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
         run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
                                parent_run_id=parent_run_id, run_id=resume_run_id,
                                tags={**(tags or {}), **({WORLD_SIZE_TAG: str(env.world_size)}
-                                                         if env.enabled else {})})
+                                                         if env.enabled else {})}, cluster=run_tags())
     # Every rank learns the run id and the checkpoint to resume from rank 0, and reads it itself.
     run_id, resume_path = distributed.broadcast_object(env, (run_id if env.is_main else None, resume_path))
     if not env.is_main:

@@ -96,6 +96,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
         raise ConfigError(f"--seeds {n_seeds}: expected 2 or more (one seed is a plain run)")
     if not config.evaluate:
         raise ConfigError("--seeds aggregates test metrics: it needs evaluate=true")
+    from deepsports.slurm.env import run_tags
     from deepsports.tracking.runs import RunTracker
     from deepsports.train import distributed
     from deepsports.train.reporting import log_config
@@ -111,7 +112,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
     tracker = RunTracker()
     parent = tracker.start(experiment_name=config.experiment_name, run_name=f"{base_name}-{n_seeds}seeds",
                            parent_run_id=parent_run_id, run_id=record["parent_run_id"],
-                           tags={**(tags or {}), SEEDS_TAG: ",".join(map(str, seeds))})
+                           tags={**(tags or {}), SEEDS_TAG: ",".join(map(str, seeds))}, cluster=run_tags())
     record.update(parent_run_id=parent, n_seeds=n_seeds, first_seed=config.seed)
     _save_record(ckpt_dir, record)
     with tracker:

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 
 from deepsports.config import config_fields
 from deepsports.errors import SearchSpaceError, StorageError
-from deepsports.slurm.env import ClusterEnv
+from deepsports.slurm.env import ClusterEnv, run_tags
 from deepsports.tags import (
     EXPERIMENT_ATTR,
     KIND_TAG,
@@ -245,7 +245,7 @@ def create_parent_run(space: SearchSpace, experiment: str, name: str, tags: Mapp
     """The study's MLflow run (left RUNNING); the search-space file and its description are artifacts."""
     tracker = RunTracker(tracker_uri)
     with _without_env_run():
-        run_id = tracker.start(experiment_name=experiment, run_name=name, tags=tags)
+        run_id = tracker.start(experiment_name=experiment, run_name=name, tags=tags, cluster=run_tags())
     tracker.log_text(space.path.read_text(), f"search_space/{space.path.name}")
     tracker.log_text(space.describe() + "\n", "search_space/describe.txt")
     return run_id
