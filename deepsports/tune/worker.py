@@ -94,6 +94,7 @@ from deepsports.tracking.store import call_with_retry
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.train.state import TrainHooks
 from deepsports.tune import accounting, recovery
+from deepsports.tune import parent as study_parent
 from deepsports.tune import status as study_status
 from deepsports.tune.accounting import retried_from
 from deepsports.tune.checks import check_overrides
@@ -165,7 +166,13 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
         queued = accounting.enqueue_reruns(study, settings.rerun_causes)
         log.info("re-running %d failed trials: %s", len(queued), ", ".join(f"{a} as {b}" for a, b in queued) or "none")
     worker = _Worker(settings, space, study, train_fn, stop_requested, recovery.task_identity(worker_id))
-    worker.run()
+    try:
+        worker.run()
+    except BaseException:
+        # A data error, Ctrl-C, a preemption, a crash: the parent follows the study (RUNNING while another
+        # worker's trial is alive, else KILLED/FAILED as the trials say), never RUNNING forever.
+        study_parent.settle_parent(study, worker.tracker, grace_s=settings.grace)
+        raise
     worker.close_parent_if_done()
     return summarize(study, worker.trials_run)
 
@@ -222,6 +229,7 @@ class _Worker:
                                                         self.label)
         state, value, failed = None, None, None
         with heartbeat:
+            study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
                 state = TrialState.COMPLETE
