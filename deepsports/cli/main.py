@@ -134,7 +134,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 EXIT_CODES = (
     (0, "success"),
     (1, "an unexpected error (a bug: please report the traceback)"),
-    (2, "bad input: a config value, flag, file name, search space, study name or storage (nothing was started)"),
+    (2, "bad input: a config value, flag, file name, search space, study name or storage, a folder that cannot be "
+        "written or does not exist (nothing was started)"),
     (3, "data: annotations, splits, videos or the clip cache missing or malformed"),
     (4, "checkpoint: unreadable, unsafe, or not fitting the model"),
     (5, "training failed: non-finite loss, out of memory, a data-loader worker died"),
