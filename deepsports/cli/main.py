@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
+from deepsports.cli.config_args import add_config_arguments, config_from_args
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
 if TYPE_CHECKING:
@@ -172,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train seeds seed..seed+N-1 as sibling runs under one parent that logs the mean, sd and "
                         "95%% interval of every test metric")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="decode the videos once into the clip cache (resumable)")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.add_argument("--skip-bad", action="store_true", help="record corrupt videos/clips and go on")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("config", help="print the resolved config as YAML")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("demo", help="train through the MLflow Project on synthetic data and say where to look")

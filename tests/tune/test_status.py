@@ -32,10 +32,11 @@ from deepsports.tags import (
 )
 from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
+from deepsports.tune.accounting import retried_from
 from deepsports.tune.checks import check_causes
 from deepsports.tune.settings import TuneSettings
 from deepsports.tune.status import study_status
-from deepsports.tune.study import open_storage, retried_from
+from deepsports.tune.study import open_storage
 from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env, wait_for
 
