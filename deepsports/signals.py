@@ -28,8 +28,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import FrameType
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from deepsports.errors import PreemptedError, TrainingError
 
@@ -142,7 +143,7 @@ class StopFlag:
         self._owner_pid: int | None = None
         self._installing = False
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         """Install the handlers (main thread only: Python delivers signals there)."""
         if threading.current_thread() is not threading.main_thread():
             raise TrainingError("StopFlag must be installed from the main thread (Python runs signal handlers "
@@ -175,7 +176,7 @@ class StopFlag:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -11,28 +11,27 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
-log = logging.getLogger("deepsports")
+if TYPE_CHECKING:
+    from deepsports.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from deepsports.config import check_installed
-
     if args.seeds is not None:
-        config = config_from_args(args)
-        check_installed(config)
-        return _train_seeds(config, args.seeds)
+        return _train_seeds(_checked_config(args), args.seeds)
     from deepsports.slurm.preemption import preemptible
 
     # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
     with preemptible() as stop:
-        config = config_from_args(args)  # a bad value is refused in a blink, not after torch's import
-        check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
+        config = _checked_config(args)  # a bad value is refused in a blink, not after torch's import
         from deepsports.train.distributed import detect
         from deepsports.train.loop import train
         from deepsports.train.state import TrainHooks
@@ -46,6 +45,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _checked_config(args: argparse.Namespace, *, checkpoint: bool = True):
+    """The command line's config, its cache and checkpoint folders writable (before any run exists)."""
+    from deepsports.config import check_installed, check_writable_dirs
+    from deepsports.tracking.uris import check_tracking_uri
+
+    config = config_from_args(args)
+    if checkpoint:
+        check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
+        check_tracking_uri()
+        check_writable_dirs(config)
+    else:
+        check_writable_dirs(cache_dir=config.cache_dir)
+    return config
 
 
 def _train_seeds(config: Config, n_seeds: int) -> int:
@@ -64,7 +78,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from deepsports.data import prepare_from_config
     from deepsports.slurm.preemption import preemptible
 
-    config = config_from_args(args)
+    config = _checked_config(args, checkpoint=False)
     # prepare is resumable (every clip is written to a temporary name, then renamed), so a stop signal
     # stops it at once; under SLURM it requeues itself on the time-limit warning and continues later.
     with preemptible(interrupt=True):
@@ -150,7 +164,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.",
+    parser = argparse.ArgumentParser(prog="deepsports",
+                                     description="DeepSports: train, tune and track AQA models of diving videos.",
                                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"deepsports {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -4,8 +4,9 @@ A profile (``slurm/profiles/*.yaml``, read by :mod:`deepsports.slurm.profile`) h
 or user-specific: partition, account, resources, the environment set-up lines and the working/log
 directories. The templates in
 ``slurm/templates`` hold only what every DeepSports job needs: ``--signal=B:<signal>@<grace>`` (the
-profile's ``signal``, USR1 by default) so the worker can checkpoint before its time limit, ``--requeue``, per-task logs opened in append mode (a
-requeued task continues its log), and ``exec`` of the worker so that the signal reaches Python.
+profile's ``signal``, USR1 by default) so the worker can checkpoint before its time limit, ``--requeue``,
+per-task logs opened in append mode (a requeued task continues its log), and ``exec`` of the worker so
+that the signal reaches Python.
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from deepsports.errors import ConfigError, DeepSportsError
 from deepsports.slurm.env import SLURM_TAGS, ClusterEnv
-from deepsports.slurm.profile import (_NAME_RE, PROFILE_DIR, SlurmProfile, build_profile,
-                                      load_profile, resolve_profile_path, time_limit_seconds)
+from deepsports.slurm.profile import (
+    _NAME_RE,
+    PROFILE_DIR,
+    SlurmProfile,
+    build_profile,
+    load_profile,
+    resolve_profile_path,
+    time_limit_seconds,
+)
 
 __all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile", "build_profile", "load_profile",
            "job_info", "render_script", "requeue_self", "resolve_profile_path", "slurm_env", "submit", "task_job_id",

@@ -24,7 +24,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from deepsports.errors import PreemptedError
 from deepsports.signals import StopFlag, die_with_parent, parent_is_gone, warning_signal

@@ -18,13 +18,24 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from deepsports.errors import ConfigError, TrainingError
 from deepsports.signals import StopFlag
-from deepsports.slurm.jobs import (KINDS, PROFILE_DIR, TEMPLATE_DIR, SlurmError, build_profile, load_profile,
-                              render_script, requeue_self, slurm_env, submit, task_job_id, time_limit_seconds,
-                              worker_command)
+from deepsports.slurm.jobs import (
+    KINDS,
+    PROFILE_DIR,
+    TEMPLATE_DIR,
+    SlurmError,
+    build_profile,
+    load_profile,
+    render_script,
+    requeue_self,
+    slurm_env,
+    submit,
+    task_job_id,
+    time_limit_seconds,
+    worker_command,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_PROFILES = sorted(PROFILE_DIR.glob("*.yaml"))
