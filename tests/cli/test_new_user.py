@@ -92,7 +92,8 @@ def test_non_finite_numbers_are_refused_up_front(tmp_path):
 @pytest.mark.parametrize("key, value", [("learning_rate", "-inf"), ("weight_decay", "nan"), ("momentum", "1e999"),
                                         ("dropout", "0.1,inf"), ("loss_mse_weight", float("inf"))])
 def test_the_parser_refuses_every_non_finite_spelling(key, value):
-    from deepsports.config import ConfigError, parse_value
+    from deepsports.config import parse_value
+    from deepsports.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a finite number"):
         parse_value(key, value)

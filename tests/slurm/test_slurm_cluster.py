@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from deepsports.slurm.jobs import build_profile, render_script, submit
+from deepsports.slurm.jobs import render_script, submit
+from deepsports.slurm.profile import build_profile
 
 pytestmark = pytest.mark.slurm
 

@@ -20,7 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.slurm.jobs import build_profile, render_script, submit
+from deepsports.slurm.jobs import render_script, submit
+from deepsports.slurm.profile import build_profile
 from deepsports.tags import (
     ATTEMPTS_ATTR,
     CKPT_ATTR,
