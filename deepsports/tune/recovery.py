@@ -140,6 +140,13 @@ class TrialHeartbeat:
 FENCED_EXIT_CODE = 9
 
 
+def lease_seconds(heartbeat_interval: float, grace_period: float) -> float:
+    """A trial's lease: midway between the heartbeat interval and the grace period (90 s for the defaults
+    60 s and 120 s). Half the gap above the interval lets a late beat through; half the gap below the grace
+    period covers the watchdog's poll and the nodes' clocks, so the lease ends before any sweeper acts."""
+    return (float(heartbeat_interval) + float(grace_period)) / 2
+
+
 class TrialLease:
     """Fencing: a worker cut off from its study stops for good before anyone may take its trial over.
 
@@ -151,8 +158,8 @@ class TrialLease:
     study that the retry now owns.
 
     The lease: the trial is this worker's for ``lease_s`` seconds after each heartbeat the storage
-    accepted; ``lease_s`` is the grace period less one heartbeat interval, so it runs out before any
-    sweeper (counting the grace period from the same beat) can fail the trial. A watchdog thread, which
+    accepted (:func:`lease_seconds`: midway between the heartbeat interval and the grace period), so it
+    runs out before any sweeper (counting the grace period from the same beat) can fail the trial. A watchdog thread, which
     needs no storage and no network, ends the process with :data:`FENCED_EXIT_CODE` the moment the lease
     runs out: ``os._exit``, so nothing more is written by anyone in it (no checkpoint, no MLflow request
     still being retried, no Optuna call; the kernel drops the checkpoint directory's lock), and one

@@ -228,9 +228,10 @@ class _Worker:
         self.ledger = ledger = accounting.AttemptLedger(self.study, trial._trial_id, trial.number, self.identity,
                                                         self.label)
         state, value, failed = None, None, None
-        # Fencing (recovery.TrialLease): cut off from the study for longer than the grace period less one
-        # heartbeat, this process ends before a sweeper may fail the trial and a retry resume it.
-        lease = recovery.TrialLease(heartbeat, self.settings.grace - self.settings.heartbeat_interval, trial.number)
+        # Fencing (recovery.TrialLease): cut off from the study for longer than its lease, this process ends
+        # before a sweeper may fail the trial and a retry resume it.
+        lease = recovery.TrialLease(heartbeat, recovery.lease_seconds(self.settings.heartbeat_interval,
+                                                                      self.settings.grace), trial.number)
         with heartbeat, lease:
             study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
             try:

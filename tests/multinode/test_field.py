@@ -173,8 +173,12 @@ def _assert_study(lab: Lab, scenario: Scenario, trials: int) -> list[str]:
 
 
 def _status(lab: Lab, scenario: Scenario) -> dict:
+    # As alice on the login node: her credentials file, no password in the environment.
+    env = {k: v for k, v in lab.env.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=lab.tracking_uri,
+               DEEPSPORTS_MLFLOW_CREDENTIALS=str(lab.credentials["alice"]))
     proc = subprocess.run(deepsports_cmd("status", scenario.name, "--storage", scenario.storage, "--json"),
-                          env={**lab.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -210,14 +214,14 @@ def field(lab: Lab, tiny_cache_dir, tmp_path_factory) -> dict[str, Scenario]:
         _drive(outage, _outage, lab)
 
         # A node drops off the network in the middle of a trial (PostgreSQL study: the cut-off worker
-        # cannot reach it either). Heartbeat 3 s, grace 15 s: the worker's lease is 12 s (a 2-core machine
+        # cannot reach it either). Heartbeat 3 s, grace 20 s: the worker's lease is 11.5 s (a 2-core machine
         # running every scenario at once delays a beat by several seconds). The first attempt
         # runs on node4, where nothing else runs (the driver lets the requeued task go anywhere else).
         d = tmp_path_factory.mktemp("node-failure")
         failure = Scenario("nodefail", d, lab.optuna_url, epochs=6)
         profile = _profile(lab, d, array_size=1, array_concurrency=1, extra_sbatch=[f"--exclude={','.join(NODES)}"])
         _submit_tune(lab, failure, tiny_cache_dir, tasks=1, trials=1, profile=profile,
-                     extra=("--heartbeat", "3", "--grace-period", "15"))
+                     extra=("--heartbeat", "3", "--grace-period", "20"))
         scenarios["failure"] = failure
         _drive(failure, _node_failure, lab)
 

@@ -51,3 +51,11 @@ def test_a_worker_cut_off_from_its_storage_ends_itself_when_its_lease_runs_out(t
     assert line.startswith("deepsports: fenced: no heartbeat of trial 0 reached the study storage for ")
     assert "(lease 2 s)" in line and line.endswith(", exit 9)")
     assert elapsed < 25  # ended by the lease, not by the 30 s sleep
+
+
+def test_the_lease_lies_between_the_heartbeat_interval_and_the_grace_period():
+    from deepsports.tune.recovery import lease_seconds
+
+    assert lease_seconds(60, 120) == 90.0 and lease_seconds(3, 20) == 11.5
+    for interval, grace in ((1, 2), (60, 120), (5, 300)):
+        assert interval < lease_seconds(interval, grace) < grace
