@@ -96,6 +96,7 @@ from deepsports.train.state import TrainHooks
 from deepsports.tune import accounting, recovery
 from deepsports.tune import parent as study_parent
 from deepsports.tune import status as study_status
+from deepsports.tune._optuna_compat import storage_of, trial_id_of
 from deepsports.tune.accounting import retried_from
 from deepsports.tune.checks import check_overrides
 from deepsports.tune.search_space import SearchSpace, load_search_space
@@ -224,8 +225,8 @@ class _Worker:
             self._run_trial(trial)
 
     def _run_trial(self, trial: optuna.Trial) -> None:
-        heartbeat = recovery.TrialHeartbeat(self.study, trial._trial_id, self.settings.heartbeat_interval)
-        self.ledger = ledger = accounting.AttemptLedger(self.study, trial._trial_id, trial.number, self.identity,
+        heartbeat = recovery.TrialHeartbeat(self.study, trial_id_of(trial), self.settings.heartbeat_interval)
+        self.ledger = ledger = accounting.AttemptLedger(self.study, trial_id_of(trial), trial.number, self.identity,
                                                         self.label)
         state, value, failed = None, None, None
         with heartbeat:
@@ -265,7 +266,7 @@ class _Worker:
             return
         if state is None:
             return
-        reason = self.study._storage.get_trial(trial._trial_id).user_attrs.get(REASON_ATTR)
+        reason = storage_of(self.study).get_trial(trial_id_of(trial)).user_attrs.get(REASON_ATTR)
         ledger.finish(_OUTCOMES[state], reason if state == TrialState.FAIL else None)
         frozen = self._tell(trial, state, value)
         if frozen is not None:
@@ -311,7 +312,7 @@ class _Worker:
                         "worker retries it", trial.number, exc)
 
     def _pause(self, trial: optuna.Trial) -> None:
-        frozen = self.study._storage.get_trial(trial._trial_id)
+        frozen = storage_of(self.study).get_trial(trial_id_of(trial))
         ckpt = frozen.user_attrs.get(CKPT_ATTR) or str(self._checkpoint_dir(trial.number))
         try:
             run_id = recovery.find_trial_run(self.study, frozen, self.tracker)
@@ -337,7 +338,7 @@ class _Worker:
                 return True
             if not trials:
                 return False
-            beats = {t._trial_id: recovery.last_sign_of_life(t) for t in trials}
+            beats = {trial_id_of(t): recovery.last_sign_of_life(t) for t in trials}
             if seen and all(seen.get(tid, -1.0) != beat for tid, beat in beats.items()):
                 return False  # every running trial beat since we looked: their workers are alive
             seen = {**beats, **seen}
