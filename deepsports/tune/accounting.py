@@ -57,8 +57,6 @@ from deepsports.tune.checks import CAUSES
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("running", "complete", "pruned", "failed", "paused", "dead")
-
 
 # --------------------------------------------------------------------------------------------
 # Writing: one worker's attempt at one trial
