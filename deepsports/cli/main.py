@@ -144,7 +144,8 @@ EXIT_CODES = (
     (7, "SLURM: sbatch/scontrol missing or refused the request"),
     (8, "the checkpoint_dir is in use by another live process (named: pid, host, since)"),
     (75, "stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume "
-         "(under SLURM the job requeued itself)"),
+         "(under SLURM the job requeued itself on its time-limit warning; SLURM requeues it after a preemption; "
+         "a `scancel` ends it)"),
     (130, "interrupted by Ctrl-C"),
 )
 

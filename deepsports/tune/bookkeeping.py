@@ -34,6 +34,7 @@ from deepsports.tags import (
 )
 from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
+from deepsports.tune import parent as study_parent
 from deepsports.tune import recovery
 from deepsports.tune import status as study_status
 from deepsports.tune.search_space import SearchSpace
@@ -95,9 +96,11 @@ def publish(study: optuna.Study, run_id: str | None, number: int, tracker: RunTr
     study_status.publish_status(study, storage_label(storage), tracker)
 
 
-def close_parent_if_done(study: optuna.Study, tracker: RunTracker, storage: str) -> None:
-    """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it)."""
+def close_parent_if_done(study: optuna.Study, tracker: RunTracker, storage: str, grace_s: float) -> None:
+    """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it); else RUNNING
+    while another worker's trial beats, KILLED when what is left waits for a later worker."""
     if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        study_parent.settle_parent(study, tracker, grace_s=grace_s)
         return
     study_status.publish_status(study, storage_label(storage), tracker)
     try:

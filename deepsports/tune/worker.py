@@ -155,7 +155,7 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
         # worker's trial is alive, else KILLED/FAILED as the trials say), never RUNNING forever.
         study_parent.settle_parent(study, worker.tracker, grace_s=settings.grace)
         raise
-    bookkeeping.close_parent_if_done(study, worker.tracker, settings.storage)
+    bookkeeping.close_parent_if_done(study, worker.tracker, settings.storage, settings.grace)
     return summarize(study, worker.trials_run)
 
 

@@ -190,7 +190,7 @@ def test_named_configs_search_spaces_and_profiles_work_from_any_directory(tmp_pa
     assert run(tmp_path, "config", "--config", "seed_best", "root_dir=/data").returncode == 0
     script = run(tmp_path, "submit", "tune", "--profile", "local", "--dry-run", "--", "head", "--study", "s")
     assert script.returncode == 0 and "#SBATCH --partition=debug" in script.stdout, script.stderr
-    assert "exec python -m deepsports.cli tune head --study s" in script.stdout
+    assert "exec env --block-signal=USR1 --block-signal=TERM python -m deepsports.cli tune head --study s" in script.stdout
     # A file of the same name here wins over the shipped one.
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "demo.yaml").write_text("epochs: 3\n")
