@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from deepsports.errors import ConfigError
 from deepsports.tags import (
     CONFIG_ATTR,
     HEARTBEAT_ATTR,
@@ -25,7 +27,7 @@ from deepsports.tags import (
     RUN_ATTR,
     TRACKING_URI_ATTR,
 )
-from deepsports.tune.parent import parent_state
+from deepsports.tune.parent import check_same_store, parent_state, store_label, study_store
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
 
@@ -55,6 +57,23 @@ def test_the_parent_state_is_what_the_workers_and_trials_say():
     assert parent_state([done, failed], 2, GRACE) == "FINISHED"       # max_trials reached
     assert parent_state([failed], None, GRACE) == "FAILED"            # nothing ever completed
     assert parent_state([done, failed], None, GRACE) == "FINISHED"
+
+
+def test_the_study_names_its_store_and_a_worker_or_reader_elsewhere_is_told_which_to_set(tmp_path, monkeypatch):
+    study = optuna.create_study(direction="maximize")  # in memory: only its attributes matter here
+    assert store_label("postgresql://alice:pw@db/mlflow") == "postgresql://alice:***@db/mlflow"
+    monkeypatch.chdir(tmp_path)
+    assert store_label("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"  # from any folder
+    study.set_user_attr(TRACKING_URI_ATTR, "sqlite:////a/mlflow.db")
+    with pytest.raises(ConfigError, match=r"logs to the MLflow store sqlite:////a/mlflow.db, but this worker's is "
+                                          r"sqlite:////b/mlflow.db: set MLFLOW_TRACKING_URI=sqlite:////a/mlflow.db "):
+        check_same_store(study, "sqlite:////b/mlflow.db")
+    study.set_user_attr(TRACKING_URI_ATTR, "postgresql://alice:***@db/mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    with pytest.raises(ConfigError, match=r"set MLFLOW_TRACKING_URI=postgresql://alice:\*\*\*@db/mlflow "
+                                          r"\(with its credentials\)"):
+        study_store(study)  # a reader cannot use a redacted password: it says what to set
+    assert list(tmp_path.iterdir()) == []  # and opened (created) no store
 
 
 def _tune_cmd(tmp_path: Path, storage: str, *sets: str) -> list[str]:
