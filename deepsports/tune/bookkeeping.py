@@ -108,3 +108,5 @@ def close_parent_if_done(study: optuna.Study, tracker: RunTracker, storage: str,
                         status="FINISHED")
     except StorageError as exc:
         log.warning("could not end the study's parent run: %s", exc)
+        return
+    study_parent.record_state(study, "FINISHED")
