@@ -52,11 +52,10 @@ from deepsports.tags import (
     RETRIED_BY_PREFIX,
     RETRIED_FROM_ATTR,
 )
+from deepsports.tune._optuna_compat import add_trial, set_study_attr, storage_of
 from deepsports.tune.checks import CAUSES
 
 log = logging.getLogger(__name__)
-
-OUTCOMES = ("running", "complete", "pruned", "failed", "paused", "dead")
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +66,7 @@ class AttemptLedger:
     """The attempt record of one trial in this worker; every change is written to the trial at once."""
 
     def __init__(self, study: optuna.Study, trial_id: int, number: int, task: str, worker: str):
-        self.storage, self.trial_id = study._storage, trial_id
+        self.storage, self.trial_id = storage_of(study), trial_id
         self.record: dict[str, Any] = {"trial": number, "task": task, "worker": worker}
         self._previous: list[dict[str, Any]] = []
         self.started = False
@@ -210,7 +209,7 @@ def links(study_attrs: dict[str, Any], prefix: str) -> dict[int, int]:
 
 def link(study: optuna.Study, prefix: str, original: int, new: int) -> None:
     """Record on the study that ``new`` retries/re-runs ``original`` (the finished trial cannot hold it)."""
-    study._storage.set_study_user_attr(study._study_id, f"{prefix}{original}", int(new))
+    set_study_attr(study, f"{prefix}{original}", int(new))
 
 
 def retried_from(trial: FrozenTrial) -> int | None:
@@ -252,8 +251,7 @@ def enqueue_reruns(study: optuna.Study, causes: Iterable[str] = ()) -> list[tupl
         template = optuna.trial.create_trial(
             state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
             user_attrs={RERUN_OF_ATTR: failed.number, RERUN_CAUSE_ATTR: cause})
-        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-        number = study._storage.get_trial_number_from_id(trial_id)
+        number = add_trial(study, template)
         link(study, RERUN_BY_PREFIX, failed.number, number)
         log.info("queued trial %d: a re-run of failed trial %d (%s)", number, failed.number, cause)
         out.append((failed.number, number))

@@ -63,6 +63,7 @@ from deepsports.tags import (
 )
 from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
+from deepsports.tune._optuna_compat import add_trial, set_study_attr, storage_of, trial_id_of, trials_in
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def last_sign_of_life(trial: FrozenTrial) -> float:
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
     """An RDB storage opened with a heartbeat interval (Optuna's own heartbeat and stale-trial check)."""
-    interval = getattr(study._storage, "get_heartbeat_interval", None)
+    interval = getattr(storage_of(study), "get_heartbeat_interval", None)
     return interval is not None and interval() is not None
 
 
@@ -115,7 +116,7 @@ class TrialHeartbeat:
             self._thread.join()
 
     def beat(self) -> None:
-        storage = self.study._storage
+        storage = storage_of(self.study)
         sent = time.monotonic()
         try:
             if uses_optuna_heartbeat(self.study):
@@ -206,15 +207,15 @@ class TrialLease:
 def pause_trial(study: optuna.Study, trial: optuna.Trial, identity: str, checkpoint_dir: str,
                 run_id: str | None) -> None:
     """Record the pause, then move the trial RUNNING -> WAITING (same number, params, intermediate values)."""
-    storage = study._storage
-    frozen = storage.get_trial(trial._trial_id)
+    storage, trial_id = storage_of(study), trial_id_of(trial)
+    frozen = storage.get_trial(trial_id)
     attrs: dict[str, Any] = {PAUSED_AT_ATTR: time.time(), PAUSED_BY_ATTR: identity, CKPT_ATTR: checkpoint_dir,
                              PAUSES_ATTR: int(frozen.user_attrs.get(PAUSES_ATTR, 0)) + 1}
     if run_id:
         attrs[RUN_ATTR] = run_id
     for key, value in attrs.items():
-        storage.set_trial_user_attr(trial._trial_id, key, value)
-    storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        storage.set_trial_user_attr(trial_id, key, value)
+    storage.set_trial_state_values(trial_id, TrialState.WAITING)
     log.info("paused trial %d (checkpoint %s, MLflow run %s): the next worker of the study resumes it",
              trial.number, checkpoint_dir, run_id)
 
@@ -225,20 +226,20 @@ def claim_waiting(study: optuna.Study, identity: str) -> optuna.Trial | None:
     The claim is the storage's atomic WAITING -> RUNNING transition: when two workers race for one
     trial exactly one gets it. None when nothing waits.
     """
-    storage = study._storage
-    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    storage = storage_of(study)
+    waiting = trials_in(study, TrialState.WAITING)
     waiting = sorted(waiting, key=lambda t: (t.user_attrs.get(PAUSED_BY_ATTR) != identity, t.number))
     for frozen in waiting:
         if uses_optuna_heartbeat(study):
             # A paused trial keeps its last heartbeat row: refresh it before the trial is RUNNING again,
             # or a sweeping worker could fail it as stale in the instant after our claim.
-            storage.record_heartbeat(frozen._trial_id)
+            storage.record_heartbeat(trial_id_of(frozen))
         try:
-            if not storage.set_trial_state_values(frozen._trial_id, TrialState.RUNNING):
+            if not storage.set_trial_state_values(trial_id_of(frozen), TrialState.RUNNING):
                 continue
         except UpdateFinishedTrialError:
             continue
-        return optuna.trial.Trial(study, frozen._trial_id)
+        return optuna.trial.Trial(study, trial_id_of(frozen))
     return None
 
 
@@ -304,10 +305,9 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retry:
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=attrs,
         system_attrs={"failed_trial": history[0], "retry_history": history},
         intermediate_values=trial.intermediate_values)
-    retry_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    retry_number = add_trial(study, template)
     # The dead trial is finished (Optuna refuses writes to it): the link to its retry is a study attribute.
-    study._storage.set_study_user_attr(study._study_id, f"{RETRIED_BY_PREFIX}{trial.number}",
-                                       study._storage.get_trial_number_from_id(retry_id))
+    set_study_attr(study, f"{RETRIED_BY_PREFIX}{trial.number}", retry_number)
     log.warning("trial %d failed: %s; queued a retry with its params (checkpoints %s)", trial.number, reason,
                 attrs.get(CKPT_ATTR))
     return True
@@ -338,9 +338,9 @@ def sweep_stale_journal_trials(study: optuna.Study, grace_period: float, max_ret
     the journal applies the first FAIL and refuses the second).
     """
     now = time.time() if now is None else now
-    storage = study._storage
+    storage = storage_of(study)
     failed = []
-    for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in trials_in(study, TrialState.RUNNING):
         silent = now - last_sign_of_life(trial)
         if silent <= grace_period:
             continue
@@ -348,11 +348,11 @@ def sweep_stale_journal_trials(study: optuna.Study, grace_period: float, max_ret
                   f"{silent:.0f} s > grace period {grace_period:.0f} s (killed or node lost); swept by "
                   f"{socket.gethostname()}:{os.getpid()}")
         try:
-            storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id_of(trial), REASON_ATTR, reason)
+            storage.set_trial_state_values(trial_id_of(trial), TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # finished meanwhile, or another worker swept it first
-        frozen = storage.get_trial(trial._trial_id)
+        frozen = storage.get_trial(trial_id_of(trial))
         run_id = end_dead_run(study, frozen, reason)
         retry_trial(study, frozen, reason, max_retry, run_id)
         failed.append(trial.number)

@@ -30,7 +30,8 @@ import pytest
 import requests
 from optuna.trial import TrialState
 
-from deepsports.slurm.jobs import build_profile, render_script, submit, worker_command
+from deepsports.slurm.jobs import render_script, submit, worker_command
+from deepsports.slurm.profile import build_profile
 from deepsports.tags import PARENT_RUN_ATTR, RUN_ATTR
 from deepsports.train.loop import EPOCH_METRICS
 from deepsports.tune.accounting import attempts_of

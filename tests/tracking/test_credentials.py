@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from deepsports.errors import ConfigError
-from deepsports.slurm.jobs import build_profile
+from deepsports.slurm.profile import build_profile
 from deepsports.tracking.credentials import CREDENTIALS_ENV, load_credentials
 from tests.e2e_helpers import REPO, deepsports_cmd, subprocess_env
 

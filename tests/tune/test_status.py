@@ -229,16 +229,17 @@ def test_rerun_failed_reruns_only_the_failed_trial_and_submit_missing_then_submi
 
 _DYING_WORKER = """\
 import sys, time, optuna
+from deepsports.tune._optuna_compat import trial_id_of
 from deepsports.tune.accounting import AttemptLedger
 from deepsports.tune.recovery import TrialHeartbeat
 from deepsports.tune.study import open_storage
 study = optuna.create_study(study_name="dead", storage=open_storage(sys.argv[1]), direction="maximize")
 trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
-ledger = AttemptLedger(study, trial._trial_id, trial.number, "node/worker-7", "node:1")
+ledger = AttemptLedger(study, trial_id_of(trial), trial.number, "node/worker-7", "node:1")
 ledger.start()
 time.sleep(0.3)
 ledger.epoch(1)  # the epoch's checkpoint is on disk
-with TrialHeartbeat(study, trial._trial_id, interval=1):
+with TrialHeartbeat(study, trial_id_of(trial), interval=1):
     print("training", flush=True)
     time.sleep(600)  # killed here
 """
