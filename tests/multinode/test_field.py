@@ -375,7 +375,8 @@ def _node_failure(lab: Lab, scenario: Scenario) -> None:
 
         def retry_running():
             trials = _study(scenario).get_trials(deepcopy=False)
-            return len(trials) == 2 and trials[1].state == TrialState.RUNNING and trials[1].intermediate_values
+            # The retry's own attempt has begun (it inherits the dead trial's intermediate values at once).
+            return len(trials) == 2 and trials[1].state == TrialState.RUNNING and attempts_of(trials[1])
 
         _wait(lab, scenario, retry_running, 300, "the retry to train on another node")
     finally:
