@@ -13,6 +13,7 @@ _EXPORTS = {
     'NullTracker': 'runs',
     'RetryPolicy': 'store',
     'RunTracker': 'runs',
+    'allow_file_store': 'store',
     'call_with_retry': 'store',
     'default_retry_policy': 'store',
     'enable_sqlite_wal': 'store',
@@ -20,6 +21,8 @@ _EXPORTS = {
     'is_transient': 'store',
     'log_model': 'runs',
     'redact_uri': 'store',
+    'register_run_model': 'registry',
+    'resolve_registered_run': 'registry',
     'sqlite_path': 'store',
     'tracking_uri': 'store',
 }

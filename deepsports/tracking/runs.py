@@ -51,6 +51,7 @@ _T = TypeVar("_T")
 
 
 from deepsports.tracking.store import (DEFAULT_TRACKING_URI, RetryPolicy, _default_tracking_uri,  # noqa: F401
+                                      allow_file_store, is_file_store,
                                       _first_line, call_with_retry, default_retry_policy, enable_sqlite_wal,
                                       is_transient, redact_uri, sqlite_path, tracking_uri)
 
@@ -127,11 +128,13 @@ class RunTracker:
 
     def __init__(self, uri: str | None = None, retry: RetryPolicy | None = None, wal: bool = True):
         self.uri = uri or tracking_uri()
+        allow_file_store(self.uri)
         self.retry = retry or default_retry_policy(self.uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.ended_status: str | None = None
         self._buffer: MetricBuffer | None = None
+        self._system_metrics = None  # mlflow's SystemMetricsMonitor, while one runs
         self.client = self._open_store(wal)
 
     def _open_store(self, wal: bool) -> mlflow.MlflowClient:
@@ -216,7 +219,8 @@ class RunTracker:
 
     def start(self, experiment_name: str = "deepsports", run_name: str | None = None,
               parent_run_id: str | None = None, run_id: str | None = None,
-              tags: Mapping[str, str] | None = None, artifact_location: str | None = None) -> str:
+              tags: Mapping[str, str] | None = None, artifact_location: str | None = None,
+              system_metrics_interval_s: float = 0.0) -> str:
         """Open the run and return its id.
 
         * ``run_id`` given: resume that run (status back to RUNNING; params/metrics kept).
@@ -224,6 +228,9 @@ class RunTracker:
           for this entry point (the variable is consumed, as ``mlflow.start_run`` does).
         * else create a run in ``experiment_name`` (a child of ``parent_run_id`` when given).
         ``artifact_location`` only applies when the experiment is created here.
+        ``system_metrics_interval_s`` > 0: log MLflow's system metrics (``system/*``: CPU, memory, disk,
+        network; GPU utilisation and memory with nvidia-ml-py and an NVIDIA GPU) every that many seconds
+        until :meth:`end`; a resumed run continues their steps after the last one logged.
         """
         if self.run_id is not None:
             raise RuntimeError(f"RunTracker already tracks run {self.run_id}")
@@ -254,13 +261,36 @@ class RunTracker:
             new_tags = {"deepsports.resumes": "0"}
         self.set_tags({**new_tags, **environment_tags(), **dict(tags or {})})
         log.info("MLflow run %s in %s", self.run_id, redact_uri(self.uri))
+        if system_metrics_interval_s > 0:
+            self._start_system_metrics(system_metrics_interval_s, resumed=run_id is not None)
         return self.run_id
+
+    def _start_system_metrics(self, interval_s: float, resumed: bool) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # MLflow's monitors log at INFO/WARNING on start, stop and "no GPU"; ours is the line that counts.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                       resume_logging=resumed, tracking_uri=self.uri)
+        # Samples count from 1, as epochs do: MLflow's log_model re-logs the run's step-0 points for the
+        # logged model, which a file store would append as duplicates.
+        monitor._logging_step = max(monitor._logging_step, 1)
+        self._system_metrics = monitor
+        self._system_metrics.start()
+        log.debug("system metrics every %g s (%s)", interval_s,
+                  ", ".join(type(m).__name__ for m in self._system_metrics.monitors))
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            monitor.finish()  # joins the sampling thread and flushes what it holds
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush buffered metrics and set the final status (FINISHED, FAILED or KILLED)."""
         if status not in RUN_STATUSES:
             raise ValueError(f"status={status!r}: expected one of {', '.join(RUN_STATUSES)}")
         run_id = self._require_run()
+        self._stop_system_metrics()
         if self._buffer is not None:
             self._buffer.flush()
         self._call("end run", self.client.set_terminated, run_id, status=status)
@@ -385,7 +415,7 @@ def _default_pip_requirements() -> list[str]:
 
 
 def log_model(model, example_input, run_id: str, *, tracking_uri: str | None = None, name: str = "model",
-              serialization_format: str = "pickle", pip_requirements: list[str] | None = None,
+              serialization_format: str = "pt2", pip_requirements: list[str] | None = None,
               code_paths: list[str] | None = None, retry: RetryPolicy | None = None) -> str:
     """Log ``model`` (an ``nn.Module`` on the CPU, in eval mode) with ``mlflow.pytorch.log_model``.
 
@@ -393,9 +423,10 @@ def log_model(model, example_input, run_id: str, *, tracking_uri: str | None = N
     and the model's ``(1, 2)`` output, with a variable batch dimension. Returns the model URI
     (``models:/<id>``), loadable with ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model``.
 
-    ``serialization_format``: "pickle" (default; fast, but loading unpickles, and the model's classes
-    must be importable: pass ``code_paths=[<deepsports package dir>]`` to ship them) or "pt2"
-    (torch.export: loads without unpickling or our code, dynamic batch; ~25 s more on a tiny model).
+    ``serialization_format``: "pt2" (default; torch.export: loads without unpickling and without our
+    code, dynamic batch; ~6 s more than pickle on the tiny model, 2 loaded cores) or "pickle" (loading
+    unpickles, so it can run arbitrary code, and MLflow warns so; the model's classes must be
+    importable: pass ``code_paths=[<deepsports package dir>]`` to ship them).
     Explicit ``pip_requirements`` (default: MLflow's torch pins + numpy/einops/timm) skip MLflow's
     requirement inference, which re-imports the model in a subprocess.
     No fluent run is opened: the LoggedModel is created in the run's experiment with ``model_id``.

@@ -109,7 +109,8 @@ def checkpoint_config(state: Mapping[str, Any], path: Path, overrides: Mapping[s
 
 def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | None = None,
              n_resamples: int | None = None) -> EvaluationResult:
-    """Evaluate ``source`` (run id or checkpoint) on ``split`` and log it as a new MLflow run."""
+    """Evaluate ``source`` (run id, checkpoint, or a registered model ``models:/NAME@ALIAS`` /
+    ``models:/NAME/VERSION``: the checkpoint of the run that logged it) on ``split`` and log it as a new MLflow run."""
     from deepsports.train.metrics import BOOTSTRAP_RESAMPLES
 
     if split not in SPLITS:
@@ -117,6 +118,11 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
     resamples = BOOTSTRAP_RESAMPLES if n_resamples is None else n_resamples
     if resamples < 100:
         raise ConfigError(f"evaluate: --resamples {resamples} is too few for a 95 % interval: expected >= 100")
+    model_uri = None
+    if source.startswith("models:/"):  # a registered version (models:/NAME@champion): the run that logged it
+        from deepsports.tracking.registry import resolve_registered_run
+
+        model_uri, source = source, resolve_registered_run(source)
     _check_source_form(source)  # before opening the store: a typo fails fast
     from deepsports.tracking import runs as tracking
     from deepsports.train.checkpoints import load_checkpoint
@@ -134,7 +140,7 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
         epoch = int(state.get("epoch", 1)) - 1  # the state resumes *at* ``epoch``: it holds the one before
         tags = {"deepsports.evaluation_of_run": source_run_id or "unknown", "deepsports.evaluated_split": split,
                 "deepsports.evaluated_checkpoint": where,
-                "deepsports.evaluated_epoch": str(epoch)}
+                "deepsports.evaluated_epoch": str(epoch), **({"deepsports.evaluated_model": model_uri} if model_uri else {})}
         experiment = config.experiment_name
         if run is not None:
             experiment = tracker.client.get_experiment(run.info.experiment_id).name

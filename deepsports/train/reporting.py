@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-import deepsports
 from deepsports.train import plots, quality
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
@@ -75,8 +74,8 @@ def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: t
         if config.log_model and env.is_main:
             example = runtime.video_input(next(iter(make_loader(data.val, 1, 0)))["video"][:1]).cpu()
             model_cpu = model.to("cpu").eval()
-            # Ship the package with the pickled model so it loads where deepsports is not installed.
-            tracker.log_model(model_cpu, example, code_paths=[str(Path(deepsports.__file__).parent)])
+            # torch.export (pt2): loads without unpickling code and without deepsports installed.
+            tracker.log_model(model_cpu, example, serialization_format="pt2")
             model.to(runtime.device)
     return test_metrics
 

@@ -35,6 +35,7 @@ INTERRUPTED_TAG = "deepsports.interrupted"
 ATTEMPTS_ATTR = "deepsports.attempts"          # trial: JSON list, one record per attempt (start, end, task...)
 EPOCH_END_PREFIX = "deepsports.epoch_end."     # trial: "<prefix><attempt>.<epoch>" -> time.time() the epoch ended
 RERUN_OF_ATTR = "deepsports.rerun_of"          # trial: number of the failed trial a --rerun-failed trial re-runs
+SAMPLER_ATTR = "deepsports.sampler"              # study: the TPE settings (tune/study.py sampler_settings)
 MAX_TRIALS_ATTR = "deepsports.max_trials"      # study: the last max_trials a worker was given
 #: Study attributes "<prefix><original number>" -> number of its retry / re-run. Optuna refuses any
 #: write to a finished trial, so the link from a FAIL trial forward lives on the study.

@@ -63,10 +63,10 @@ from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.checks import check_overrides
 from deepsports.tune.settings import TuneSettings
-from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, REASON_ATTR,
+from deepsports.tune.attrs import (SAMPLER_ATTR, CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, REASON_ATTR,
                                     RUN_ATTR, WORKER_ATTR)
 from deepsports.tune.study import (StudySummary, constant, default_worker_id, make_pruner, make_sampler, open_storage,
-                                   open_study, retried_from, storage_label, summarize, worker_label, worker_seed)
+                                   open_study, sampler_settings, retried_from, storage_label, summarize, worker_label, worker_seed)
 
 log = logging.getLogger("deepsports.tune")
 
@@ -107,13 +107,17 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     storage = open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
                            grace_period=settings.grace_period, max_retry=settings.max_retry)
     sampler = make_sampler(seed, settings.n_startup_trials)
+    chosen = sampler_settings(settings.seed, settings.n_startup_trials)
     epochs = None if "epochs" in space.keys else int(constant(space, settings.overrides, "epochs"))
     pruner = make_pruner(settings.pruner, epochs, settings.pruner_startup_trials, settings.pruner_warmup_epochs)
     tags = {"optuna.sampler": f"TPESampler(seed={settings.seed}, multivariate=True, group=True, constant_liar=True)",
             "optuna.pruner": settings.pruner, "optuna.max_trials": str(settings.max_trials or "none"),
-            "optuna.storage": storage_label(settings.storage)}
+            "optuna.storage": storage_label(settings.storage),
+            **{f"optuna.sampler.{key}": str(value) for key, value in chosen.items()}}
     study, _ = open_study(settings.study_name, storage, space, sampler=sampler, pruner=pruner,
                           overrides=settings.overrides, parent_tags=tags, parent_wait_s=settings.parent_wait_s)
+    if SAMPLER_ATTR not in study.user_attrs:  # the creator's settings (a joiner's seed differs by worker only)
+        study.set_user_attr(SAMPLER_ATTR, chosen)
     if settings.max_trials is not None and study.user_attrs.get(MAX_TRIALS_ATTR) != settings.max_trials:
         study.set_user_attr(MAX_TRIALS_ATTR, settings.max_trials)
     if settings.rerun_failed:
@@ -217,7 +221,25 @@ class _Worker:
         frozen = self._tell(trial, state, value)
         if frozen is not None:
             self.after_trial(frozen)
+            self._report_progress(frozen)
         self._stop_if_failing_alike(failed)
+
+    def _report_progress(self, frozen: FrozenTrial) -> None:
+        """One line per finished trial: number, state, value, the study's best so far, trials left."""
+        s = self.settings
+        trials = self.study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        best = max(complete, key=lambda t: t.value, default=None)
+        if s.max_trials is not None:
+            finished = sum(t.state.is_finished() for t in trials)
+            left = f"{max(0, s.max_trials - finished)} of max_trials={s.max_trials} left"
+        elif s.n_trials is not None:
+            left = f"{max(0, s.n_trials - self.trials_run)} of this worker's n_trials={s.n_trials} left"
+        else:
+            left = "no trial limit (timeout or Ctrl-C ends it)"
+        value = "-" if frozen.value is None else f"{frozen.value:.4f}"
+        best_text = "-" if best is None else f"{best.value:.4f} (trial {best.number})"
+        log.info("trial %d %s: value %s; best so far %s; %s", frozen.number, frozen.state.name, value, best_text, left)
 
     def _stop_if_failing_alike(self, failed: BaseException | None) -> None:
         """A configuration or data problem fails every trial the same way: stop instead of spinning
