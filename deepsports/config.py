@@ -16,9 +16,10 @@ import math
 import os
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -114,7 +115,8 @@ class Config:
     use_decoder: bool = _opt(False, "Use a transformer-decoder head instead of the MLP.")
 
     # --- platform keys ----------------------------------------------------------------------
-    dataset: str = _platform("synthetic", "synthetic: generated diving clips (default, cached); mtl_aqa: root_dir and the paths above.",
+    dataset: str = _platform("synthetic", "synthetic: generated diving clips (default, cached); "
+                                          "mtl_aqa: root_dir and the paths above.",
                              choices=DATASETS)
     synth_clips: int = _platform(600, "Number of synthetic clips (dataset=synthetic).", min=8)
     synth_seed: int = _platform(0, "Seed of the synthetic dataset (dataset=synthetic).", min=0)
@@ -137,7 +139,8 @@ class Config:
     warmup_epochs: int = _platform(1, "Linear warm-up epochs of the schedule (at most epochs; a one-epoch run warms up "
                                    "all along).", min=0)
     grad_clip_norm: float = _platform(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
-    cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live ($DEEPSPORTS_CACHE_DIR overrides the default).")
+    cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live "
+                                                      "($DEEPSPORTS_CACHE_DIR overrides the default).")
     cache_geometry: str = _platform("fit", "Frames the clip cache holds: fit = what training reads (spatial_size square; "
                                     "with data_aug the 16:9 frame the crops come from, spatial_size * 256/224 high); "
                                     "original = the original's 256x455 intermediate.", choices=CACHE_GEOMETRIES)
@@ -223,7 +226,7 @@ class Config:
         """Every value as a readable string (lists as ``512,256``), for MLflow params."""
         return {name: format_value(value) for name, value in self.to_dict().items()}
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return build_config({**self.to_dict(), **changes})
 
 
@@ -267,7 +270,8 @@ class FieldSpec:
     def describe_allowed(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
-        base = {"bool": "a boolean (true/false, yes/no, on/off, 1/0)", "int": "an integer", "float": "a number", "str": "a string",
+        base = {"bool": "a boolean (true/false, yes/no, on/off, 1/0)", "int": "an integer", "float": "a number",
+                "str": "a string",
                 "int_list": "a list of integers", "float_list": "a list of numbers",
                 "videos": "'all' or a list of video ids like 01 02"}[self.kind]
         bounds = []
@@ -458,7 +462,7 @@ def require_torchsort(what: str) -> None:
                           keys=("loss_spcoef_weight",))
 
 
-def check_installed(config: "Config", source: str = "") -> None:
+def check_installed(config: Config, source: str = "") -> None:
     """What ``config`` needs beyond the core dependencies is installed (before any run is created):
     ``loss_spcoef_weight != 0`` needs torchsort."""
     if config.loss_spcoef_weight != 0:

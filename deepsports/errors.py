@@ -71,6 +71,12 @@ class StorageError(DeepSportsError):
     exit_code = 6
 
 
+class JournalRecordError(StorageError):
+    """A study journal holds a complete line that is not a journal record (the file was edited or damaged)."""
+
+    exit_code = 6
+
+
 class DiskFullError(StorageError):
     """A write failed because its file system is full (ENOSPC) or over quota (EDQUOT).
 

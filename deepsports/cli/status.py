@@ -23,14 +23,18 @@ def add_status_parser(sub) -> None:
 
 
 def existing_study(name: str, storage: str):
-    """The study, or a ConfigError (exit 2) naming the study and the storage given."""
-    from deepsports.errors import StorageError
+    """The study, or a ConfigError (exit 2) naming the study and the storage given (a damaged journal stays
+    a StorageError: exit 6)."""
+    from deepsports.errors import JournalRecordError, StorageError
     from deepsports.tune.report import load_existing_study
+    from deepsports.tune.study import storage_label
 
     try:
         return load_existing_study(name, storage)
+    except JournalRecordError:
+        raise
     except StorageError as exc:
-        raise ConfigError(f"study {name!r} (--storage {storage}): {exc}") from exc
+        raise ConfigError(f"study {name!r} (--storage {storage_label(storage)}): {exc}") from exc
 
 
 def enqueue_reruns(name: str, storage: str, causes: list[str]) -> list[tuple[int, int]]:

@@ -8,12 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from deepsports.cli.status import add_status_parser, enqueue_reruns, missing_work
 from deepsports.cli.ui import study_ui
 from deepsports.errors import ConfigError, PreemptedError
+from deepsports.tags import STUDY_PARENT_RUN_TAG
 
 
 def _positive_or_none(text: str) -> int | None:
@@ -90,10 +92,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if code == 0:
             _print_study_summary(args)
         return code
-    from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.slurm.preemption import preemptible
 
     # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
-    with PreemptionFlag() as flag:
+    with preemptible() as stop:
         if not args.under_workers:
             _check_tune_args(args)  # once, before any storage or study exists
         from deepsports.train.distributed import detect
@@ -101,15 +103,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if detect().enabled:
             raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
                               "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-        from deepsports.slurm.jobs import requeue_if_slurm
         from deepsports.tune.worker import tune
 
-        settings = _tune_settings(args)
-        try:
-            summary = tune(settings, stop_requested=flag.requested)
-        except PreemptedError:
-            requeue_if_slurm()
-            raise
+        summary = tune(_tune_settings(args), stop_requested=stop.requested)
     _tag_project_run(summary.parent_run_id)
     if not args.under_workers:  # with --workers N the parent prints one summary for all
         _print_summary(summary, {"trials_run_by_this_worker": summary.trials_run})
@@ -152,7 +148,7 @@ def _tag_project_run(parent_run_id: str) -> None:
 
         tracker = tracking.RunTracker()
         tracker.start(run_id=run_id)
-        tracker.set_tags({"deepsports.study_parent_run_id": parent_run_id})
+        tracker.set_tags({STUDY_PARENT_RUN_TAG: parent_run_id})
 
 
 def _run_local_workers(args: argparse.Namespace) -> int:
@@ -164,6 +160,8 @@ def _run_local_workers(args: argparse.Namespace) -> int:
     and nobody restarts.
     """
     import time
+
+    from deepsports.signals import warning_signal
 
     base = _strip_option(list(args.argv), "--workers")
     cores = os.cpu_count() or 1
@@ -186,7 +184,9 @@ def _run_local_workers(args: argparse.Namespace) -> int:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    forwarded = (warning_signal(), signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)  # blocked by a SLURM job script until handled
     try:
         while running:
             for worker_id, proc in list(running.items()):
@@ -271,15 +271,9 @@ def _cmd_best(args: argparse.Namespace) -> int:
             result["retrain"] = {"run_id": trained.run_id,
                                  **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
             if args.register is not None:
-                from deepsports.tracking.registry import register_run_model
+                from deepsports.tracking.registry import register_retrained
 
-                registered = register_run_model(trained.run_id, args.register,
-                                                tags={"deepsports.study": best.study_name,
-                                                      "deepsports.trial": str(best.number)})
-                result["registered"] = {"name": registered.name, "version": registered.version,
-                                        "best_val_spearman": registered.value, "champion": registered.champion_version,
-                                        "champion_moved": registered.promoted,
-                                        "load": f"models:/{registered.name}@champion"}
+                result["registered"] = register_retrained(trained.run_id, args.register, best.study_name, best.number)
     result["ui"] = study_ui(best.parent_run_id)
     if "retrain" in result:
         from deepsports.tracking.store import tracking_uri
@@ -294,18 +288,21 @@ def _cmd_best(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
     from deepsports.tracking.runs import tracking_uri
+    from deepsports.tracking.store import redact_uri
 
     profile = slurm.load_profile(args.profile)
     rest = list(args.args)
     kwargs: dict[str, Any] = {}
     if args.kind == "tune":
-        storage, where = _check_submitted_tune(rest, args.storage, profile)
+        storage, where, cache = _check_submitted_tune(rest, args.storage, profile)
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
                       study_storage=args.storage if args.storage is not None or "--storage" in rest else storage)
+        _check_job_journal(storage, where, profile)
     elif args.array_size or args.array_concurrency or args.storage or args.missing:
         raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
     else:
-        _check_submitted_config(args.kind, rest, args.build_parser)
+        cache = _check_submitted_config(args.kind, rest, args.build_parser)
+    _check_job_cache_dir(args.kind, cache, profile)
     if args.missing:
         job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
         _add_tune_arguments(job)
@@ -321,14 +318,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     script = slurm.render_script(args.kind, profile, slurm.worker_command(args.kind, *rest), job_name=args.job_name,
                                  tracking_uri=args.tracking_uri, **kwargs)
     if args.dry_run:
-        print(script, end="")
+        shown = redact_uri(script)
+        if shown != script:
+            shown += "# (passwords shown as *** here; the submitted script carries them)\n"
+        print(shown, end="")
         return 0
     job_id = slurm.submit(script)
     print(f"submitted {args.kind} job {job_id}")
     if args.kind == "tune":
-        print(f"  study storage: {storage}{where}")
+        print(f"  study storage: {redact_uri(storage)}{where}")
     for hint in slurm.watch_hints(job_id, profile, uri or tracking_uri()):
-        print(f"  {hint}")
+        print(f"  {redact_uri(hint)}")
     return 0
 
 
@@ -345,9 +345,13 @@ def _strict(parser: argparse.ArgumentParser, kind: str) -> argparse.ArgumentPars
     return parser
 
 
-def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile) -> tuple[str, str]:
-    """Parse and check a tune job's arguments as its workers will; returns (storage, how it was found)."""
+def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile
+                          ) -> tuple[str, str, tuple[str, str] | None]:
+    """Parse and check a tune job's arguments as its workers will; returns (storage, how it was found, the
+    job's cache_dir and where it came from, or None for the default)."""
+    from deepsports.config import parse_overrides
     from deepsports.tune.checks import resolve_storage
+    from deepsports.tune.search_space import load_search_space
     from deepsports.tune.study import DEFAULT_STORAGE
 
     parser = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
@@ -366,20 +370,82 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile) ->
         # The job opens it relative to the profile's workdir, known only on the node.
         where = f" (relative to the job's workdir {profile.workdir}; {source})"
         _check_tune_args(job, check_storage=False)
-        return storage, where
-    _check_tune_args(job, storage_source=source)
-    return resolve_storage(storage, source), f" ({source})"
+    else:
+        _check_tune_args(job, storage_source=source)
+        storage, where = resolve_storage(storage, source), f" ({source})"
+    space, overrides = load_search_space(job.search_space), parse_overrides(job.overrides)
+    for values, origin in ((overrides, "--set cache_dir after --"), (space.fixed, f"fixed: of {space.path}"),
+                           (space.base_values, f"the base config of {space.path}")):
+        if "cache_dir" in values:
+            return storage, where, (str(values["cache_dir"]), origin)
+    return storage, where, None
 
 
-def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]) -> None:
-    """A train/prepare job's arguments build a valid config here before the job is submitted."""
+def _job_dir(profile) -> Path | None:
+    """The folder a job's relative paths start from (its workdir, else the submit directory); None when the
+    workdir names variables known only on the node."""
+    if not profile.workdir:
+        return Path.cwd()
+    folder = os.path.expandvars(profile.workdir)
+    return None if "$" in folder else Path(folder).expanduser()
+
+
+def _check_job_journal(storage: str, where: str, profile) -> None:
+    """A journal file the job can write: it exists writable, or its folder exists or can be made (exit 2)."""
+    from deepsports.fileio import uncreatable_folder
+
+    if "://" in storage:
+        return  # a server, or sqlite (its folder must exist: checked by resolve_storage)
+    base = _job_dir(profile)
+    if base is None:
+        return
+    path = base / Path(storage).expanduser()
+    if path.exists():
+        problem = None if os.access(path, os.W_OK) else f"{str(path)!r} is not writable by this user"
+    else:
+        problem = uncreatable_folder(path.parent)
+    if problem:
+        raise ConfigError(f"study storage {storage!r}{where} cannot be created: {problem}; give a journal path in a "
+                          "folder this user can write (the job would fail on the node)")
+
+
+def _check_job_cache_dir(kind: str, cache: tuple[str, str] | None, profile) -> None:
+    """The job's cache_dir exists or can be made (exit 2), checked here instead of failing on the node."""
+    from deepsports.config import config_fields
+    from deepsports.fileio import uncreatable_folder
+
+    if cache is None:
+        if profile.env.get("DEEPSPORTS_CACHE_DIR"):
+            cache = (profile.env["DEEPSPORTS_CACHE_DIR"], f"DEEPSPORTS_CACHE_DIR of {profile.source}")
+        elif os.environ.get("DEEPSPORTS_CACHE_DIR"):
+            cache = (os.environ["DEEPSPORTS_CACHE_DIR"], "$DEEPSPORTS_CACHE_DIR")
+        else:
+            cache = (str(config_fields()["cache_dir"].default), "the default")
+    value, source = cache
+    base = _job_dir(profile)
+    if base is None or "$" in value:
+        return
+    problem = uncreatable_folder(base / Path(value).expanduser())
+    if problem:
+        raise ConfigError(f"submit {kind}: cache_dir {value!r} ({source}) cannot be created: {problem}; give a "
+                          "folder this user can write with --set cache_dir=... (the job would fail on the node)")
+
+
+def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]
+                            ) -> tuple[str, str] | None:
+    """A train/prepare job's arguments build a valid config here before the job is submitted; returns the
+    config's cache_dir and where it came from (None when it is the default)."""
     from deepsports.cli.config_args import config_from_args
+    from deepsports.config import config_fields
 
     parser = build_parser()
     for action in parser._subparsers._group_actions:  # argparse keeps the subcommand parsers there
         for name, sub in action.choices.items():
             _strict(sub, name)
-    config_from_args(_strict(parser, kind).parse_args([kind, *rest]))
+    config = config_from_args(_strict(parser, kind).parse_args([kind, *rest]))
+    if config.cache_dir == config_fields()["cache_dir"].default:
+        return None
+    return config.cache_dir, "the job's config"
 
 
 def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:

@@ -10,13 +10,14 @@ replaces the model users load as ``models:/NAME@champion``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
 from deepsports.errors import StorageError
+from deepsports.tags import MODEL_URI_TAG, VERSION_METRIC_PREFIX, VERSION_RUN_TAG
 from deepsports.tracking.store import allow_file_store, call_with_retry, redact_uri, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,6 @@ log = logging.getLogger(__name__)
 CHAMPION_ALIAS = "champion"
 #: The run metric that decides the champion (higher is better), copied to the version's tags.
 CHAMPION_METRIC = "best_val_spearman"
-#: Version tags (besides one per run metric, ``metric.<key>``).
-STUDY_TAG, TRIAL_TAG, RUN_TAG = "deepsports.study", "deepsports.trial", "deepsports.run_id"
 
 
 @dataclass(frozen=True)
@@ -44,14 +43,15 @@ def register_run_model(run_id: str, name: str, *, tags: Mapping[str, str] | None
     """Register the model logged by run ``run_id`` as a new version of ``name`` (created when missing).
 
     The version is tagged with ``tags`` (e.g. study and trial), the run id and every run metric
-    (``metric.<key>``); ``champion`` moves to it when its ``best_val_spearman`` is greater than the
-    current champion's, or when there is none. Raises :class:`StorageError` when the run logged no model.
+    (``metric.<key>``; names in :mod:`deepsports.tags`); ``champion`` moves to it when its
+    ``best_val_spearman`` is greater than the current champion's, or when there is none. Raises
+    :class:`StorageError` when the run logged no model.
     """
     uri = uri or tracking_uri()
     allow_file_store(uri)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = call_with_retry("get run", uri, client.get_run, run_id)
-    model_uri = run.data.tags.get("deepsports.model_uri")
+    model_uri = run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:
         raise StorageError(f"run {run_id} in {redact_uri(uri)} logged no model (log_model=false?): nothing to register")
     metrics = run.data.metrics
@@ -63,8 +63,8 @@ def register_run_model(run_id: str, name: str, *, tags: Mapping[str, str] | None
     except StorageError as exc:
         if getattr(exc.__cause__, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
-    version_tags = {**dict(tags or {}), RUN_TAG: run_id, **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()
-                                                              if not k.startswith("system/")}}
+    version_tags = {**dict(tags or {}), VERSION_RUN_TAG: run_id,
+                    **{f"{VERSION_METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items() if not k.startswith("system/")}}
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
     from deepsports.tracking.runs import _global_tracking_uri
 
@@ -90,7 +90,7 @@ def _champion(client: mlflow.MlflowClient, uri: str, name: str) -> tuple[str, fl
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise StorageError(f"get alias {CHAMPION_ALIAS} of {name} failed on {redact_uri(uri)}: {exc}") from exc
-    return str(version.version), float(version.tags[f"metric.{CHAMPION_METRIC}"])
+    return str(version.version), float(version.tags[f"{VERSION_METRIC_PREFIX}{CHAMPION_METRIC}"])
 
 
 def resolve_registered_run(model_uri: str, uri: str | None = None) -> str:
@@ -107,7 +107,19 @@ def resolve_registered_run(model_uri: str, uri: str | None = None) -> str:
         version = call_with_retry("get model version", uri, client.get_model_version, name, number)
     else:
         raise StorageError(f"{model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    run_id = version.run_id or version.tags.get(RUN_TAG)
+    run_id = version.run_id or version.tags.get(VERSION_RUN_TAG)
     if not run_id:
         raise StorageError(f"{model_uri} (version {version.version}) names no run")
     return run_id
+
+
+def register_retrained(run_id: str, name: str, study_name: str, trial_number: int, uri: str | None = None) -> dict:
+    """``deepsports best --retrain --register NAME``: register the retrained run, tagged with its study and
+    trial; returns what the command prints."""
+    from deepsports.tags import VERSION_STUDY_TAG, VERSION_TRIAL_TAG
+
+    done = register_run_model(run_id, name, tags={VERSION_STUDY_TAG: study_name, VERSION_TRIAL_TAG: str(trial_number)},
+                              uri=uri)
+    return {"name": done.name, "version": done.version, "best_val_spearman": done.value,
+            "champion": done.champion_version, "champion_moved": done.promoted,
+            "load": f"models:/{done.name}@{CHAMPION_ALIAS}"}

@@ -30,8 +30,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -39,6 +40,32 @@ from mlflow.entities import Metric, Param, RunTag
 
 from deepsports.errors import PreemptedError, StorageError
 from deepsports.slurm.env import ClusterEnv
+from deepsports.tags import (
+    FAILURE_REASON_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    HOST_TAG,
+    MODEL_URI_TAG,
+    PARAM_CHANGED_PREFIX,
+    PYTHON_TAG,
+    RESUMES_TAG,
+    VERSION_TAG,
+)
+from deepsports.tracking.store import (  # noqa: F401
+    DEFAULT_TRACKING_URI,
+    RetryPolicy,
+    _default_tracking_uri,
+    _first_line,
+    allow_file_store,
+    call_with_retry,
+    default_retry_policy,
+    enable_sqlite_wal,
+    is_file_store,
+    is_transient,
+    redact_uri,
+    sqlite_path,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +75,6 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _MAX_METRICS, _MAX_PARAMS_TAGS, _MAX_TAG_VALUE = 1000, 100, 8000  # MLflow log_batch limits
 _T = TypeVar("_T")
-
-
-from deepsports.tracking.store import (DEFAULT_TRACKING_URI, RetryPolicy, _default_tracking_uri,  # noqa: F401
-                                      allow_file_store, is_file_store,
-                                      _first_line, call_with_retry, default_retry_policy, enable_sqlite_wal,
-                                      is_transient, redact_uri, sqlite_path, tracking_uri)
 
 
 # --- Context tags ---
@@ -74,10 +95,10 @@ def environment_tags() -> dict[str, str]:
 
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    tags = {"deepsports.git_commit": commit or "unknown",
-            "deepsports.git_dirty": "unknown" if status is None else str(bool(status)).lower(),
-            "deepsports.host": socket.gethostname(), "deepsports.version": __version__,
-            "deepsports.python": sys.version.split()[0]}
+    tags = {GIT_COMMIT_TAG: commit or "unknown",
+            GIT_DIRTY_TAG: "unknown" if status is None else str(bool(status)).lower(),
+            HOST_TAG: socket.gethostname(), VERSION_TAG: __version__,
+            PYTHON_TAG: sys.version.split()[0]}
     # The SLURM ids present (SLURM sets them in every job step); restart count only once SLURM set it.
     tags.update(ClusterEnv.read().tags(restart_count_default=False))
     return tags
@@ -99,7 +120,7 @@ def _mlflow_context_tags(run_name: str | None) -> dict[str, str]:
 class MetricBuffer:
     """Collects metric points and sends them with ``log_batch`` (<= 1000 per call); use for per-step metrics."""
 
-    def __init__(self, tracker: "RunTracker", max_points: int = _MAX_METRICS):
+    def __init__(self, tracker: RunTracker, max_points: int = _MAX_METRICS):
         self.tracker, self.max_points, self._points = tracker, max(1, min(max_points, _MAX_METRICS)), []
 
     def __len__(self) -> int:
@@ -162,7 +183,7 @@ class RunTracker:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def __enter__(self) -> "RunTracker":
+    def __enter__(self) -> RunTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -175,7 +196,7 @@ class RunTracker:
         if isinstance(exc, (KeyboardInterrupt, PreemptedError)):
             status = "KILLED"
         try:
-            self.set_tags({"deepsports.failure_reason": f"{type(exc).__name__}: {exc}"})
+            self.set_tags({FAILURE_REASON_TAG: f"{type(exc).__name__}: {exc}"})
             self.end(status if status in RUN_STATUSES else "FAILED")
         except StorageError as storage_exc:  # never hide the exception that ended the run
             log.error("could not mark run %s as %s: %s", self.run_id, status, storage_exc)
@@ -246,9 +267,9 @@ class RunTracker:
             self.run_id, self.experiment_id = run_id, run.info.experiment_id
             self._call("set run status", self.client.update_run, run_id, status="RUNNING")
             existing = run.data.tags
-            resumes = int(existing.get("deepsports.resumes", "-1")) + 1  # adopting a fresh mlflow-run run is 0
+            resumes = int(existing.get(RESUMES_TAG, "-1")) + 1  # adopting a fresh mlflow-run run is 0
             new_tags = {k: v for k, v in context.items() if k not in existing}
-            new_tags["deepsports.resumes"] = str(resumes)
+            new_tags[RESUMES_TAG] = str(resumes)
             if run_name:
                 new_tags["mlflow.runName"] = run_name
         else:
@@ -258,7 +279,7 @@ class RunTracker:
             run = self._call("create run", self.client.create_run, self.experiment_id, tags=context,
                              run_name=run_name)
             self.run_id = run.info.run_id
-            new_tags = {"deepsports.resumes": "0"}
+            new_tags = {RESUMES_TAG: "0"}
         self.set_tags({**new_tags, **environment_tags(), **dict(tags or {})})
         log.info("MLflow run %s in %s", self.run_id, redact_uri(self.uri))
         if system_metrics_interval_s > 0:
@@ -268,8 +289,6 @@ class RunTracker:
     def _start_system_metrics(self, interval_s: float, resumed: bool) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        # MLflow's monitors log at INFO/WARNING on start, stop and "no GPU"; ours is the line that counts.
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
                                        resume_logging=resumed, tracking_uri=self.uri)
         # Samples count from 1, as epochs do: MLflow's log_model re-logs the run's step-0 points for the
@@ -311,7 +330,7 @@ class RunTracker:
             if key not in existing:
                 fresh.append(Param(key, value))
             elif existing[key] not in (value, shlex.quote(value)):  # `mlflow run` logs its -P values shell-quoted
-                changed[f"deepsports.param_changed.{key}"] = value
+                changed[f"{PARAM_CHANGED_PREFIX}{key}"] = value
                 log.warning("param %s was logged as %r; this attempt uses %r (recorded as a tag)", key,
                             existing[key], value)
         for i in range(0, len(fresh), _MAX_PARAMS_TAGS):
@@ -353,7 +372,7 @@ class RunTracker:
         """:func:`log_model` into this run; returns the model URI (also set as tag ``deepsports.model_uri``)."""
         kwargs.setdefault("retry", self.retry)
         uri = log_model(model, example_input, self._require_run(), tracking_uri=self.uri, **kwargs)
-        self.set_tags({"deepsports.model_uri": uri})
+        self.set_tags({MODEL_URI_TAG: uri})
         return uri
 
 

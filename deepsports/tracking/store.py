@@ -12,9 +12,10 @@ import random
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import requests  # an MLflow dependency
 import sqlalchemy.exc  # an MLflow dependency
@@ -22,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from deepsports.errors import StorageError, disk_full
 
-log = logging.getLogger("deepsports.tracking")
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs", "9p")

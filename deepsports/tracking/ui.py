@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 #: Where ``deepsports ui`` (and ``make ui``) serves a local store unless told otherwise.
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5000
@@ -71,10 +71,10 @@ def study_links(store_uri: str, experiment_id: str, parent_run_id: str) -> dict[
 
 def run_link(store_uri: str, run_id: str) -> str | None:
     """The UI page of ``run_id`` (its experiment looked up in the store), or None when the store lacks it."""
+    import mlflow
+
     from deepsports.errors import StorageError
     from deepsports.tracking.store import allow_file_store, call_with_retry
-
-    import mlflow
 
     allow_file_store(store_uri)
     try:

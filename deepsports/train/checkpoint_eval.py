@@ -17,15 +17,24 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from deepsports.config import Config, build_config
 from deepsports.errors import CheckpointError, ConfigError, StorageError
+from deepsports.tags import (
+    CHECKPOINT_DIR_TAG,
+    EVALUATED_CHECKPOINT_TAG,
+    EVALUATED_EPOCH_TAG,
+    EVALUATED_MODEL_TAG,
+    EVALUATED_SPLIT_TAG,
+    EVALUATION_OF_RUN_TAG,
+)
 from deepsports.train.reporting import log_config
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
 
@@ -80,7 +89,9 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
     _check_source_form(source)
     run = _source_run(tracker, source)
     if run is None:
-        raise ConfigError(f"evaluate: run {source!r} is not in the tracking store {tracker.uri}")
+        from deepsports.tracking.store import redact_uri
+
+        raise ConfigError(f"evaluate: run {source!r} is not in the tracking store {redact_uri(tracker.uri)}")
     from deepsports.tracking.store import call_with_retry
 
     artifacts = call_with_retry("list artifacts", tracker.uri, tracker.client.list_artifacts, source, "checkpoints",
@@ -89,7 +100,7 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
         local = call_with_retry("download checkpoint", tracker.uri, tracker.client.download_artifacts, source,
                                 "checkpoints/best.pt", str(download_dir), policy=tracker.retry)
         return Path(local), run
-    ckpt_dir = run.data.tags.get("deepsports.checkpoint_dir")
+    ckpt_dir = run.data.tags.get(CHECKPOINT_DIR_TAG)
     if ckpt_dir and (Path(ckpt_dir) / "best.pt").is_file():
         return Path(ckpt_dir) / "best.pt", run
     raise ConfigError(f"evaluate: run {source} logged no checkpoints/best.pt and its checkpoint_dir "
@@ -138,9 +149,9 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
         if run is None and source_run_id:
             run = _source_run(tracker, source_run_id)
         epoch = int(state.get("epoch", 1)) - 1  # the state resumes *at* ``epoch``: it holds the one before
-        tags = {"deepsports.evaluation_of_run": source_run_id or "unknown", "deepsports.evaluated_split": split,
-                "deepsports.evaluated_checkpoint": where,
-                "deepsports.evaluated_epoch": str(epoch), **({"deepsports.evaluated_model": model_uri} if model_uri else {})}
+        tags = {EVALUATION_OF_RUN_TAG: source_run_id or "unknown", EVALUATED_SPLIT_TAG: split,
+                EVALUATED_CHECKPOINT_TAG: where,
+                EVALUATED_EPOCH_TAG: str(epoch), **({EVALUATED_MODEL_TAG: model_uri} if model_uri else {})}
         experiment = config.experiment_name
         if run is not None:
             experiment = tracker.client.get_experiment(run.info.experiment_id).name

@@ -18,15 +18,17 @@ import csv
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from deepsports.config import Config
 from deepsports.errors import ConfigError
 from deepsports.fileio import atomic_write
+from deepsports.tags import SEED_PARENT_RUN_TAG, SEEDS_TAG
 
 #: Confidence of the interval of the mean across seeds.
 SEEDS_CONFIDENCE = 0.95
@@ -109,7 +111,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
     tracker = tracking.RunTracker()
     parent = tracker.start(experiment_name=config.experiment_name, run_name=f"{base_name}-{n_seeds}seeds",
                            parent_run_id=parent_run_id, run_id=record["parent_run_id"],
-                           tags={**(tags or {}), "deepsports.seeds": ",".join(map(str, seeds))})
+                           tags={**(tags or {}), SEEDS_TAG: ",".join(map(str, seeds))})
     record.update(parent_run_id=parent, n_seeds=n_seeds, first_seed=config.seed)
     _save_record(ckpt_dir, record)
     with tracker:
@@ -121,7 +123,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
             seed_config = config.replace(seed=seed, run_name=f"{base_name}-seed{seed}",
                                          checkpoint_dir=str(ckpt_dir / f"seed-{seed}") if ckpt_dir else "")
             result = train_fn(seed_config, parent_run_id=parent,
-                              tags={**(tags or {}), "deepsports.seed_parent_run": parent}, **train_kwargs)
+                              tags={**(tags or {}), SEED_PARENT_RUN_TAG: parent}, **train_kwargs)
             record["done"][str(seed)] = {"seed": seed, "run_id": result.run_id,
                                          "best_val_spearman": result.best_val_spearman,
                                          "metrics": {**{f"test_{k}": v for k, v in result.test_metrics.items()},

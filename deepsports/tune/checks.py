@@ -9,8 +9,9 @@ where it came from and what is allowed; nothing here creates a file.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from deepsports.errors import ConfigError
 
@@ -76,7 +77,7 @@ def check_overrides(space: Any, overrides: Mapping[str, Any], source: str = "--s
 
         require_torchsort(f"the search space {space.path}, which samples loss_spcoef_weight,")
     elif "loss_spcoef_weight" in overrides:
-        from deepsports.config import check_installed, build_config
+        from deepsports.config import build_config, check_installed
 
         check_installed(build_config({"loss_spcoef_weight": overrides["loss_spcoef_weight"]}), source)
 
@@ -93,9 +94,12 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
         if path.is_dir():
             raise ConfigError(f"{source} {text!r} is a directory: expected a journal file path (e.g. {text}/study.log)")
         return str(path)
+    from deepsports.tracking.store import redact_uri  # a URL may carry a password: never shown
+
+    shown = redact_uri(text)
     scheme = text.split("://", 1)[0].split("+", 1)[0]
     if scheme not in _RDB_SCHEMES:
-        raise ConfigError(f"{source} {text!r}: unsupported scheme {scheme!r}: expected a journal file path or a "
+        raise ConfigError(f"{source} {shown!r}: unsupported scheme {scheme!r}: expected a journal file path or a "
                           f"{', '.join(s + '://' for s in _RDB_SCHEMES)} URL")
     if scheme == "sqlite":
         rest = text.split("://", 1)[1]
@@ -110,6 +114,7 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
 
     try:
         make_url(text)
-    except ArgumentError as exc:
-        raise ConfigError(f"{source}: {exc}: expected a URL like {scheme}://user@host/database") from None
+    except (ArgumentError, ValueError) as exc:  # ValueError: e.g. a port that is not a number
+        raise ConfigError(f"{source} {shown!r}: {redact_uri(str(exc))}: expected a URL like "
+                          f"{scheme}://user@host/database") from None
     return text

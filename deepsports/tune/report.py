@@ -13,23 +13,31 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tracking import runs as tracking
 from deepsports.config import Config, build_config, config_fields
 from deepsports.errors import StorageError
 from deepsports.fileio import atomic_write
+from deepsports.tags import (
+    CONFIG_ATTR,
+    OPTUNA_STUDY_NAME_TAG,
+    PARENT_RUN_ATTR,
+    RETRAIN_OF_RUN_TAG,
+    RETRAIN_OF_TRIAL_TAG,
+    RUN_ATTR,
+)
+from deepsports.tracking import runs as tracking
 from deepsports.tune.study import open_storage, storage_label
-from deepsports.tune.attrs import CONFIG_ATTR, PARENT_RUN_ATTR, RUN_ATTR
 
-log = logging.getLogger("deepsports.study_report")
+log = logging.getLogger(__name__)
 
 #: Keys that belong to one trial's run, not to the configuration it trained.
 #: Keys of a trial's config that describe the trial's run, not the configuration: `best` resets them.
@@ -165,6 +173,6 @@ def retrain_best(best: BestTrial, *, epochs: int | None = None, overrides: dict[
     if epochs is not None:
         changes["epochs"] = epochs
     config = best.config.replace(**changes)
-    tags = {"optuna.study_name": best.study_name, "deepsports.retrain_of_trial": str(best.number),
-            "deepsports.retrain_of_run": str(best.run_id)}
+    tags = {OPTUNA_STUDY_NAME_TAG: best.study_name, RETRAIN_OF_TRIAL_TAG: str(best.number),
+            RETRAIN_OF_RUN_TAG: str(best.run_id)}
     return train_fn(config, parent_run_id=best.parent_run_id, tags=tags, **train_kwargs)

@@ -18,13 +18,27 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from deepsports.tags import (
+    ATTEMPT_TAG_PREFIX,
+    CKPT_ATTR,
+    HEARTBEAT_ATTR,
+    MAX_TRIALS_ATTR,
+    PARENT_RUN_ATTR,
+    PAUSED_AT_ATTR,
+    PAUSED_BY_ATTR,
+    REASON_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_CAUSE_ATTR,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RETRY_REASON_ATTR,
+    RUN_ATTR,
+    TASK_ATTR,
+)
 from deepsports.tune import accounting as acc
 from deepsports.tune.accounting import retried_from
-from deepsports.tune.attrs import (CKPT_ATTR, HEARTBEAT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, PAUSED_AT_ATTR,
-                                    PAUSED_BY_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR, RETRIED_BY_PREFIX,
-                                    RETRY_REASON_ATTR, RUN_ATTR, TASK_ATTR)
 
-log = logging.getLogger("deepsports.status")
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -59,7 +73,7 @@ def study_status(study: optuna.Study, storage_label: str = "", now: float | None
                      "dead_task": _last_task(attempts.get(retried_from(t), []))}
                     for t in trials if retried_from(t) is not None],
         "reruns": [{"trial": t.number, "rerun_of": int(t.user_attrs[RERUN_OF_ATTR]), "state": t.state.name,
-                    "cause": t.user_attrs.get("deepsports.rerun_cause")} for t in trials if RERUN_OF_ATTR in t.user_attrs],
+                    "cause": t.user_attrs.get(RERUN_CAUSE_ATTR)} for t in trials if RERUN_OF_ATTR in t.user_attrs],
         "compute": _compute(trials, attempts, now),
         "tasks": _tasks(attempts, now),
         "best": _best(trials),
@@ -298,8 +312,8 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
     """Write the run's attempts: ``attempts.json``, the tag ``deepsports.attempts`` (how many), one tag
     ``deepsports.attempt.<i>`` each, and ``deepsports.first_failure_reason`` (never overwritten)."""
     from deepsports.errors import StorageError
+    from deepsports.tags import ATTEMPTS_TAG, FIRST_FAILURE_TAG
     from deepsports.tracking import runs as tracking
-    from deepsports.tune.attrs import ATTEMPTS_TAG, FIRST_FAILURE_TAG
 
     tracker = tracker or tracking.RunTracker()
     attempts = run_attempts(study, run_id, number)
@@ -307,7 +321,7 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
         return attempts
     tags = {ATTEMPTS_TAG: str(len(attempts))}
     for i, a in enumerate(attempts, 1):
-        tags[f"deepsports.attempt.{i}"] = (f"trial {a['trial']} on {a.get('task')}: {_iso(a['start'])} to "
+        tags[f"{ATTEMPT_TAG_PREFIX}{i}"] = (f"trial {a['trial']} on {a.get('task')}: {_iso(a['start'])} to "
                                            f"{_iso(a.get('end'))}, {a['outcome']}"
                                            + (f": {acc.first_line(a.get('reason'))}" if a.get("reason") else ""))
     first = next((a for a in attempts if a["outcome"] in ("failed", "dead")), None)

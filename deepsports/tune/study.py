@@ -25,26 +25,39 @@ import random
 import socket
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from deepsports.tracking import runs as tracking
 from deepsports.config import config_fields
 from deepsports.errors import SearchSpaceError, StorageError
 from deepsports.slurm.env import ClusterEnv
-from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
-                                    SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
-from deepsports.tune.search_space import SearchSpace
+from deepsports.tags import (
+    EXPERIMENT_ATTR,
+    KIND_TAG,
+    OPTUNA_PRUNER_TAG,
+    OPTUNA_SAMPLER_TAG,
+    OPTUNA_STORAGE_TAG,
+    OPTUNA_STUDY_NAME_TAG,
+    PARENT_RUN_ATTR,
+    RUN_ATTR,
+    SPACE_ATTR,
+    SPACE_SHA_ATTR,
+    SPACE_SHA_TAG,
+    SPACE_TAG,
+)
+from deepsports.tracking import runs as tracking
 from deepsports.tune.accounting import retried_from  # noqa: F401 (re-exported; retry lineage is accounting's)
+from deepsports.tune.search_space import SearchSpace
 from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
-log = logging.getLogger("deepsports.study")
+log = logging.getLogger(__name__)
 
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 _SCHEMA_ATTEMPTS = 6
@@ -188,9 +201,9 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise StorageError(f"study {name!r} in {label} minimises; DeepSports studies maximise validation "
                            "Spearman: choose another study name")
-    tags = {"deepsports.kind": "study", "optuna.study_name": name, "optuna.storage": label,
-            "deepsports.search_space": str(space.path), "deepsports.search_space_sha256": space.sha256,
-            "optuna.sampler": type(sampler).__name__, "optuna.pruner": type(pruner).__name__, **(parent_tags or {})}
+    tags = {KIND_TAG: "study", OPTUNA_STUDY_NAME_TAG: name, OPTUNA_STORAGE_TAG: label,
+            SPACE_TAG: str(space.path), SPACE_SHA_TAG: space.sha256,
+            OPTUNA_SAMPLER_TAG: type(sampler).__name__, OPTUNA_PRUNER_TAG: type(pruner).__name__, **(parent_tags or {})}
     if created:
         attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment}
         for key, value in attrs.items():

@@ -15,8 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e_helpers import TUNE_SPACE, as_args, deepsports_cmd, free_port, run_checked, subprocess_env, \
-    tiny_overrides
+from tests.e2e_helpers import (
+    TUNE_SPACE,
+    as_args,
+    deepsports_cmd,
+    free_port,
+    run_checked,
+    subprocess_env,
+    tiny_overrides,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -149,8 +156,8 @@ def test_best_registers_the_retrained_model_and_evaluate_loads_the_champion(file
     import torch
 
     from deepsports.model import build_model
-    from deepsports.train.checkpoints import load_checkpoint
     from deepsports.train.checkpoint_eval import checkpoint_config
+    from deepsports.train.checkpoints import load_checkpoint
 
     ckpt = Path(client.get_run(retrain_id).data.tags["deepsports.checkpoint_dir"]) / "best.pt"
     state = load_checkpoint(ckpt)

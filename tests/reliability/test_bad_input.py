@@ -242,9 +242,9 @@ def test_an_unreachable_storage_is_a_storage_error_with_the_password_redacted(wo
 
 
 def test_best_of_a_study_that_does_not_exist_names_it_and_the_studies_there(workdir):
-    from deepsports.tune.study import open_storage
-
     import optuna
+
+    from deepsports.tune.study import open_storage
 
     storage = workdir / "study.journal"
     optuna.create_study(storage=open_storage(storage), study_name="real")

@@ -18,8 +18,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from deepsports.data.synth import generate_synthetic_dataset
-from deepsports.tune.study import storage_label
 from deepsports.tracking.runs import RunTracker
+from deepsports.tune.study import storage_label
 from tests.e2e_helpers import REPO, as_args, deepsports_cmd, subprocess_env, tiny_overrides
 
 SECRET = "hunter2-not-for-logs"
@@ -103,7 +103,7 @@ def test_mlflow_ui_and_server_launched_by_our_scripts_listen_on_localhost_only()
     # ... and `deepsports ui` starts mlflow ui on its --host, 127.0.0.1 by default.
     from deepsports.tracking.ui import DEFAULT_HOST, ui_command
 
-    assert DEFAULT_HOST == "127.0.0.1" and ui_command("sqlite:///x.db")[-5:-2] == ["--host", "127.0.0.1", "--port"]
+    assert DEFAULT_HOST == "127.0.0.1" and ui_command("sqlite:///x.db")[-6:-3] == ["--host", "127.0.0.1", "--port"]
     # deploy/mlflow-server.sh: the host defaults to 127.0.0.1 and is what `mlflow server` gets.
     script = (REPO / "deploy" / "mlflow-server.sh").read_text()
     assert 'HOST="${DEEPSPORTS_MLFLOW_HOST:-127.0.0.1}"' in script

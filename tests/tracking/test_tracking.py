@@ -14,8 +14,15 @@ import torch
 from mlflow import MlflowClient
 
 from deepsports.errors import StorageError
-from deepsports.tracking.runs import (RetryPolicy, RunTracker, call_with_retry, enable_sqlite_wal, redact_uri, sqlite_path,
-                                 tracking_uri)
+from deepsports.tracking.runs import (
+    RetryPolicy,
+    RunTracker,
+    call_with_retry,
+    enable_sqlite_wal,
+    redact_uri,
+    sqlite_path,
+    tracking_uri,
+)
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, max_total_sleep_s=1.0)
 

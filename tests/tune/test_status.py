@@ -4,6 +4,7 @@ its retry, ``deepsports status`` (text and --json), the parent run's copy, ``--r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,14 +21,21 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.errors import ConfigError, PreemptedError
+from deepsports.tags import (
+    ATTEMPTS_ATTR,
+    EPOCH_END_PREFIX,
+    HEARTBEAT_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RUN_ATTR,
+)
 from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, RERUN_BY_PREFIX,
-                                    RERUN_OF_ATTR, RETRIED_BY_PREFIX, RUN_ATTR)
 from deepsports.tune.checks import check_causes
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.status import study_status
 from deepsports.tune.study import open_storage, retried_from
-from deepsports.tune.settings import TuneSettings
 from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env, wait_for
 
@@ -39,7 +47,9 @@ def _oom_in_trial_1(config, **kwargs):
     def hook(where: str, step: int) -> None:
         if where == "step" and step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-    return train(config, fault_hook=hook if kwargs["tags"]["optuna.trial_number"] == "1" else None, **kwargs)
+    if kwargs["tags"]["optuna.trial_number"] == "1":
+        kwargs["hooks"] = dataclasses.replace(kwargs["hooks"], fault_hook=hook)
+    return train(config, **kwargs)
 
 
 @pytest.fixture(scope="module")
