@@ -154,7 +154,8 @@ class Config:
                             choices=RESUME_MODES)
     experiment_name: str = _platform("deepsports", "MLflow experiment.")
     run_name: str = _platform("", "MLflow run name ('' = generated).")
-    log_model: bool = _platform(True, "Log the final model with mlflow.pytorch.log_model.")
+    log_model: bool = _platform(True, "Log the final model with mlflow.pytorch.log_model (torch.export / pt2: "
+                                "loads without unpickling; docs/ui.md).")
     log_checkpoint: bool = _platform(True, "Log the best checkpoint (best.pt) as an MLflow artifact; it stays in "
                                      "checkpoint_dir either way.")
     system_metrics_interval_s: float = _platform(10.0, "Seconds between samples of MLflow's system metrics (system/*: "
