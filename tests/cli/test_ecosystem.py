@@ -190,7 +190,7 @@ def test_the_champion_alias_moves_only_to_a_better_version(file_store):
     assert (first.version, first.promoted, first.champion_version) == ("1", True, "1")
     assert (better.version, better.promoted, better.champion_version) == ("2", True, "2")
     assert (worse.version, worse.promoted, worse.champion_version) == ("3", False, "2")
-    assert client.get_model_version_by_alias("ranked", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("ranked", "champion").version) == "2"
 
 
 def _chromium() -> str:
