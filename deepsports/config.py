@@ -38,6 +38,10 @@ LR_SCHEDULERS = ("none", "cosine")
 RESUME_MODES = ("auto", "never")
 FEATURE_NORMS = ("batchnorm", "none")
 CACHE_GEOMETRIES = ("fit", "original")
+#: Replaces the default ``cache_dir`` when the config is built (an explicit ``cache_dir`` wins).
+CACHE_DIR_ENV = "DEEPSPORTS_CACHE_DIR"
+#: Replaces ``checkpoints/`` in the default checkpoint folder ``checkpoints/<mlflow run id>``.
+CHECKPOINT_ROOT_ENV = "DEEPSPORTS_CHECKPOINT_ROOT"
 #: The original's intermediate frame, (height, width): 256 px high, 16:9.
 ORIGINAL_FRAME_SIZE = (256, 455)
 
@@ -140,7 +144,8 @@ class Config:
                                    "all along).", min=0)
     grad_clip_norm: float = _platform(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
     cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live "
-                                                      "($DEEPSPORTS_CACHE_DIR overrides the default).")
+                                                      "($DEEPSPORTS_CACHE_DIR replaces the default; the value used "
+                                                      "is the one printed and logged).")
     cache_geometry: str = _platform("fit", "Frames the clip cache holds: fit = what training reads (spatial_size square; "
                                     "with data_aug the 16:9 frame the crops come from, spatial_size * 256/224 high); "
                                     "original = the original's 256x455 intermediate.", choices=CACHE_GEOMETRIES)
@@ -167,6 +172,9 @@ class Config:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+        if self.cache_dir == _FIELDS["cache_dir"].default and os.environ.get(CACHE_DIR_ENV):
+            # What is recorded (config.yaml, the cache_dir tag, a trial's config) is what is used.
+            object.__setattr__(self, "cache_dir", os.environ[CACHE_DIR_ENV])
         self._check_relations()
 
     def _check_relations(self) -> None:
@@ -211,8 +219,6 @@ class Config:
 
     @property
     def cache_path(self) -> Path:
-        if self.cache_dir == _FIELDS["cache_dir"].default and os.environ.get("DEEPSPORTS_CACHE_DIR"):
-            return Path(os.environ["DEEPSPORTS_CACHE_DIR"]).expanduser()
         return Path(self.cache_dir).expanduser()
 
     # --- conversions ----------------------------------------------------------------------
@@ -572,6 +578,35 @@ def load_config(config: str | os.PathLike | None = None, overrides: Mapping[str,
         values.update(given)
         sources.update(dict.fromkeys(given, overrides_source))
     return build_config(values, sources=sources)
+
+
+def check_writable_dirs(config: Config | None = None, *, cache_dir: str | None = None,
+                        checkpoint_dir: str | None = None, what: str = "") -> None:
+    """The folders a run writes accept files, checked before any run or study exists: else one
+    :class:`ConfigError` (exit 2) naming the key, the folder, the system's reason and the way out.
+
+    ``config`` gives ``cache_dir`` and ``checkpoint_dir`` (its ``''`` default is
+    ``$DEEPSPORTS_CHECKPOINT_ROOT`` or ``checkpoints``); keywords replace either (a study's checkpoint root).
+    """
+    from deepsports.fileio import unwritable_reason
+
+    cache = cache_dir if cache_dir is not None else (config.cache_dir if config is not None else None)
+    ckpt = checkpoint_dir if checkpoint_dir is not None else (config.checkpoint_dir if config is not None else None)
+    checks = []
+    if cache is not None:
+        from_env = os.environ.get(CACHE_DIR_ENV) == cache
+        checks.append(("cache_dir", cache, f" (from ${CACHE_DIR_ENV})" if from_env else "",
+                       f"set cache_dir=DIR or ${CACHE_DIR_ENV} to a writable folder"))
+    if ckpt is not None:
+        root = os.environ.get(CHECKPOINT_ROOT_ENV)
+        where = "" if ckpt else (f" (the checkpoint root ${CHECKPOINT_ROOT_ENV})" if root else
+                                 " (the default checkpoints/ in the working directory)")
+        checks.append(("checkpoint_dir", ckpt or root or "checkpoints", where,
+                       "set checkpoint_dir=DIR" + ("" if ckpt else f" or ${CHECKPOINT_ROOT_ENV}") + " to a writable folder"))
+    for key, folder, source, way_out in checks:
+        reason = unwritable_reason(folder)
+        if reason is not None:
+            raise ConfigError(f"{what}{key} {folder!r}{source} is not writable: {reason}; {way_out}", keys=(key,))
 
 
 _FIELDS: dict[str, FieldSpec] = _build_specs()

@@ -47,6 +47,8 @@ PARENT_RUN_ATTR = "deepsports.mlflow_parent_run_id"
 SPACE_ATTR = "deepsports.search_space"
 SPACE_SHA_ATTR = "deepsports.search_space_sha256"
 EXPERIMENT_ATTR = "deepsports.experiment_name"
+TRACKING_URI_ATTR = "deepsports.tracking_uri"        # the MLflow store the study logs to (absolute, redacted)
+PARENT_STATE_ATTR = "deepsports.parent_run_state"  # the state a worker last gave the parent run
 MAX_TRIALS_ATTR = "deepsports.max_trials"            # the last max_trials a worker was given
 SAMPLER_ATTR = "deepsports.sampler"                  # the TPE settings (tune.study.sampler_settings), a dict
 #: "<prefix><original number>" -> number of its retry / re-run. Optuna refuses any write to a finished

@@ -19,9 +19,9 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
     """Run the demo; returns the exit code of ``mlflow run`` (0 on success)."""
     from mlflow.tracking import MlflowClient
 
-    from deepsports.tracking import runs as tracking
-    from deepsports.tracking.runs import redact_uri, sqlite_path, tracking_uri
+    from deepsports.tracking.runs import RunTracker
     from deepsports.tracking.ui import run_url, runs_url, ui_base
+    from deepsports.tracking.uris import redact_uri, sqlite_path, tracking_uri
 
     project_dir = Path(__file__).resolve().parents[2]
     if not (project_dir / "MLproject").is_file():
@@ -33,8 +33,8 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
     if database is not None and not database.is_absolute():
         # `mlflow run` runs the entry point in the project folder: the store and checkpoints stay here.
         uri = f"sqlite:///{database.resolve()}"
-    # Created here so that its artifact folder (./mlruns) is in this directory too.
-    tracking.RunTracker(uri).ensure_experiment("deepsports")
+    # Created before `mlflow run` (whose entry point runs in the project folder); artifacts go beside the store.
+    RunTracker(uri).ensure_experiment("deepsports")
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, DEEPSPORTS_CHECKPOINT_ROOT=str(Path("checkpoints").resolve()))
     # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
+from deepsports.cli.config_args import add_config_arguments, config_from_args
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
 if TYPE_CHECKING:
@@ -25,18 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from deepsports.config import check_installed
-
     if args.seeds is not None:
-        config = config_from_args(args)
-        check_installed(config)
-        return _train_seeds(config, args.seeds)
+        return _train_seeds(_checked_config(args), args.seeds)
     from deepsports.slurm.preemption import preemptible
 
     # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
     with preemptible() as stop:
-        config = config_from_args(args)  # a bad value is refused in a blink, not after torch's import
-        check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
+        config = _checked_config(args)  # a bad value is refused in a blink, not after torch's import
         from deepsports.train.distributed import detect
         from deepsports.train.loop import train
         from deepsports.train.state import TrainHooks
@@ -48,12 +43,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = {"run_id": result.run_id, "best_val_spearman": result.best_val_spearman, "best_epoch": result.best_epoch,
                "resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(result.checkpoint_dir),
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}
-    from deepsports.tracking.store import tracking_uri
     from deepsports.tracking.ui import run_link
+    from deepsports.tracking.uris import tracking_uri
 
     summary["ui"] = run_link(tracking_uri(), result.run_id)  # a local store: served by `deepsports ui`
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _checked_config(args: argparse.Namespace, *, checkpoint: bool = True):
+    """The command line's config, its cache and checkpoint folders writable (before any run exists)."""
+    from deepsports.config import check_installed, check_writable_dirs
+    from deepsports.tracking.uris import check_tracking_uri
+
+    config = config_from_args(args)
+    if checkpoint:
+        check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
+        check_tracking_uri()
+        check_writable_dirs(config)
+    else:
+        check_writable_dirs(cache_dir=config.cache_dir)
+    return config
 
 
 def _train_seeds(config: Config, n_seeds: int) -> int:
@@ -72,7 +82,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from deepsports.data import prepare_from_config
     from deepsports.slurm.preemption import preemptible
 
-    config = config_from_args(args)
+    config = _checked_config(args, checkpoint=False)
     # prepare is resumable (every clip is written to a temporary name, then renamed), so a stop signal
     # stops it at once; under SLURM it requeues itself on the time-limit warning and continues later.
     with preemptible(interrupt=True):
@@ -128,7 +138,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 EXIT_CODES = (
     (0, "success"),
     (1, "an unexpected error (a bug: please report the traceback)"),
-    (2, "bad input: a config value, flag, file name, search space, study name or storage (nothing was started)"),
+    (2, "bad input: a config value, flag, file name, search space, study name or storage, a folder that cannot be "
+        "written or does not exist (nothing was started)"),
     (3, "data: annotations, splits, videos or the clip cache missing or malformed"),
     (4, "checkpoint: unreadable, unsafe, or not fitting the model"),
     (5, "training failed: non-finite loss, out of memory, a data-loader worker died"),
@@ -137,7 +148,8 @@ EXIT_CODES = (
     (7, "SLURM: sbatch/scontrol missing or refused the request"),
     (8, "the checkpoint_dir is in use by another live process (named: pid, host, since)"),
     (75, "stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume "
-         "(under SLURM the job requeued itself)"),
+         "(under SLURM the job requeued itself on its time-limit warning; SLURM requeues it after a preemption; "
+         "a `scancel` ends it)"),
     (130, "interrupted by Ctrl-C"),
 )
 
@@ -165,14 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train seeds seed..seed+N-1 as sibling runs under one parent that logs the mean, sd and "
                         "95%% interval of every test metric")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="decode the videos once into the clip cache (resumable)")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.add_argument("--skip-bad", action="store_true", help="record corrupt videos/clips and go on")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
@@ -195,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("config", help="print the resolved config as YAML")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("demo", help="train through the MLflow Project on synthetic data and say where to look")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deepsports.cli.status import add_status_parser, enqueue_reruns, missing_work
+from deepsports.cli.status import add_status_parser, enqueue_reruns, existing_study, missing_work, study_tracking_uri
 from deepsports.cli.ui import study_ui
 from deepsports.errors import ConfigError, PreemptedError
 from deepsports.tags import STUDY_PARENT_RUN_TAG
@@ -115,14 +115,17 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, storage_source: str = "--storage") -> None:
     """What a tune worker would refuse, checked before any worker, storage, study or job exists."""
     from deepsports.config import parse_overrides
-    from deepsports.tune.checks import check_overrides, check_rerun, check_study_name, resolve_storage
+    from deepsports.tune.checks import check_overrides, check_rerun, check_study_name, check_trial_dirs, resolve_storage
     from deepsports.tune.search_space import load_search_space
 
     check_study_name(args.study_name)
     check_rerun(args.rerun_failed, args.rerun_causes)
     if check_storage:
         resolve_storage(args.storage, storage_source)
-    check_overrides(load_search_space(args.search_space), parse_overrides(args.overrides))
+    space, overrides = load_search_space(args.search_space), parse_overrides(args.overrides)
+    check_overrides(space, overrides)
+    if check_storage:  # else the job runs on a SLURM node, whose folders are not ours to probe
+        check_trial_dirs(space, overrides)
 
 
 def _print_summary(summary, extra: dict[str, Any]) -> None:
@@ -144,10 +147,11 @@ def _tag_project_run(parent_run_id: str) -> None:
     """Inside ``mlflow run -e tune`` the project's own run points at the study's parent run."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id and run_id != parent_run_id:
-        from deepsports.tracking import runs as tracking
+        from deepsports.slurm.env import run_tags
+        from deepsports.tracking.runs import RunTracker
 
-        tracker = tracking.RunTracker()
-        tracker.start(run_id=run_id)
+        tracker = RunTracker()
+        tracker.start(run_id=run_id, cluster=run_tags())
         tracker.set_tags({STUDY_PARENT_RUN_TAG: parent_run_id})
 
 
@@ -234,7 +238,6 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
 
 def _cmd_best(args: argparse.Namespace) -> int:
     from deepsports.tune.checks import check_study_name
-    from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots, retrain_best
 
     check_study_name(args.study, "study")
     if args.seeds is not None and not args.retrain:
@@ -244,10 +247,13 @@ def _cmd_best(args: argparse.Namespace) -> int:
     if args.register is not None and (not args.retrain or args.seeds is not None):
         raise ConfigError(f"--register {args.register} needs --retrain without --seeds (it registers the retrained "
                           "run's model)")
-    study = load_existing_study(args.study, args.storage)
-    best = best_trial(study)
+    from deepsports.tune.report import best_trial, export_best, log_study_plots, retrain_best
+
+    study = existing_study(args.study, args.storage)  # a missing study exits 2, as in `status`
+    uri, best = study_tracking_uri(study, needed=True), best_trial(study)
+    # Everything is checked: only now is anything written (the config file, the plots).
     path = export_best(best, args.out or Path("experiments") / f"{args.study}_best.yaml")
-    plots = log_study_plots(study)
+    plots = log_study_plots(study, uri)
     result: dict[str, Any] = {"study": best.study_name, "best_trial": best.number, "value": best.value,
                               "params": best.params, "run_id": best.run_id, "parent_run_id": best.parent_run_id,
                               "config_file": str(path), "plots": plots}
@@ -276,8 +282,8 @@ def _cmd_best(args: argparse.Namespace) -> int:
                 result["registered"] = register_retrained(trained.run_id, args.register, best.study_name, best.number)
     result["ui"] = study_ui(best.parent_run_id)
     if "retrain" in result:
-        from deepsports.tracking.store import tracking_uri
         from deepsports.tracking.ui import run_link
+        from deepsports.tracking.uris import tracking_uri
 
         result["retrain"]["ui"] = run_link(tracking_uri(), result["retrain"].get("run_id")
                                            or result["retrain"]["parent_run_id"])
@@ -287,8 +293,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
-    from deepsports.tracking.runs import tracking_uri
-    from deepsports.tracking.store import redact_uri
+    from deepsports.tracking.uris import redact_uri, tracking_uri
 
     profile = slurm.load_profile(args.profile)
     rest = list(args.args)
@@ -352,7 +357,7 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile
     from deepsports.config import parse_overrides
     from deepsports.tune.checks import resolve_storage
     from deepsports.tune.search_space import load_search_space
-    from deepsports.tune.study import DEFAULT_STORAGE
+    from deepsports.tune.settings import DEFAULT_STORAGE
 
     parser = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
     _add_tune_arguments(parser)

@@ -15,8 +15,8 @@ from deepsports.errors import ConfigError, StorageError
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from deepsports.tracking.store import allow_file_store, redact_uri, tracking_uri
     from deepsports.tracking.ui import runs_url, ui_base, ui_command, ui_environment
+    from deepsports.tracking.uris import allow_file_store, redact_uri, tracking_uri
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: expected 1-65535")
@@ -76,8 +76,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def study_ui(parent_run_id: str | None) -> dict[str, str] | None:
     """The study's UI links (trials ranked, parent run), for a local store served by ``deepsports ui``."""
-    from deepsports.tracking.store import tracking_uri
     from deepsports.tracking.ui import run_link, study_links
+    from deepsports.tracking.uris import tracking_uri
 
     link = run_link(tracking_uri(), parent_run_id) if parent_run_id else None
     if link is None:

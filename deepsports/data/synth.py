@@ -50,6 +50,7 @@ PyAV builds), whatever the number of worker processes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -72,6 +73,8 @@ from deepsports.errors import ConfigError, DataError
 
 __all__ = ["SynthDataset", "generate_synthetic_dataset", "ensure_synthetic_dataset", "synthetic_dataset_dir",
            "difficulty", "judge_marks", "SYNTH_VERSION", "DEFAULT_SIZE", "DEFAULT_FPS", "MARKER"]
+
+log = logging.getLogger(__name__)
 
 #: Bump when the rule or the drawing changes: cached datasets of another version are regenerated.
 SYNTH_VERSION = 2
@@ -161,7 +164,7 @@ def _sample_dive(rng: np.random.Generator) -> tuple[Dive, np.ndarray]:
     return dive, marks
 
 
-def _sample_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
+def sample_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     u = height / 128
     board_y = float(rng.uniform(63, 66)) * u
     stands = []
@@ -186,7 +189,7 @@ def _plan(n_clips: int, seed: int, height: int, width: int) -> tuple[list[_Video
                                                                         list[tuple[int, int]]]:
     rng = np.random.default_rng(seed)
     n_videos = min(10, max(2, math.ceil(n_clips / 8)))
-    scenes = [_sample_scene(rng, height, width) for _ in range(n_videos)]
+    scenes = [sample_scene(rng, height, width) for _ in range(n_videos)]
     plans = []
     for index, scene in enumerate(scenes):
         frame = int(rng.integers(3, 8))  # lead-in: the hold frame before the first clip exists
@@ -293,7 +296,11 @@ def _default_workers(n_videos: int) -> int:
 def _write_videos(plans: list[_VideoPlan], videos_dir: Path, fps: int, codec: str, workers: int,
                   progress: bool) -> None:
     total = sum(len(plan.clips) for plan in plans)
-    with tqdm(total=total, desc="synthetic dives", unit="clip", disable=not progress) as bar:
+    # A bar on a terminal only: in a log file (SLURM, CI, `2> log`) its carriage returns pile up in one line.
+    interactive = progress and sys.stderr.isatty()
+    if progress and not interactive:
+        log.info("writing %d synthetic clips in %d videos to %s", total, len(plans), videos_dir)
+    with tqdm(total=total, desc="synthetic dives", unit="clip", disable=not interactive) as bar:
         if workers <= 1 or multiprocessing.current_process().daemon:  # a daemon may not start processes
             for plan in plans:
                 bar.update(_write_video(plan, videos_dir / video_filename(plan.video), fps, codec))

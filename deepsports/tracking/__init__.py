@@ -13,18 +13,18 @@ _EXPORTS = {
     'NullTracker': 'runs',
     'RetryPolicy': 'store',
     'RunTracker': 'runs',
-    'allow_file_store': 'store',
+    'allow_file_store': 'uris',
     'call_with_retry': 'store',
     'default_retry_policy': 'store',
     'enable_sqlite_wal': 'store',
     'environment_tags': 'runs',
     'is_transient': 'store',
     'log_model': 'runs',
-    'redact_uri': 'store',
+    'redact_uri': 'uris',
+    'sqlite_path': 'uris',
+    'tracking_uri': 'uris',
     'register_run_model': 'registry',
     'resolve_registered_run': 'registry',
-    'sqlite_path': 'store',
-    'tracking_uri': 'store',
 }
 
 __all__ = sorted(_EXPORTS)

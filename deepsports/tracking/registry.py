@@ -18,7 +18,8 @@ from mlflow.exceptions import MlflowException
 
 from deepsports.errors import StorageError
 from deepsports.tags import MODEL_URI_TAG, VERSION_METRIC_PREFIX, VERSION_RUN_TAG
-from deepsports.tracking.store import allow_file_store, call_with_retry, redact_uri, tracking_uri
+from deepsports.tracking.store import call_with_retry
+from deepsports.tracking.uris import allow_file_store, redact_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +40,6 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 
 from deepsports.errors import PreemptedError, StorageError
-from deepsports.slurm.env import ClusterEnv
 from deepsports.tags import (
     FAILURE_REASON_TAG,
     GIT_COMMIT_TAG,
@@ -51,21 +51,9 @@ from deepsports.tags import (
     RESUMES_TAG,
     VERSION_TAG,
 )
-from deepsports.tracking.store import (  # noqa: F401
-    DEFAULT_TRACKING_URI,
-    RetryPolicy,
-    _default_tracking_uri,
-    _first_line,
-    allow_file_store,
-    call_with_retry,
-    default_retry_policy,
-    enable_sqlite_wal,
-    is_file_store,
-    is_transient,
-    redact_uri,
-    sqlite_path,
-    tracking_uri,
-)
+from deepsports.tracking import uris
+from deepsports.tracking.store import RetryPolicy, call_with_retry, default_retry_policy, enable_sqlite_wal
+from deepsports.tracking.uris import allow_file_store, check_store_folder, redact_uri, sqlite_path, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +76,10 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def environment_tags() -> dict[str, str]:
-    """Code version, host and SLURM ids of this process (git state of the deepsports source tree;
-    ``git_dirty`` ignores untracked files such as a local mlflow.db)."""
+def environment_tags(cluster: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Code version and host of this process (git state of the deepsports source tree; ``git_dirty``
+    ignores untracked files such as a local mlflow.db), and the compute job's ids the caller read
+    (``cluster``: ``slurm.job_id``, ...; tracking is told them, it does not read the cluster)."""
     from deepsports import __version__
 
     commit = _git("rev-parse", "HEAD")
@@ -99,8 +88,7 @@ def environment_tags() -> dict[str, str]:
             GIT_DIRTY_TAG: "unknown" if status is None else str(bool(status)).lower(),
             HOST_TAG: socket.gethostname(), VERSION_TAG: __version__,
             PYTHON_TAG: sys.version.split()[0]}
-    # The SLURM ids present (SLURM sets them in every job step); restart count only once SLURM set it.
-    tags.update(ClusterEnv.read().tags(restart_count_default=False))
+    tags.update(cluster or {})
     return tags
 
 
@@ -139,6 +127,47 @@ class MetricBuffer:
             del self._points[:len(chunk)]  # only after the store has them: a failed flush keeps them
 
 
+def _artifacts_beside_store(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns/<experiment>`` in the store's own
+    folder, whichever folder the first run of the experiment started in (MLflow's default, ``./mlruns/<id>``,
+    follows the working directory: a run from another folder, a job's node or a test would scatter them)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None  # a server decides for itself
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return str(path.expanduser().absolute().parent / "mlruns" / slug)
+
+
+@contextlib.contextmanager
+def _store_init_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock serialising the first open of SQLite store ``path`` across processes.
+
+    Held on the store's folder itself, so nothing is left beside the database; where a folder cannot
+    be flocked (NFS forwards flock as a POSIX lock, which needs a file open for writing) on the file
+    ``<db>.init-lock`` instead, as before.
+    """
+    import fcntl
+
+    folder = path.expanduser().absolute().parent
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise StorageError(f"cannot open tracking store {path}: its folder {folder}: {exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            try:
+                fd = os.open(path.with_name(path.name + ".init-lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StorageError(f"cannot open tracking store {path}: {exc}") from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
 class RunTracker:
     """One MLflow run: ``start`` (new, resumed or adopted from ``mlflow run``), log, ``end``.
 
@@ -160,28 +189,18 @@ class RunTracker:
 
     def _open_store(self, wal: bool) -> mlflow.MlflowClient:
         # Processes opening a new SQLite store at once would all run MLflow's schema creation and
-        # trip over each other: the first call runs under an exclusive flock on <db>.init-lock.
+        # trip over each other: the first call runs under an exclusive flock (_store_init_lock).
         path = sqlite_path(self.uri)
         if path is None:  # a server: the client connects lazily, so ask it something now
             client = self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
             self._call("open tracking store", client.search_experiments, max_results=1)
             return client
-        import fcntl
-
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(path.with_name(path.name + ".init-lock"), "a")
-        except OSError as exc:
-            raise StorageError(f"cannot open tracking store {redact_uri(self.uri)}: {exc}") from exc
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if wal:
-                    self._call("enable WAL", enable_sqlite_wal, self.uri)
-                # MlflowClient builds a SQL store eagerly: tables are created/migrated here.
-                return self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        check_store_folder(self.uri)
+        with _store_init_lock(path):
+            if wal:
+                self._call("enable WAL", enable_sqlite_wal, self.uri)
+            # MlflowClient builds a SQL store eagerly: tables are created/migrated here.
+            return self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
 
     def __enter__(self) -> RunTracker:
         return self
@@ -226,6 +245,7 @@ class RunTracker:
         """The id of the active experiment ``name``, created (as a model-training experiment) when missing."""
         experiment = self._call("get experiment", self.client.get_experiment_by_name, name)
         if experiment is None:
+            artifact_location = artifact_location or _artifacts_beside_store(self.uri, name)
             try:
                 return call_with_retry("create experiment", self.uri, self.client.create_experiment, name,
                                        artifact_location=artifact_location, tags=EXPERIMENT_TAGS, policy=self.retry)
@@ -241,8 +261,8 @@ class RunTracker:
     def start(self, experiment_name: str = "deepsports", run_name: str | None = None,
               parent_run_id: str | None = None, run_id: str | None = None,
               tags: Mapping[str, str] | None = None, artifact_location: str | None = None,
-              system_metrics_interval_s: float = 0.0) -> str:
-        """Open the run and return its id.
+              cluster: Mapping[str, str] | None = None, system_metrics_interval_s: float = 0.0) -> str:
+        """Open the run and return its id; ``cluster``: the job's ids to tag it with (see :func:`environment_tags`).
 
         * ``run_id`` given: resume that run (status back to RUNNING; params/metrics kept).
         * else ``$MLFLOW_RUN_ID`` set and no ``parent_run_id``: adopt the run ``mlflow run`` created
@@ -280,7 +300,7 @@ class RunTracker:
                              run_name=run_name)
             self.run_id = run.info.run_id
             new_tags = {RESUMES_TAG: "0"}
-        self.set_tags({**new_tags, **environment_tags(), **dict(tags or {})})
+        self.set_tags({**new_tags, **environment_tags(cluster), **dict(tags or {})})
         log.info("MLflow run %s in %s", self.run_id, redact_uri(self.uri))
         if system_metrics_interval_s > 0:
             self._start_system_metrics(system_metrics_interval_s, resumed=run_id is not None)
@@ -454,7 +474,7 @@ def log_model(model, example_input, run_id: str, *, tracking_uri: str | None = N
     import torch
     from mlflow.models import infer_signature
 
-    uri = tracking_uri or _default_tracking_uri()
+    uri = tracking_uri or uris.tracking_uri()
     example = example_input.detach().cpu().float().numpy() if hasattr(example_input, "detach") \
         else np.asarray(example_input, dtype=np.float32)
     with torch.no_grad():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -22,76 +21,19 @@ import sqlalchemy.exc  # an MLflow dependency
 from mlflow.exceptions import MlflowException
 
 from deepsports.errors import StorageError, disk_full
+from deepsports.tracking.uris import (
+    check_store_folder,
+    redact_uri,
+    sqlite_path,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs", "9p")
 _T = TypeVar("_T")
 # What a store call raises when the store (not our code) fails. SQLAlchemy errors escape unwrapped
 # from MLflow's engine creation; requests errors from artifact uploads to a server.
 _STORE_ERRORS = (MlflowException, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, requests.RequestException, OSError)
-
-# --- URIs ---
-
-def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory (a file store the
-    user chose is opted into: :func:`allow_file_store`)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    allow_file_store(uri)
-    return uri
-
-
-#: Set in this process's environment once the file-store warning was given (its child processes then skip it).
-_FILE_STORE_WARNED_ENV = "DEEPSPORTS_FILE_STORE_WARNED"
-
-
-def is_file_store(uri: str) -> bool:
-    """A ``file:`` URI or a plain directory path: MLflow's file store (deprecated since MLflow 3.13)."""
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    return scheme == "file" or (scheme == "" and bool(uri))
-
-
-def allow_file_store(uri: str) -> bool:
-    """A file store the user chose works: MLflow >= 3.13 refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``,
-    which this sets for this process (and the processes it starts: tune workers, ``mlflow run``, ``mlflow
-    ui``) only when ``uri`` is one. Warns once that MLflow deprecated it, naming the migration tool.
-    Returns whether ``uri`` is a file store."""
-    if not is_file_store(uri):
-        return False
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    if not os.environ.get(_FILE_STORE_WARNED_ENV):
-        os.environ[_FILE_STORE_WARNED_ENV] = "1"
-        log.warning("tracking store %s is an MLflow file store, which MLflow deprecated (MLflow 3.13 refuses it unless "
-                    "MLFLOW_ALLOW_FILE_STORE=true; DeepSports sets that for this command). Move to SQLite with: "
-                    "mlflow migrate-filestore --source <the store directory> --target sqlite:///mlflow.db",
-                    redact_uri(uri))
-    return True
-
-
-_default_tracking_uri = tracking_uri  # log_model's parameter of the same name shadows the function
-
-
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^/\s]*)@")
-# Query parameters (``?password=``) and libpq keyword DSNs (``host=db password=x``) alike.
-_SECRET_PARAM = re.compile(r"(?P<key>(?:^|[?&;\s])(?:password|passwd|pwd|sslpassword|token|secret|api_key|access_key)=)"
-                           r"(?P<value>[^&;#\s]*)", re.IGNORECASE)
-
-
-def redact_uri(text: str) -> str:
-    """Hide credentials in a URI (or any text holding URIs): ``user:pass@`` -> ``user:***@``,
-    ``?password=x`` and ``password=x`` -> ``password=***`` (also token/secret/api_key/access_key)."""
-    text = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", str(text))
-    return _SECRET_PARAM.sub(lambda m: f"{m.group('key')}***", text)
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (``sqlite:////abs`` or ``sqlite:///rel``), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
 
 def _filesystem_type(path: Path) -> str:
     """The mount type holding ``path`` (from /proc/mounts; '' where unknown)."""
@@ -112,7 +54,7 @@ def enable_sqlite_wal(uri: str, busy_timeout_s: float = 30.0) -> str | None:
     path = sqlite_path(uri)
     if path is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_store_folder(uri)
     fs_type = _filesystem_type(path.parent)
     if fs_type.startswith(_NETWORK_FS):
         log.warning("tracking store %s is on a %s file system: keeping SQLite's rollback journal (WAL needs "

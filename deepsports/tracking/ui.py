@@ -74,7 +74,8 @@ def run_link(store_uri: str, run_id: str) -> str | None:
     import mlflow
 
     from deepsports.errors import StorageError
-    from deepsports.tracking.store import allow_file_store, call_with_retry
+    from deepsports.tracking.store import call_with_retry
+    from deepsports.tracking.uris import allow_file_store
 
     allow_file_store(store_uri)
     try:

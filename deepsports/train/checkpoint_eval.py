@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepsports.config import Config, build_config
+from deepsports.config import Config, build_config, check_writable_dirs
 from deepsports.errors import CheckpointError, ConfigError, StorageError
 from deepsports.tags import (
     CHECKPOINT_DIR_TAG,
@@ -32,7 +32,6 @@ from deepsports.tags import (
     EVALUATED_SPLIT_TAG,
     EVALUATION_OF_RUN_TAG,
 )
-from deepsports.train.reporting import log_config
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,9 @@ _RUN_ID = re.compile(r"[0-9a-f]{32}")
 class EvaluationResult:
     run_id: str
     source_run_id: str | None
-    checkpoint: Path
+    #: The evaluated checkpoint as it stays: a file's absolute path, or ``runs:/<id>/checkpoints/best.pt`` for
+    #: a logged artifact (its downloaded copy is deleted when ``evaluate`` returns).
+    checkpoint: str
     split: str
     epoch: int
     metrics: dict[str, float]
@@ -71,7 +72,8 @@ def _source_run(tracker, run_id: str):
         raise
 
 
-def _check_source_form(source: str) -> None:
+def check_source_form(source: str) -> None:
+    """``source`` is an existing path or has the form of a run id (32 hex digits)."""
     if not Path(source).expanduser().exists() and not _RUN_ID.fullmatch(source):
         raise ConfigError(f"evaluate: {source!r} is neither a checkpoint file or directory nor an MLflow run id "
                           f"(32 hex digits)")
@@ -86,10 +88,10 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
             raise ConfigError(f"evaluate: directory {source!r} holds no best.pt: pass a checkpoint file or a run id")
     if path.is_file():
         return path, None
-    _check_source_form(source)
+    check_source_form(source)
     run = _source_run(tracker, source)
     if run is None:
-        from deepsports.tracking.store import redact_uri
+        from deepsports.tracking.uris import redact_uri
 
         raise ConfigError(f"evaluate: run {source!r} is not in the tracking store {redact_uri(tracker.uri)}")
     from deepsports.tracking.store import call_with_retry
@@ -134,17 +136,22 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
         from deepsports.tracking.registry import resolve_registered_run
 
         model_uri, source = source, resolve_registered_run(source)
-    _check_source_form(source)  # before opening the store: a typo fails fast
-    from deepsports.tracking import runs as tracking
-    from deepsports.train.checkpoints import load_checkpoint
+    check_source_form(source)  # before opening the store: a typo fails fast
+    from deepsports.slurm.env import run_tags
+    from deepsports.tracking.runs import RunTracker
 
-    tracker = tracking.RunTracker()
+    tracker = RunTracker()
     with tempfile.TemporaryDirectory(prefix="deepsports-evaluate-") as tmp:
         tmp_dir = Path(tmp)
         path, run = resolve_checkpoint(source, tracker, tmp_dir / "download")
+        # torch (seconds) only now: an unknown run id is refused before
+        from deepsports.train.checkpoints import load_checkpoint
+        from deepsports.train.reporting import log_config
+
         where = str(path.resolve()) if run is None else f"runs:/{run.info.run_id}/checkpoints/best.pt"
         state = load_checkpoint(path)
         config = checkpoint_config(state, path, overrides or {})
+        check_writable_dirs(cache_dir=config.cache_dir, what="evaluate: ")  # before the run exists
         source_run_id = run.info.run_id if run is not None else state.get("mlflow_run_id")
         if run is None and source_run_id:
             run = _source_run(tracker, source_run_id)
@@ -156,14 +163,14 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
         if run is not None:
             experiment = tracker.client.get_experiment(run.info.experiment_id).name
         tracker.start(experiment_name=experiment, run_name=f"evaluate-{split}-{(source_run_id or 'ckpt')[:8]}",
-                      parent_run_id=run.info.run_id if run is not None else None, tags=tags)
+                      parent_run_id=run.info.run_id if run is not None else None, tags=tags, cluster=run_tags())
         with tracker:
             log_config(tracker, config)
             metrics = _predict_and_log(config, state, split, tracker, epoch, tmp_dir, resamples)
     logged = run.data.metrics if run is not None else {}
     differs = {k: (logged[f"{split}_{k}"], v) for k, v in metrics.items()
                if f"{split}_{k}" in logged and logged[f"{split}_{k}"] != v}
-    return EvaluationResult(run_id=tracker.run_id, source_run_id=source_run_id, checkpoint=path, split=split,
+    return EvaluationResult(run_id=tracker.run_id, source_run_id=source_run_id, checkpoint=where, split=split,
                             epoch=epoch, metrics=metrics, differs_from_logged=differs)
 
 

@@ -144,8 +144,9 @@ def _compute(trials: list[FrozenTrial], attempts: dict[int, list[dict[str, Any]]
     starts = [float(a["start"]) for a in flat]
     ends = [now if a.get("end") is None else float(a["end"]) for a in flat]
     span = (max(ends) - min(starts)) if flat else 0.0
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and bool(attempts[t.number])
-                   for t in trials)
+    # Finished: a result (complete or pruned); a failed trial ended without one and is counted apart.
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and bool(attempts[t.number]) for t in trials)
+    failed = sum(t.state == TrialState.FAIL and bool(attempts[t.number]) for t in trials)
     return {"attempts": len(flat), "spent_s": round(sum(acc.spent_seconds(a, now) for a in flat), 3),
             "lost_s": round(lost["paused"] + lost["dead"], 3), "lost_preempted_s": round(lost["paused"], 3),
             "lost_dead_s": round(lost["dead"], 3),
@@ -153,7 +154,7 @@ def _compute(trials: list[FrozenTrial], attempts: dict[int, list[dict[str, Any]]
                                   if a["outcome"] == "failed"), 3),
             "epochs": sum(len(a.get("epochs") or []) for a in flat),
             "first_start": _iso(min(starts)) if flat else None, "last_end": _iso(max(ends)) if flat else None,
-            "span_s": round(span, 3), "trials_finished": finished,
+            "span_s": round(span, 3), "trials_finished": finished, "trials_failed": failed,
             "trials_per_hour": round(finished / (span / 3600), 3) if span > 0 else None}
 
 
@@ -187,6 +188,10 @@ def _best(trials: list[FrozenTrial]) -> dict[str, Any] | None:
 
 def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 120 else str(dt.timedelta(seconds=round(value)))
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -232,12 +237,15 @@ def render_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
     for r in doc["reruns"]:
         rows.append(("re-runs", f"trial {r['trial']} re-runs {r['rerun_of']} ({r['cause']}), {r['state']}"))
     rate = "n/a" if c["trials_per_hour"] is None else f"{c['trials_per_hour']:.1f}"
-    rows.append(("compute", f"spent {_seconds(c['spent_s'])} in {c['attempts']} attempts ({c['epochs']} epochs); lost "
+    rows.append(("compute", f"spent {_seconds(c['spent_s'])} in {_plural(c['attempts'], 'attempt')} "
+                            f"({_plural(c['epochs'], 'epoch')}); lost "
                             f"{_seconds(c['lost_s'])} (preempted {_seconds(c['lost_preempted_s'])}, dead workers "
                             f"{_seconds(c['lost_dead_s'])}); failed trials {_seconds(c['failed_s'])}"))
-    rows.append(("rate", f"{rate} trials/hour ({c['trials_finished']} finished in {_seconds(c['span_s'])})"))
+    failed = f", {c['trials_failed']} failed" if c.get("trials_failed") else ""
+    rows.append(("rate", f"{rate} finished trials/hour ({c['trials_finished']} complete or pruned{failed}, in "
+                         f"{_seconds(c['span_s'])})"))
     for task, t in doc["tasks"].items():
-        rows.append(("task", f"{task}: {t['attempts']} attempts, {t['pauses']} paused, {t['deaths']} died, spent "
+        rows.append(("task", f"{task}: {_plural(t['attempts'], 'attempt')}, {t['pauses']} paused, {t['deaths']} died, spent "
                              f"{_seconds(t['spent_s'])}, lost {_seconds(t['lost_s'])}"))
     best = doc["best"]
     rows.append(("best", "none yet" if best is None else f"{best['value']:.4f} (trial {best['trial']}, run {best['run_id']})"))
@@ -271,21 +279,22 @@ def publish_status(study: optuna.Study, storage_label: str = "", tracker=None) -
     from mlflow.entities import Metric
 
     from deepsports.errors import StorageError
-    from deepsports.tracking import runs as tracking
+    from deepsports.tracking.runs import RunTracker
+    from deepsports.tracking.store import call_with_retry
 
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if not parent:
         return None
-    tracker = tracker or tracking.RunTracker()
+    tracker = tracker or RunTracker()
     doc = study_status(study, storage_label)
     stamp, step = int(time.time() * 1000), doc["compute"]["trials_finished"]
     metrics = [Metric(k, v, stamp, step) for k, v in status_metrics(doc).items()]
     try:
         client = tracker.client
-        tracking.call_with_retry("log study status", tracker.uri, client.log_batch, parent, metrics=metrics)
-        tracking.call_with_retry("log study status", tracker.uri, client.log_text, parent,
+        call_with_retry("log study status", tracker.uri, client.log_batch, parent, metrics=metrics)
+        call_with_retry("log study status", tracker.uri, client.log_text, parent,
                                  json.dumps(doc, indent=2, default=str), "study_status.json")
-        tracking.call_with_retry("log study status", tracker.uri, client.log_text, parent, render_markdown(doc),
+        call_with_retry("log study status", tracker.uri, client.log_text, parent, render_markdown(doc),
                                  "study_status.md")
     except StorageError as exc:  # bookkeeping must not stop the study
         log.warning("could not refresh the study status on the parent run: %s", exc)
@@ -313,9 +322,10 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
     ``deepsports.attempt.<i>`` each, and ``deepsports.first_failure_reason`` (never overwritten)."""
     from deepsports.errors import StorageError
     from deepsports.tags import ATTEMPTS_TAG, FIRST_FAILURE_TAG
-    from deepsports.tracking import runs as tracking
+    from deepsports.tracking.runs import RunTracker
+    from deepsports.tracking.store import call_with_retry
 
-    tracker = tracker or tracking.RunTracker()
+    tracker = tracker or RunTracker()
     attempts = run_attempts(study, run_id, number)
     if not attempts:
         return attempts
@@ -328,12 +338,12 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
     client = tracker.client
     try:
         if first is not None:
-            existing = tracking.call_with_retry("read run", tracker.uri, client.get_run, run_id).data.tags
+            existing = call_with_retry("read run", tracker.uri, client.get_run, run_id).data.tags
             if FIRST_FAILURE_TAG not in existing:
                 tags[FIRST_FAILURE_TAG] = f"trial {first['trial']} ({first['outcome']}): {first.get('reason')}"[:5000]
         for key, value in tags.items():
-            tracking.call_with_retry("tag attempts", tracker.uri, client.set_tag, run_id, key, value)
-        tracking.call_with_retry("log attempts", tracker.uri, client.log_text, run_id,
+            call_with_retry("tag attempts", tracker.uri, client.set_tag, run_id, key, value)
+        call_with_retry("log attempts", tracker.uri, client.log_text, run_id,
                                  json.dumps(attempts, indent=2), "attempts.json")
     except StorageError as exc:
         log.warning("could not record the attempts of MLflow run %s: %s", run_id, exc)

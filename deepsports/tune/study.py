@@ -36,8 +36,8 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from deepsports.config import config_fields
-from deepsports.errors import SearchSpaceError, StorageError
-from deepsports.slurm.env import ClusterEnv
+from deepsports.errors import ConfigError, SearchSpaceError, StorageError
+from deepsports.slurm.env import ClusterEnv, run_tags
 from deepsports.tags import (
     EXPERIMENT_ATTR,
     KIND_TAG,
@@ -46,13 +46,17 @@ from deepsports.tags import (
     OPTUNA_STORAGE_TAG,
     OPTUNA_STUDY_NAME_TAG,
     PARENT_RUN_ATTR,
+    PARENT_STATE_ATTR,
     RUN_ATTR,
     SPACE_ATTR,
     SPACE_SHA_ATTR,
     SPACE_SHA_TAG,
     SPACE_TAG,
+    TRACKING_URI_ATTR,
 )
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import call_with_retry
+from deepsports.tracking.uris import redact_uri, tracking_uri
 from deepsports.tune.accounting import retried_from  # noqa: F401 (re-exported; retry lineage is accounting's)
 from deepsports.tune.search_space import SearchSpace
 from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
@@ -69,7 +73,7 @@ _SCHEMA_ATTEMPTS = 6
 
 def storage_label(storage: str | os.PathLike) -> str:
     """The storage as shown in tags and messages (passwords redacted)."""
-    return tracking.redact_uri(str(storage))
+    return redact_uri(str(storage))
 
 
 def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, grace_period: int | None = None,
@@ -83,7 +87,9 @@ def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, gr
     try:
         if not scheme:
             path = Path(text).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.parent.is_dir():  # a typo in a shared path must not start a fresh study somewhere new
+                raise ConfigError(f"study storage {text!r}: the folder {str(path.parent)!r} does not exist: create "
+                                  "it first, or fix the path (nothing was created)")
             from deepsports.tune.journal import TornTailJournalBackend
 
             return optuna.storages.JournalStorage(TornTailJournalBackend(str(path)))
@@ -106,6 +112,8 @@ def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, gr
                         raise StorageError(f"cannot open study storage {storage_label(text)!r}: "
                                            f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
                     time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+    except ConfigError:
+        raise
     except (OSError, ImportError, ValueError) as exc:
         raise StorageError(f"cannot open study storage {storage_label(text)!r}: {exc}") from exc
     raise AssertionError("unreachable")
@@ -204,8 +212,12 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
     tags = {KIND_TAG: "study", OPTUNA_STUDY_NAME_TAG: name, OPTUNA_STORAGE_TAG: label,
             SPACE_TAG: str(space.path), SPACE_SHA_TAG: space.sha256,
             OPTUNA_SAMPLER_TAG: type(sampler).__name__, OPTUNA_PRUNER_TAG: type(pruner).__name__, **(parent_tags or {})}
+    from deepsports.tune.parent import check_same_store, record_state, store_label  # (parent imports recovery: us)
+
+    store = tracker_uri or tracking_uri()
     if created:
-        attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment}
+        attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment,
+                 TRACKING_URI_ATTR: store_label(store), PARENT_STATE_ATTR: "RUNNING"}
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         # Under heavy load this can outlast a joiner's wait, and the joiner adopts the study meanwhile.
@@ -221,11 +233,14 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
         raise SearchSpaceError(f"study {name!r} in {label} samples the search space {attrs.get(SPACE_ATTR)} "
                                f"(sha256 {attrs[SPACE_SHA_ATTR][:16]}), but this worker loaded {space.path} "
                                f"(sha256 {space.sha256[:16]}): use the same file, or a new study name")
-    tracker = tracking.RunTracker(tracker_uri)
+    check_same_store(study, store)  # before this worker opens (or creates) its own store
+    study.set_user_attr(TRACKING_URI_ATTR, store_label(store))  # the same, or a study from before the record
+    tracker = RunTracker(tracker_uri)
     if PARENT_RUN_ATTR in attrs:
         parent = attrs[PARENT_RUN_ATTR]
         # A finished study that gets more trials runs again.
-        tracking.call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
+        call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
+        record_state(study, "RUNNING")
         log.info("joined study %r in %s, MLflow parent run %s", name, label, parent)
         return study, parent
     log.warning("study %r has no MLflow parent run after %.0f s (did its creator die?): adopting it", name,
@@ -248,17 +263,17 @@ def store_parent_run(study: optuna.Study, mine: str, tracker_uri: str | None = N
             time.sleep(settle_s)
         stored = study.user_attrs[PARENT_RUN_ATTR]
     if stored != mine:
-        tracker = tracking.RunTracker(tracker_uri)
-        tracking.call_with_retry("delete duplicate parent run", tracker.uri, tracker.client.delete_run, mine)
+        tracker = RunTracker(tracker_uri)
+        call_with_retry("delete duplicate parent run", tracker.uri, tracker.client.delete_run, mine)
     return stored
 
 
 def create_parent_run(space: SearchSpace, experiment: str, name: str, tags: Mapping[str, str],
                       tracker_uri: str | None = None) -> str:
     """The study's MLflow run (left RUNNING); the search-space file and its description are artifacts."""
-    tracker = tracking.RunTracker(tracker_uri)
+    tracker = RunTracker(tracker_uri)
     with _without_env_run():
-        run_id = tracker.start(experiment_name=experiment, run_name=name, tags=tags)
+        run_id = tracker.start(experiment_name=experiment, run_name=name, tags=tags, cluster=run_tags())
     tracker.log_text(space.path.read_text(), f"search_space/{space.path.name}")
     tracker.log_text(space.describe() + "\n", "search_space/describe.txt")
     return run_id

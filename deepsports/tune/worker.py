@@ -91,11 +91,14 @@ from deepsports.tags import (
     TASK_ATTR,
     WORKER_ATTR,
 )
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import call_with_retry
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.train.state import TrainHooks
 from deepsports.tune import accounting, recovery
+from deepsports.tune import parent as study_parent
 from deepsports.tune import status as study_status
+from deepsports.tune.accounting import retried_from
 from deepsports.tune.checks import check_overrides
 from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.tune.settings import TuneSettings
@@ -107,7 +110,6 @@ from deepsports.tune.study import (
     make_sampler,
     open_storage,
     open_study,
-    retried_from,
     sampler_settings,
     storage_label,
     summarize,
@@ -171,7 +173,13 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
         queued = accounting.enqueue_reruns(study, settings.rerun_causes)
         log.info("re-running %d failed trials: %s", len(queued), ", ".join(f"{a} as {b}" for a, b in queued) or "none")
     worker = _Worker(settings, space, study, train_fn, stop_requested, recovery.task_identity(worker_id))
-    worker.run()
+    try:
+        worker.run()
+    except BaseException:
+        # A data error, Ctrl-C, a preemption, a crash: the parent follows the study (RUNNING while another
+        # worker's trial is alive, else KILLED/FAILED as the trials say), never RUNNING forever.
+        study_parent.settle_parent(study, worker.tracker, grace_s=settings.grace)
+        raise
     worker.close_parent_if_done()
     return summarize(study, worker.trials_run)
 
@@ -184,7 +192,7 @@ class _Worker:
         self.settings, self.space, self.study, self.train_fn = settings, space, study, train_fn
         self.stop_requested = stop_requested or (lambda: False)
         self.identity = identity
-        self.tracker = tracking.RunTracker()
+        self.tracker = RunTracker()
         self.label = worker_label()
         self.trials_run = 0
         self.same_failures: list[str] = []  # reasons of this worker's latest failed trials, all alike
@@ -228,6 +236,7 @@ class _Worker:
                                                         self.label)
         state, value, failed = None, None, None
         with heartbeat:
+            study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
                 state = TrialState.COMPLETE
@@ -480,12 +489,12 @@ class _Worker:
         try:
             run_id = recovery.find_trial_run(self.study, trial, self.tracker)
             if run_id:
-                tracking.call_with_retry("tag trial run", uri, client.set_tag, run_id, OPTUNA_TRIAL_STATE_TAG,
+                call_with_retry("tag trial run", uri, client.set_tag, run_id, OPTUNA_TRIAL_STATE_TAG,
                                          trial.state.name)
             if trial.state == TrialState.COMPLETE:
                 best = max(t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
                 stamp = int(time.time() * 1000)
-                tracking.call_with_retry("log study metrics", uri, client.log_batch,
+                call_with_retry("log study metrics", uri, client.log_batch,
                                          self.study.user_attrs[PARENT_RUN_ATTR],
                                          metrics=[Metric("trial_value", float(trial.value), stamp, trial.number),
                                                   Metric("best_value", float(best), stamp, trial.number)])
@@ -500,12 +509,16 @@ class _Worker:
         study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
 
     def close_parent_if_done(self) -> None:
-        """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it)."""
+        """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it); else RUNNING
+        while another worker's trial beats, KILLED when what is left waits for a later worker."""
         if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            study_parent.settle_parent(self.study, self.tracker, grace_s=self.settings.grace)
             return
         study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
         try:
-            tracking.call_with_retry("end study run", self.tracker.uri, self.tracker.client.set_terminated,
+            call_with_retry("end study run", self.tracker.uri, self.tracker.client.set_terminated,
                                      self.study.user_attrs[PARENT_RUN_ATTR], status="FINISHED")
         except StorageError as exc:
             log.warning("could not end the study's parent run: %s", exc)
+            return
+        study_parent.record_state(self.study, "FINISHED")

@@ -235,7 +235,8 @@ def test_deepsports_ui_opens_on_the_runs_table_with_the_study_trials(file_store)
     assert not alive, "mlflow ui outlived deepsports ui"
 
 
-def test_system_metrics_continue_across_a_resume_without_doubled_steps(store_uri):
+def test_system_metrics_continue_across_a_resume_without_doubled_steps(store_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) stays out of the clone
     from mlflow.tracking import MlflowClient
 
     from deepsports.tracking.runs import RunTracker

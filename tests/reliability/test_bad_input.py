@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepsports.cli.main import main
-from deepsports.config import ConfigError, build_config, config_fields, format_value, parse_value
+from deepsports.config import build_config, config_fields, format_value, parse_value
 from deepsports.data.cache import is_temp_file
 from deepsports.data.safe_pickle import restricted_load
-from deepsports.errors import SearchSpaceError
+from deepsports.errors import ConfigError, SearchSpaceError
 from deepsports.tune.search_space import load_search_space
 from tests.e2e_helpers import REPO, TINY, deepsports_cmd, subprocess_env
 
@@ -248,9 +248,10 @@ def test_best_of_a_study_that_does_not_exist_names_it_and_the_studies_there(work
 
     storage = workdir / "study.journal"
     optuna.create_study(storage=open_storage(storage), study_name="real")
-    code, stderr = _cli("best", "nope", "--storage", str(storage))
-    assert code == 6 and f"no study 'nope' in {storage} (studies there: real)" in _error_line(stderr), stderr
-    assert not (workdir / "experiments").exists()
+    for command in ("best", "status"):  # one exit code for one mistake: 2, bad input
+        code, stderr = _cli(command, "nope", "--storage", str(storage))
+        assert code == 2 and f"no study 'nope' in {storage} (studies there: real)" in _error_line(stderr), stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["study.journal"]  # no experiments/, no mlflow.db
 
 
 # --------------------------------------------------------------------------------------------

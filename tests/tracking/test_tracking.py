@@ -14,15 +14,10 @@ import torch
 from mlflow import MlflowClient
 
 from deepsports.errors import StorageError
-from deepsports.tracking.runs import (
-    RetryPolicy,
-    RunTracker,
-    call_with_retry,
-    enable_sqlite_wal,
-    redact_uri,
-    sqlite_path,
-    tracking_uri,
-)
+from deepsports.slurm.env import run_tags
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import RetryPolicy, call_with_retry, enable_sqlite_wal
+from deepsports.tracking.uris import redact_uri, sqlite_path, tracking_uri
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, max_total_sleep_s=1.0)
 
@@ -42,6 +37,13 @@ def store(tmp_path_factory):
 def tracker(store, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return RunTracker(store["uri"])
+
+
+def test_opening_a_new_store_leaves_nothing_but_the_database_beside_it(store):
+    # The first open is serialised by a flock on the folder itself: no 0-byte mlflow.db.init-lock is left in
+    # every working directory (issue #25); WAL's -wal/-shm files are SQLite's own.
+    left = {p.name for p in store["db"].parent.iterdir()} - {"mlflow.db", "mlflow.db-wal", "mlflow.db-shm"}
+    assert left == set()
 
 
 def _start(tracker: RunTracker, store, **kwargs) -> str:
@@ -93,7 +95,8 @@ def test_store_is_in_wal_mode(store):
 def test_new_run_has_context_tags_and_slurm_ids(tracker, store, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
-    run_id = _start(tracker, store, run_name="tagged", tags={"deepsports.device": "cpu"})
+    # The caller reads the job's ids (slurm.env) and tells the tracker: tracking never reads the cluster.
+    run_id = _start(tracker, store, run_name="tagged", tags={"deepsports.device": "cpu"}, cluster=run_tags())
     tags = _run(store, run_id).data.tags
     assert tags["mlflow.runName"] == "tagged"
     for key in ("mlflow.source.name", "mlflow.source.type", "mlflow.user", "deepsports.git_commit",

@@ -15,12 +15,13 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.config import load_config
-from deepsports.errors import PreemptedError, SearchSpaceError, StorageError
+from deepsports.errors import ConfigError, PreemptedError, SearchSpaceError, StorageError
 from deepsports.tags import CKPT_ATTR, PARENT_RUN_ATTR, PAUSED_BY_ATTR, REASON_ATTR, RESUMED_ATTR, RUN_ATTR
 from deepsports.train.loop import load_training_checkpoint, train
 from deepsports.tune.recovery import StaleTrialRetry, task_identity
 from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots
 from deepsports.tune.search_space import load_search_space
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.study import (
     create_parent_run,
     make_pruner,
@@ -30,7 +31,7 @@ from deepsports.tune.study import (
     store_parent_run,
     worker_seed,
 )
-from deepsports.tune.worker import TuneSettings, tune
+from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, subprocess_env
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -72,6 +73,10 @@ def _children(client: MlflowClient, parent: str) -> list:
 # --------------------------------------------------------------------------------------------
 
 def test_storages_from_paths_and_urls(tmp_path):
+    with pytest.raises(ConfigError, match=r"the folder '.*/sub' does not exist: create it first"):
+        open_storage(tmp_path / "sub" / "study.journal")  # a typo in a shared path starts no fresh study
+    assert not (tmp_path / "sub").exists()
+    (tmp_path / "sub").mkdir()
     journal = open_storage(tmp_path / "sub" / "study.journal")
     assert isinstance(journal, optuna.storages.JournalStorage)
     rdb = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=5, max_retry=2)
