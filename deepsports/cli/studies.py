@@ -166,7 +166,10 @@ def _run_local_workers(args: argparse.Namespace) -> int:
     base = _strip_option(list(args.argv), "--workers")
     cores = os.cpu_count() or 1
     threads = str(max(1, cores // args.workers))
+    from deepsports.tune.settings import WORKER_GROUP_ENV
+
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
+    env[WORKER_GROUP_ENV] = str(os.getpid())  # worker identities: unique per process, kept by a restart
     env.pop("MLFLOW_RUN_ID", None)  # the project run belongs to this parent process
 
     def start(worker_id: int) -> subprocess.Popen:

@@ -26,10 +26,13 @@ RETRIED_FROM_ATTR = "deepsports.retried_from"  # number of the dead trial a retr
 RETRY_REASON_ATTR = "deepsports.retry_reason"
 RESUMED_ATTR = "deepsports.resumed_from"       # the checkpoint a resumed trial started from
 TASK_ATTR = "deepsports.task"                  # task_identity() of the worker running the trial
+#: A list, one entry per attempt that found the trial's checkpoint folder gone: {at, checkpoint_dir, epochs, attempt}
+CKPT_LOST_ATTR = "deepsports.checkpoint_lost"
 
 #: MLflow run tags (the failure reason's tag is REASON_ATTR).
 FAILURE_REASON_TAG = REASON_ATTR
 INTERRUPTED_TAG = "deepsports.interrupted"
+CKPT_LOST_TAG = CKPT_LOST_ATTR                 # a run trained again from epoch 1: its checkpoint folder was gone
 
 #: Study accounting (deepsports.tune.accounting): every attempt of a trial, and the links of re-runs.
 ATTEMPTS_ATTR = "deepsports.attempts"          # trial: JSON list, one record per attempt (start, end, task...)

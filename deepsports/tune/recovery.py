@@ -47,6 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 from deepsports.tracking import runs as tracking
 from deepsports.errors import StorageError
 from deepsports.slurm.env import ClusterEnv
+from deepsports.tune.settings import WORKER_GROUP_ENV
 from deepsports.tune.attrs import (CKPT_ATTR, EXPERIMENT_ATTR, HEARTBEAT_ATTR, PAUSED_AT_ATTR, PAUSED_BY_ATTR, PAUSES_ATTR,
                                     REASON_ATTR, RESUMED_ATTR, RETRIED_BY_PREFIX, RETRIED_FROM_ATTR, RETRY_REASON_ATTR,
                                     RUN_ATTR, TASK_ATTR, WORKER_ATTR)
@@ -56,15 +57,31 @@ log = logging.getLogger("deepsports.recovery")
 
 
 def task_identity(worker_id: int | None = None) -> str:
-    """Who runs this worker, stable across a requeue: ``<array job>_<task>`` (or the job id) under SLURM,
-    else ``<host>/worker-<id>`` (``deepsports tune --workers N`` restarts a worker with the same id)."""
-    return ClusterEnv.read().task_job_id or f"{socket.gethostname()}/worker-{worker_id or 0}"
+    """Who runs this worker, stable across a requeue and unique per worker: ``<array job>_<task>`` (or the
+    job id) under SLURM, else ``<host>:<pid>/worker-<id>``, the pid being that of the ``deepsports tune
+    --workers N`` process that started (and restarts) the worker with that id, else the worker's own: two
+    ``tune`` processes on one host never share an identity (nor take each other's paused trial for their own)."""
+    group = os.environ.get(WORKER_GROUP_ENV) or str(os.getpid())
+    return ClusterEnv.read().task_job_id or f"{socket.gethostname()}:{group}/worker-{worker_id or 0}"
 
 
 def last_sign_of_life(trial: FrozenTrial) -> float:
     """The trial's last heartbeat, or its (re)start time when it has not beaten since."""
     started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
     return max(float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
+
+
+def stale_trials(trials: list[FrozenTrial], grace_period: float, now: float | None = None) -> list[FrozenTrial]:
+    """The RUNNING trials silent for longer than ``grace_period`` s: their worker is dead (or stalled), and the
+    next worker of the study to sweep fails and retries them."""
+    now = time.time() if now is None else now
+    return [t for t in trials if t.state == TrialState.RUNNING and now - last_sign_of_life(t) > grace_period]
+
+
+def will_retry(trial: FrozenTrial, max_retry: int | None) -> bool:
+    """Whether :func:`retry_trial` queues a retry of ``trial`` when it dies (``max_retry`` not used up)."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    return max_retry is None or len(history) <= max_retry
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
@@ -207,7 +224,7 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retry:
                 run_id: str | None = None) -> bool:
     """Queue a WAITING copy of a dead trial (same params) that resumes its checkpoint and MLflow run."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if max_retry is not None and len(history) > max_retry:
+    if not will_retry(trial, max_retry):
         log.warning("trial %d died %d times; not retried again (max_retry=%d)", history[0], len(history), max_retry)
         return False
     attrs = {RETRIED_FROM_ATTR: trial.number, RETRY_REASON_ATTR: reason[:2000]}
@@ -258,10 +275,9 @@ def sweep_stale_journal_trials(study: optuna.Study, grace_period: float, max_ret
     now = time.time() if now is None else now
     storage = study._storage
     failed = []
-    for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+    running = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale_trials(running, grace_period, now):
         silent = now - last_sign_of_life(trial)
-        if silent <= grace_period:
-            continue
         reason = (f"worker {trial.user_attrs.get(WORKER_ATTR, '?')} stopped beating: no heartbeat for "
                   f"{silent:.0f} s > grace period {grace_period:.0f} s (killed or node lost); swept by "
                   f"{socket.gethostname()}:{os.getpid()}")

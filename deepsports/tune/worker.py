@@ -63,8 +63,8 @@ from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.checks import check_overrides
 from deepsports.tune.settings import TuneSettings
-from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, REASON_ATTR,
-                                    RUN_ATTR, WORKER_ATTR)
+from deepsports.tune.attrs import (CKPT_ATTR, CKPT_LOST_ATTR, CKPT_LOST_TAG, CONFIG_ATTR, EXPERIMENT_ATTR,
+                                    MAX_TRIALS_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, WORKER_ATTR)
 from deepsports.tune.study import (StudySummary, constant, default_worker_id, make_pruner, make_sampler, open_storage,
                                    open_study, retried_from, storage_label, summarize, worker_label, worker_seed)
 
@@ -174,7 +174,8 @@ class _Worker:
     def _run_trial(self, trial: optuna.Trial) -> None:
         heartbeat = recovery.TrialHeartbeat(self.study, trial._trial_id, self.settings.heartbeat_interval)
         self.ledger = ledger = accounting.AttemptLedger(self.study, trial._trial_id, trial.number, self.identity,
-                                                        self.label)
+                                                        self.label, heartbeat_s=self.settings.heartbeat_interval,
+                                                        grace_s=self.settings.grace)
         state, value, failed = None, None, None
         with heartbeat:
             try:
@@ -265,6 +266,7 @@ class _Worker:
         except StorageError as exc:
             log.warning("could not find the MLflow run of paused trial %d: %s", trial.number, exc)
             run_id = None
+        self.ledger.record_checkpointed_epochs(ckpt)
         self.ledger.finish("paused", checkpoint_at=accounting.newest_checkpoint_time(ckpt))
         recovery.pause_trial(self.study, trial, self.identity, ckpt, run_id)
         self._publish(run_id, trial.number)
@@ -320,6 +322,7 @@ class _Worker:
         trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
         tags = self._run_tags(trial, retry_of)
         tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
+        tags.update(self._keep_run_of_lost_checkpoint(trial, frozen, Path(checkpoint_dir), config))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
 
@@ -387,6 +390,30 @@ class _Worker:
         self.ledger.record["resumed_epoch"] = resumed["epoch"]  # written with the attempt's next record
         log.info("trial %d resumes from %s (epoch %d, step %d)", trial.number, path, resumed["epoch"], resumed["step"])
         return {"deepsports.resumed_from": f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}
+
+    def _keep_run_of_lost_checkpoint(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path,
+                                     config) -> dict[str, str]:
+        """A trial that trained before (it has an MLflow run) but whose checkpoint folder is gone (a scratch
+        purge) restarts from epoch 1 in the same MLflow run, said loudly: the epochs that run holds keep their
+        values (the re-run's are not logged again) and no second run carries the trial's number. Returns the
+        MLflow tags to add."""
+        run_id = frozen.user_attrs.get(RUN_ATTR)
+        manager = CheckpointManager(ckpt_dir)
+        if not run_id or config.resume != "auto" or (ckpt_dir.is_dir() and (manager.latest_valid() is not None
+                                                 or manager.recorded_run() is not None)):
+            return {}
+        epochs = max(frozen.intermediate_values, default=0)
+        log.warning("trial %d: its checkpoint folder %s is gone (purged or deleted): the checkpoint is LOST and "
+                    "%d finished epoch(s) train again from epoch 1, in the same MLflow run %s (the values it holds "
+                    "for those epochs are kept, the re-run's are not logged)", trial.number, ckpt_dir, epochs, run_id)
+        lost = {"at": time.time(), "checkpoint_dir": str(ckpt_dir), "epochs": epochs,
+                "attempt": self.ledger.record.get("attempt")}
+        trial.set_user_attr(CKPT_LOST_ATTR, [*frozen.user_attrs.get(CKPT_LOST_ATTR, []), lost])
+        self.ledger.record["checkpoint_lost"] = epochs  # written with the attempt's next record
+        # train() resumes the run this file names, from epoch 1.
+        manager.record_run(run_id, config.to_dict())
+        return {CKPT_LOST_TAG: f"checkpoint folder {ckpt_dir} gone before attempt {lost['attempt']}: "
+                               f"{epochs} epoch(s) trained again"}
 
     def _over_budget(self, trials: list[FrozenTrial], number: int) -> bool:
         """Race-free: numbers are unique and increasing, so every original trial up to ours is visible."""
