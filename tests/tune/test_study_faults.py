@@ -197,7 +197,9 @@ def purged_study(tmp_path_factory, tiny_cache_dir, migrated_store):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("deepsports").addHandler(handler)
+    logger = logging.getLogger("deepsports")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    logger.addHandler(handler)
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(path)
@@ -214,8 +216,8 @@ def purged_study(tmp_path_factory, tiny_cache_dir, migrated_store):
             (folder,) = (path / "ckpt").glob("p-*/trial-0000")
             shutil.rmtree(folder)  # the scratch purge
             tune(settings)  # the next worker
-    finally:
-        logging.getLogger("deepsports").removeHandler(handler)
+    finally:  # the logger as it was (train's setup_logging configures it once per process)
+        logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
     study = optuna.load_study(study_name="p", storage=open_storage(settings.storage))
     return study, paused, uri, folder, [r.getMessage() for r in records]
 
