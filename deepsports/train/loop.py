@@ -9,34 +9,62 @@ knows but MLflow does not is logged then: every epoch appears exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from deepsports.train import distributed
-
-from deepsports.tracking import runs as tracking
-from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from deepsports.config import Config, build_config, check_installed
 from deepsports.data import build_datasets
-from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
+from deepsports.model import build_model
+from deepsports.tags import (
+    BEST_EPOCH_TAG,
+    CHECKPOINT_DIR_TAG,
+    DATASET_TAG_PREFIX,
+    DEVICE_TAG,
+    FAILURE_REASON_TAG,
+    INTERRUPTED_TAG,
+    TOTAL_PARAMS_TAG,
+    TRAINABLE_PARAMS_TAG,
+    WORLD_SIZE_TAG,
+)
+from deepsports.tracking import runs as tracking
+from deepsports.train import distributed
+from deepsports.train.checkpoints import CheckpointManager, load_checkpoint, restore_rng_state
+from deepsports.train.dir_lock import checkpoint_dir_lock
+from deepsports.train.distributed import (
+    DistEnv,
+    GlobalBatchModel,
+    ShardedBatchSampler,
+    gather_rows,
+    steps_per_epoch,
+    wrap_ddp,
+)
 from deepsports.train.evaluation import EpochSampler, eval_loader, make_loader, predict
 from deepsports.train.losses import aqa_loss
-from deepsports.model import build_model
 from deepsports.train.optim import build_optimizer, build_scheduler
-from deepsports.train.dir_lock import checkpoint_dir_lock
 from deepsports.train.reporting import EpochMetricLog, log_config, log_final_artifacts
-from deepsports.train.runtime import select_runtime, seed_everything, setup_logging
+from deepsports.train.runtime import seed_everything, select_runtime, setup_logging, warnings_only
+from deepsports.train.state import (
+    BestResult,
+    EpochReport,
+    EpochTally,
+    LossFn,
+    PartialEpoch,
+    Run,
+    TrainedEpoch,
+    TrainHooks,
+)
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 #: Metric keys logged once per epoch (step = epoch, counted from 1).
 EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_mse", "val_difficulty_mae",
@@ -46,16 +74,8 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
 #: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
 RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "compile", "loglevel", "log_every_steps", "gpu", "evaluate",
-                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
-
-
-@dataclass
-class EpochReport:
-    """What the epoch callback sees after each epoch (``metrics`` holds :data:`EPOCH_METRICS`)."""
-
-    epoch: int
-    metrics: dict[str, float]
-    run_id: str
+                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir",
+                               "dist_backend"})
 
 
 @dataclass
@@ -94,7 +114,7 @@ class _Progress:
             self.bar.close()
 
 
-def _loss_fn(config: Config):
+def _loss_fn(config: Config) -> LossFn:
     return lambda out, target: aqa_loss(out, target, config.loss_mse_weight, config.loss_spcoef_weight)
 
 
@@ -102,30 +122,11 @@ def _resolve_checkpoint_dir(config: Config) -> Path | None:
     return Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir else None
 
 
-@dataclass(frozen=True)
-class TrainHooks:
-    """What a caller plugs into the loop (each optional); :func:`train` documents when each is called."""
-
-    epoch_callback: Callable[[EpochReport], None] | None = None
-    stop_requested: Callable[[], bool] | None = None
-    fault_hook: Callable[[str, int], None] | None = None
-
-    def fault(self, where: str, step: int) -> None:
-        if self.fault_hook is not None:
-            self.fault_hook(where, step)
-
-
 def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-          epoch_callback: Callable[[EpochReport], None] | None = None,
-          stop_requested: Callable[[], bool] | None = None,
-          fault_hook: Callable[[str, int], None] | None = None) -> TrainResult:
+          hooks: TrainHooks = TrainHooks()) -> TrainResult:
     """Train (and, with ``evaluate``, test) one configuration, tracked in MLflow.
 
-    ``epoch_callback`` runs after each epoch's checkpoint and metrics; an exception it raises stops
-    the run, whose MLflow status is the exception's ``mlflow_status`` attribute (default FAILED).
-    ``stop_requested`` is polled after every step: when it returns true a checkpoint is written, the
-    run is marked interrupted (KILLED) and :class:`PreemptedError` is raised. ``fault_hook(where,
-    step)`` is called at named points of the loop; tests use it to inject faults.
+    ``hooks``: the caller's epoch callback, stop flag and fault injection (:class:`TrainHooks`).
     """
     setup_logging(config.loglevel)
     check_installed(config)  # before any run is created
@@ -135,10 +136,9 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
         raise ConfigError(f"batch_size={config.batch_size} is the global batch and must be at least the number of "
                           f"processes ({layout.world_size})")
     if not layout.is_main:  # the other ranks only warn: rank 0 reports for all
-        logging.getLogger("deepsports").setLevel(max(logging.WARNING, logging.getLogger("deepsports").level))
+        warnings_only()
     owns_group = not torch.distributed.is_available() or not torch.distributed.is_initialized()
     env = distributed.setup(use_cuda, config.dist_backend)
-    hooks = TrainHooks(epoch_callback=epoch_callback, stop_requested=stop_requested, fault_hook=fault_hook)
     try:
         # One process per checkpoint_dir (rank 0 speaks for its job): a second would resume the same run.
         with checkpoint_dir_lock(_resolve_checkpoint_dir(config) if env.is_main else None):
@@ -175,7 +175,7 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
         tracker = tracking.RunTracker()
         run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
                                parent_run_id=parent_run_id, run_id=resume_run_id,
-                               tags={**(tags or {}), **({"deepsports.world_size": str(env.world_size)}
+                               tags={**(tags or {}), **({WORLD_SIZE_TAG: str(env.world_size)}
                                                          if env.enabled else {})})
     # Every rank learns the run id and the checkpoint to resume from rank 0, and reads it itself.
     run_id, resume_path = distributed.broadcast_object(env, (run_id if env.is_main else None, resume_path))
@@ -191,78 +191,40 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
     try:
         result = _train_tracked(config, env, tracker, run_id, ckpt_dir, resume_state, hooks)
     except PreemptedError:
-        tracker.set_tags({"deepsports.interrupted": "true"})
+        tracker.set_tags({INTERRUPTED_TAG: "true"})
         tracker.end("KILLED")
         raise
     except KeyboardInterrupt:
-        tracker.set_tags({"deepsports.interrupted": "true", "deepsports.failure_reason": "KeyboardInterrupt"})
+        tracker.set_tags({INTERRUPTED_TAG: "true", FAILURE_REASON_TAG: "KeyboardInterrupt"})
         tracker.end("KILLED")
         raise
     except BaseException as exc:
         status = getattr(exc, "mlflow_status", "FAILED")
-        tracker.set_tags({"deepsports.failure_reason": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracker.set_tags({FAILURE_REASON_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
         tracker.end(status)
         raise
     tracker.end("FINISHED")
     return result
 
 
-@dataclass
-class _Run:
-    """One run's parts (built once by :func:`_build_run`) and its progress (updated epoch by epoch)."""
-
-    config: Config
-    env: DistEnv
-    tracker: "tracking.RunTracker"
-    run_id: str
-    ckpt_dir: Path
-    runtime: Any
-    data: Any
-    model: torch.nn.Module
-    global_model: GlobalBatchModel
-    net: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    loss_fn: Callable
-    manager: CheckpointManager
-    n_steps: int
-    pin: bool
-    history: list[dict[str, float]] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"val_spearman": -math.inf, "epoch": 0})
-    start_epoch: int = 1
-    start_step: int = 0
-    partial: dict = field(default_factory=lambda: {"loss_sum": 0.0, "clips": 0, "seconds": 0.0})
-    epoch_log: EpochMetricLog | None = None  # set by _restore: what MLflow already holds
-
-    def state(self, epoch: int, step: int, partial_now: dict | None) -> dict:
-        """The checkpoint's contents."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": capture_rng_state(), "config": self.config.to_dict(), "mlflow_run_id": self.run_id,
-                "epoch": epoch, "step": step, "partial": partial_now, "history": self.history, "best": self.best}
-
-
-def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
+def _train_tracked(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
                    resume_state: dict | None, hooks: TrainHooks) -> TrainResult:
-    run = _build_run(config, env, tracker, run_id, ckpt_dir, resume_state)
+    run = _build_run(config, env, tracker, run_id, ckpt_dir, resume_state, hooks)
     _restore(run, resume_state)
-    for epoch in range(run.start_epoch, config.epochs + 1):
-        acc, tick, train_seconds = _train_epoch(run, epoch, hooks)
-        _report_epoch(run, epoch, acc, tick, train_seconds, hooks)
+    for epoch in range(run.start.epoch, config.epochs + 1):
+        _report_epoch(run, _train_epoch(run, epoch))
 
-    tracker.set_tags({"deepsports.best_epoch": str(run.best["epoch"])})
-    tracker.log_metrics({"best_val_spearman": run.best["val_spearman"]}, step=config.epochs)
+    tracker.set_tags({BEST_EPOCH_TAG: str(run.best.epoch)})
+    tracker.log_metrics({"best_val_spearman": run.best.val_spearman}, step=config.epochs)
     distributed.barrier(env)  # best.pt is on disk before every rank reads it
-    test_metrics = log_final_artifacts(config, tracker, run.model, run.manager, run.data, run.runtime, run.loss_fn,
-                                       run.history, env)
-    return TrainResult(run_id=run_id, best_val_spearman=run.best["val_spearman"], best_epoch=run.best["epoch"],
+    test_metrics = log_final_artifacts(run)
+    return TrainResult(run_id=run_id, best_val_spearman=run.best.val_spearman, best_epoch=run.best.epoch,
                        test_metrics=test_metrics, history=run.history, checkpoint_dir=ckpt_dir,
                        resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
 
 
-def _build_run(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
-               resume_state: dict | None) -> _Run:
+def _build_run(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
+               resume_state: dict | None, hooks: TrainHooks) -> Run:
     """Data, model, optimizer and friends, the same on every rank (seeded alike)."""
     seed_everything(config.seed, config.deterministic)  # the same seed on every rank: identical init
     device = torch.device("cuda", env.local_rank) if env.enabled and config.gpu and torch.cuda.is_available() else None
@@ -288,12 +250,13 @@ def _build_run(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run
     pin = runtime.device.type == "cuda"
     scheduler = build_scheduler(config, optimizer, n_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
-    return _Run(config=config, env=env, tracker=tracker, run_id=run_id, ckpt_dir=ckpt_dir, runtime=runtime, data=data,
+    return Run(config=config, env=env, tracker=tracker, run_id=run_id, ckpt_dir=ckpt_dir, runtime=runtime, data=data,
                 model=model, global_model=global_model, net=net, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, loss_fn=_loss_fn(config), manager=CheckpointManager(ckpt_dir), n_steps=n_steps, pin=pin)
+                scaler=scaler, loss_fn=_loss_fn(config), manager=CheckpointManager(ckpt_dir), n_steps=n_steps, pin=pin,
+               hooks=hooks)
 
 
-def _restore(run: _Run, resume_state: dict | None) -> None:
+def _restore(run: Run, resume_state: dict | None) -> None:
     """Load the checkpoint into the run (or log the new run's params), then tag the run and log what MLflow missed."""
     config, tracker, model, data = run.config, run.tracker, run.model, run.data
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -305,15 +268,15 @@ def _restore(run: _Run, resume_state: dict | None) -> None:
         run.scaler.load_state_dict(resume_state["scaler"])
         restore_rng_state(resume_state["rng"])
         run.history = list(resume_state["history"])
-        run.best = dict(resume_state["best"])
-        run.start_epoch, run.start_step = resume_state["epoch"], resume_state["step"]
-        run.partial = dict(resume_state.get("partial") or run.partial)
+        run.best = BestResult.from_state(resume_state["best"])
+        run.start = PartialEpoch(epoch=int(resume_state["epoch"]), step=int(resume_state["step"]),
+                                 tally=EpochTally.from_state(resume_state.get("partial")))
     else:
         log_config(tracker, config)
-    tracker.set_tags({"deepsports.device": run.runtime.device_name,
-                      "deepsports.checkpoint_dir": str(run.ckpt_dir.resolve()),
-                      "deepsports.trainable_params": str(trainable), "deepsports.total_params": str(total_params),
-                      **{f"deepsports.dataset.{k}": str(v) for k, v in data.fingerprint.items()}})
+    tracker.set_tags({DEVICE_TAG: run.runtime.device_name,
+                      CHECKPOINT_DIR_TAG: str(run.ckpt_dir.resolve()),
+                      TRAINABLE_PARAMS_TAG: str(trainable), TOTAL_PARAMS_TAG: str(total_params),
+                      **{f"{DATASET_TAG_PREFIX}{k}": str(v) for k, v in data.fingerprint.items()}})
     if resume_state is None:
         tracker.log_dict(data.split, "split.json")
         tracker.log_text(config.to_yaml(), "config.yaml")
@@ -326,16 +289,16 @@ def _restore(run: _Run, resume_state: dict | None) -> None:
              run.runtime.device_name)
 
 
-def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float, float]:
+def _train_epoch(run: Run, epoch: int) -> TrainedEpoch:
     """The optimisation steps of one epoch (from the checkpoint's step when resuming mid-epoch).
 
-    Returns the epoch's running sums, its start time and its training seconds. Raises
-    :class:`PreemptedError` after writing a mid-epoch checkpoint when a stop was requested.
+    Raises :class:`PreemptedError` after writing a mid-epoch checkpoint when a stop was requested.
     """
     config, env, runtime, data, model, optimizer = run.config, run.env, run.runtime, run.data, run.model, run.optimizer
-    first_step = run.start_step if epoch == run.start_epoch else 0
-    acc = run.partial if epoch == run.start_epoch and first_step else {"loss_sum": 0.0, "clips": 0, "seconds": 0.0}
-    acc.setdefault("data_wait_s", 0.0)  # a partial checkpoint from before this figure existed has none
+    hooks = run.hooks
+    resuming = epoch == run.start.epoch and run.start.step > 0
+    first_step = run.start.step if resuming else 0
+    tally = run.start.tally if resuming else EpochTally()
     data.train.set_epoch(epoch)
     order = EpochSampler(len(data.train), config.seed, epoch, start=first_step * config.batch_size)
     batches = ShardedBatchSampler(list(order), config.batch_size, env, train=True)
@@ -349,7 +312,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float,
     try:
         for batch, sizes in zip(loader, batches.global_sizes):
             # Time the training waited for data (worker start-up included): ~0 when the loader keeps up.
-            acc["data_wait_s"] += time.perf_counter() - asked
+            tally.data_wait_s += time.perf_counter() - asked
             video = runtime.video_input(batch["video"])
             target = gather_rows(batch["target"].to(runtime.device, non_blocking=True), sizes, env)
             hooks.fault("step", step)
@@ -368,13 +331,13 @@ def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float,
             run.scaler.update()
             run.scheduler.step()
             step += 1
-            acc["loss_sum"] += float(loss.detach()) * len(target)
-            acc["clips"] += len(target)
+            tally.loss_sum += float(loss.detach()) * len(target)
+            tally.clips += len(target)
             if env.is_main:
                 progress.update(float(loss.detach()), first_step)
             if _stop(env, hooks.stop_requested, runtime.device) and step < run.n_steps:
-                acc_now = {**acc, "seconds": acc["seconds"] + time.perf_counter() - tick}
-                path = run.manager.save_partial(epoch, run.state(epoch, step, acc_now)) if env.is_main else run.ckpt_dir
+                so_far = dataclasses.replace(tally, seconds=tally.seconds + time.perf_counter() - tick)
+                path = run.manager.save_partial(epoch, run.state(epoch, step, so_far)) if env.is_main else run.ckpt_dir
                 raise PreemptedError(f"stop requested at epoch {epoch} step {step}/{run.n_steps}; checkpoint {path}")
             asked = time.perf_counter()
     except torch.OutOfMemoryError as exc:
@@ -382,25 +345,27 @@ def _train_epoch(run: _Run, epoch: int, hooks: TrainHooks) -> tuple[dict, float,
                             f"frame_num={config.frame_num}, spatial_size={config.spatial_size}): {exc}") from exc
     finally:
         progress.close()
-    return acc, tick, acc["seconds"] + time.perf_counter() - tick
+    return TrainedEpoch(epoch=epoch, tally=tally, started=tick,
+                        train_seconds=tally.seconds + time.perf_counter() - tick)
 
 
-def _report_epoch(run: _Run, epoch: int, acc: dict, tick: float, train_seconds: float, hooks: TrainHooks) -> None:
+def _report_epoch(run: Run, trained: TrainedEpoch) -> None:
     """Validate, checkpoint, then log the epoch (in that order: nothing logged that is not on disk)."""
-    config, env, runtime = run.config, run.env, run.runtime
+    config, env, runtime, hooks, epoch, tally = run.config, run.env, run.runtime, run.hooks, trained.epoch, trained.tally
+    train_seconds = trained.train_seconds
     val = predict(run.global_model, eval_loader(run.data.val, config.batch_size, config.num_workers, env, run.pin),
                   runtime, run.loss_fn, env)
     val_metrics = val.metrics()
-    epoch_seconds = time.perf_counter() - tick + acc["seconds"]
-    row = {"epoch": epoch, "train_loss": acc["loss_sum"] / max(1, acc["clips"]), "val_loss": val_metrics["loss"],
+    epoch_seconds = time.perf_counter() - trained.started + tally.seconds
+    row = {"epoch": epoch, "train_loss": tally.train_loss, "val_loss": val_metrics["loss"],
            "val_spearman": val_metrics["spearman"], "val_rel_l2": val_metrics["rel_l2"], "val_mse": val_metrics["mse"],
            "val_difficulty_mae": val_metrics["difficulty_mae"], "learning_rate": run.optimizer.param_groups[0]["lr"],
-           "epoch_seconds": epoch_seconds, "clips_per_s": acc["clips"] / max(train_seconds, 1e-9),
-           "data_wait_fraction": min(1.0, acc["data_wait_s"] / max(train_seconds, 1e-9))}
+           "epoch_seconds": epoch_seconds, "clips_per_s": tally.clips / max(train_seconds, 1e-9),
+           "data_wait_fraction": min(1.0, tally.data_wait_s / max(train_seconds, 1e-9))}
     run.history.append(row)
-    is_best = row["val_spearman"] > run.best["val_spearman"]
+    is_best = row["val_spearman"] > run.best.val_spearman
     if is_best:
-        run.best = {"val_spearman": row["val_spearman"], "epoch": epoch}
+        run.best = BestResult(val_spearman=row["val_spearman"], epoch=epoch)
     hooks.fault("checkpoint", epoch)
     if env.is_main:
         run.manager.save(epoch, run.state(epoch + 1, 0, None), is_best=is_best)

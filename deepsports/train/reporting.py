@@ -5,36 +5,36 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import deepsports
-from deepsports.train import plots, quality
-from deepsports.tracking import runs as tracking
-from deepsports.train.checkpoints import CheckpointManager
 from deepsports.config import LOCATION_KEYS, Config
-from deepsports.train.distributed import SINGLE, DistEnv
+from deepsports.tags import CONFIG_TAG_PREFIX
+from deepsports.tracking import runs as tracking
+from deepsports.train import plots, quality
 from deepsports.train.evaluation import eval_loader, make_loader, predict
-from deepsports.train.runtime import Runtime
 
-log = logging.getLogger("deepsports.train")
+if TYPE_CHECKING:
+    from deepsports.train.state import Run
+
+log = logging.getLogger(__name__)
 
 
 def log_config(tracker, config: Config, leave_out: tuple[str, ...] = ()) -> None:
     """Config keys as params, as ``train`` logs them: the location keys as ``deepsports.config.<key>`` tags."""
     params = {k: v for k, v in config.to_params().items() if k not in leave_out}
     tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
-    tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS if k in params})
+    tracker.set_tags({f"{CONFIG_TAG_PREFIX}{k}": params[k] for k in LOCATION_KEYS if k in params})
 
 
-def log_final_artifacts(config: Config, tracker: "tracking.RunTracker", model: torch.nn.Module,
-                        manager: CheckpointManager, data, runtime: Runtime, loss_fn,
-                        history: list[dict[str, float]], env: DistEnv = SINGLE) -> dict[str, float]:
-    """Evaluate the best checkpoint (val, and test when ``evaluate``) and log every artifact of the run.
+def log_final_artifacts(run: Run) -> dict[str, float]:
+    """Evaluate the run's best checkpoint (val, and test when ``evaluate``) and log every artifact of the run.
 
     Returns the test metrics (empty without ``evaluate``). Under DDP every rank predicts its shards;
     rank 0 writes and logs the files (the other ranks' ``tracker`` logs nothing).
     """
+    config, tracker, model, manager, data = run.config, run.tracker, run.model, run.manager, run.data
+    runtime, loss_fn, history, env = run.runtime, run.loss_fn, run.history, run.env
     best = manager.best()
     if best is not None:
         model.load_state_dict(best["model"])
@@ -90,7 +90,7 @@ class EpochMetricLog:
     checkpoint holds but MLflow missed (killed between checkpoint and logging) is logged on resume.
     """
 
-    def __init__(self, tracker: "tracking.RunTracker", keys: tuple[str, ...]):
+    def __init__(self, tracker: tracking.RunTracker, keys: tuple[str, ...]):
         self.tracker, self.keys = tracker, keys
         # One query per key on a resumed run: any key may hold steps the others lack (an older version's
         # logging, a failed batch); a fresh run answers with empty histories.

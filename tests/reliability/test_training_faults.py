@@ -8,6 +8,7 @@ next reads fail).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import textwrap
@@ -21,10 +22,10 @@ from optuna.trial import TrialState
 
 from deepsports.config import build_config
 from deepsports.data import build_datasets
-from deepsports.tune.study import open_storage
-from deepsports.tune.attrs import REASON_ATTR, RUN_ATTR
+from deepsports.tags import REASON_ATTR, RUN_ATTR
 from deepsports.train.loop import train
 from deepsports.tune.status import study_status
+from deepsports.tune.study import open_storage
 from deepsports.tune.worker import TuneSettings, tune
 from tests.e2e_helpers import TINY
 
@@ -60,14 +61,15 @@ def _faulty_train(tmp_path: Path, cache_dir: Path):
     def train_fn(config, **kwargs):
         number = int(kwargs["tags"]["optuna.trial_number"])
         if number == 0:
-            return train(config, fault_hook=_oom_at_step_1, **kwargs)
+            return train(config, hooks=dataclasses.replace(kwargs.pop("hooks"), fault_hook=_oom_at_step_1), **kwargs)
         if number == 1:
             return train(config.replace(learning_rate=1e30, optimizer="SGD", grad_clip_norm=0.0), **kwargs)
         if number == 2:
             private = tmp_path / "trial-2-cache"  # this trial's own copy, so the garbage stays with it
             shutil.copytree(cache_dir, private)
             return train(config.replace(cache_dir=str(private), num_workers=1),
-                         fault_hook=_garbage_clips_after_step_0(private), **kwargs)
+                         hooks=dataclasses.replace(kwargs.pop("hooks"), fault_hook=_garbage_clips_after_step_0(private)),
+                         **kwargs)
         return train(config, **kwargs)
     return train_fn
 

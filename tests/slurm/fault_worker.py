@@ -2,10 +2,11 @@
 trial numbered ``$FAULT_FROM`` or more (not a retry, not a resume; one in the whole study, whichever
 worker starts it: the file ``$FAULT_MARKER`` says it happened) runs out of memory at its second step
 (``train``'s fault hook, as in tests/reliability/test_training_faults.py). Everything else is the CLI's own path: its parser, the
-preemption flag, the requeue of a stopped SLURM task and its exit codes."""
+stop flag and what a stopped SLURM task does (deepsports.slurm.preemption) and its exit codes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -14,8 +15,7 @@ import torch
 from deepsports.cli import studies
 from deepsports.cli.main import build_parser
 from deepsports.errors import DeepSportsError, PreemptedError
-from deepsports.slurm.jobs import requeue_if_slurm
-from deepsports.slurm.preemption import PreemptionFlag
+from deepsports.slurm.preemption import preemptible
 from deepsports.train.loop import train
 from deepsports.tune.worker import tune
 
@@ -35,21 +35,21 @@ def _train(config, **kwargs):
     tags = kwargs["tags"]
     faulty = ("optuna.retry_of" not in tags and "deepsports.resumed_from" not in tags
               and int(tags["optuna.trial_number"]) >= int(os.environ["FAULT_FROM"]) and _first_fault())
-    return train(config, fault_hook=out_of_memory if faulty else None, **kwargs)
+    hooks = dataclasses.replace(kwargs.pop("hooks"), fault_hook=out_of_memory if faulty else None)
+    return train(config, hooks=hooks, **kwargs)
 
 
 def main() -> int:
     args = build_parser().parse_args(["tune", *sys.argv[1:]])
-    with PreemptionFlag() as flag:
-        try:
-            tune(studies._tune_settings(args), stop_requested=flag.requested, train_fn=_train)
-        except PreemptedError as exc:
-            requeue_if_slurm()
-            print(f"deepsports: interrupted: {exc}", file=sys.stderr)
-            return exc.exit_code
-        except DeepSportsError as exc:
-            print(f"deepsports: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+    try:
+        with preemptible() as stop:
+            tune(studies._tune_settings(args), stop_requested=stop.requested, train_fn=_train)
+    except PreemptedError as exc:
+        print(f"deepsports: interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except DeepSportsError as exc:
+        print(f"deepsports: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

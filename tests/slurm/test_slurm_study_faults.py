@@ -21,8 +21,8 @@ import yaml
 from optuna.trial import TrialState
 
 from deepsports.cli.main import main
+from deepsports.tags import REASON_ATTR, RETRIED_FROM_ATTR
 from deepsports.tune import accounting
-from deepsports.tune.attrs import REASON_ATTR, RETRIED_FROM_ATTR
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, subprocess_env
 from tests.slurm.test_slurm_tune import _active, _wait

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from deepsports.config import build_config
 from deepsports.errors import PreemptedError
 from deepsports.train.loop import EPOCH_METRICS, train
+from deepsports.train.state import TrainHooks
 from tests.e2e_helpers import TINY
 
 
@@ -20,7 +21,7 @@ def test_each_epoch_metric_is_logged_once_after_resuming_from_an_older_checkpoin
                            "evaluate": False})
     # Preempted right after epoch 2 was checkpointed and logged.
     with pytest.raises(PreemptedError):
-        train(config, stop_requested=lambda: (ckpt / "epoch-0002.pt").exists())
+        train(config, hooks=TrainHooks(stop_requested=lambda: (ckpt / "epoch-0002.pt").exists()))
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(config.experiment_name).experiment_id])
     first_epoch_2 = {key: client.get_metric_history(run.info.run_id, key)[-1].value for key in EPOCH_METRICS}

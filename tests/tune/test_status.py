@@ -4,6 +4,7 @@ its retry, ``deepsports status`` (text and --json), the parent run's copy, ``--r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,14 +22,21 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.errors import ConfigError, PreemptedError
+from deepsports.tags import (
+    ATTEMPTS_ATTR,
+    EPOCH_END_PREFIX,
+    HEARTBEAT_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RUN_ATTR,
+)
 from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, RERUN_BY_PREFIX,
-                                    RERUN_OF_ATTR, RETRIED_BY_PREFIX, RUN_ATTR)
 from deepsports.tune.checks import check_causes
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.status import render_text, study_status
 from deepsports.tune.study import open_storage, retried_from
-from deepsports.tune.settings import TuneSettings
 from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env, wait_for
 
@@ -40,7 +48,9 @@ def _oom_in_trial_1(config, **kwargs):
     def hook(where: str, step: int) -> None:
         if where == "step" and step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-    return train(config, fault_hook=hook if kwargs["tags"]["optuna.trial_number"] == "1" else None, **kwargs)
+    if kwargs["tags"]["optuna.trial_number"] == "1":
+        kwargs["hooks"] = dataclasses.replace(kwargs["hooks"], fault_hook=hook)
+    return train(config, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +113,9 @@ def test_status_json_accounts_for_every_attempt_failure_and_second(study_dir):
     failed = trials[1]["attempts"][0]
     assert failed["outcome"] == "failed" and "out of memory" in failed["reason"]
     assert doc["compute"]["failed_s"] == pytest.approx(failed["end"] - failed["start"], abs=1e-2)
-    assert doc["compute"]["trials_finished"] == 3 and doc["compute"]["trials_per_hour"] > 0
+    # Finished = a result (complete or pruned); the failed trial is counted apart, not in the rate.
+    assert doc["compute"]["trials_finished"] == 2 and doc["compute"]["trials_failed"] == 1
+    assert doc["compute"]["trials_per_hour"] == pytest.approx(2 / (doc["compute"]["span_s"] / 3600), rel=1e-3)
     complete = [t for t in doc["trials"] if t["state"] == "COMPLETE"]
     best = max(complete, key=lambda t: t["value"])
     assert doc["best"] == {"trial": best["number"], "value": best["value"], "run_id": best["run_id"]}

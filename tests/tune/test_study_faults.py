@@ -240,7 +240,7 @@ def test_a_paused_trial_whose_checkpoint_folder_vanished_resumes_into_its_own_ru
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
-    from deepsports.tune.attrs import CKPT_LOST_ATTR, CKPT_LOST_TAG, PARENT_RUN_ATTR, RUN_ATTR
+    from deepsports.tags import CKPT_LOST_ATTR, CKPT_LOST_TAG, PARENT_RUN_ATTR, RUN_ATTR
 
     study, paused, uri, folder, messages = purged_study
     (trial,) = study.get_trials()
@@ -271,7 +271,7 @@ def test_two_local_tune_processes_have_distinct_identities_and_each_claims_its_o
     import subprocess
     import sys
 
-    from deepsports.tune.attrs import PAUSED_BY_ATTR
+    from deepsports.tags import PAUSED_BY_ATTR
     from deepsports.tune.recovery import claim_waiting, task_identity
     from deepsports.tune.settings import WORKER_GROUP_ENV
 
