@@ -160,6 +160,12 @@ def newest_checkpoint_time(checkpoint_dir: str | os.PathLike) -> float | None:
 # Reading
 # --------------------------------------------------------------------------------------------
 
+def last_sign_of_life(trial: FrozenTrial) -> float:
+    """The trial's last heartbeat, or its (re)start time when it has not beaten since."""
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return max(float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
+
+
 def cut_off_end(trial: FrozenTrial, attempt: dict[str, Any]) -> float:
     """When a cut-off (dead) attempt ended: the middle between its last sign of life (last heartbeat, last
     finished epoch or start, whichever is latest) and the heartbeat that never came (last heartbeat +

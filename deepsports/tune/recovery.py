@@ -62,6 +62,7 @@ from deepsports.tags import (
     WORKER_ATTR,
 )
 from deepsports.tracking import runs as tracking
+from deepsports.tune.accounting import last_sign_of_life
 from deepsports.tune.settings import WORKER_GROUP_ENV
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,6 @@ def task_identity(worker_id: int | None = None) -> str:
     ``tune`` processes on one host never share an identity (nor take each other's paused trial for their own)."""
     group = os.environ.get(WORKER_GROUP_ENV) or str(os.getpid())
     return ClusterEnv.read().task_job_id or f"{socket.gethostname()}:{group}/worker-{worker_id or 0}"
-
-
-def last_sign_of_life(trial: FrozenTrial) -> float:
-    """The trial's last heartbeat, or its (re)start time when it has not beaten since."""
-    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-    return max(float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
 
 
 def stale_trials(trials: list[FrozenTrial], grace_period: float, now: float | None = None) -> list[FrozenTrial]:

@@ -93,12 +93,10 @@ def _last_task(attempts: list[dict[str, Any]]) -> str | None:
 def _running(t: FrozenTrial, attempts: list[dict[str, Any]], now: float) -> dict[str, Any]:
     """A RUNNING trial; ``stale`` when silent for longer than its worker's grace period (the worker is dead or
     stalled: the next worker's sweep fails and retries it), None when the grace period is not recorded."""
-    from deepsports.tune.recovery import last_sign_of_life
-
     beat = t.user_attrs.get(HEARTBEAT_ATTR)
     epochs = attempts[-1].get("epochs", []) if attempts else []
     grace = attempts[-1].get("grace_s") if attempts else None
-    silent = now - last_sign_of_life(t)
+    silent = now - acc.last_sign_of_life(t)
     return {"trial": t.number, "task": t.user_attrs.get(TASK_ATTR), "epoch": epochs[-1]["epoch"] if epochs else 0,
             "heartbeat_age_s": None if beat is None else round(now - float(beat), 1), "attempt": len(attempts),
             "grace_s": grace, "stale": None if grace is None else silent > float(grace)}
