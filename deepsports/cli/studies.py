@@ -277,7 +277,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
     from deepsports.tracking.runs import tracking_uri
-    from deepsports.tracking.store import redact_uri
+    from deepsports.tracking.uris import redact_uri
 
     profile = slurm.load_profile(args.profile)
     rest = list(args.args)
@@ -380,8 +380,8 @@ def _job_dir(profile) -> Path | None:
 
 
 def _check_job_journal(storage: str, where: str, profile) -> None:
-    """A journal file the job can write: it exists writable, or its folder exists or can be made (exit 2)."""
-    from deepsports.fileio import uncreatable_folder
+    """A journal file the job can write: it exists writable, or its folder accepts files (exit 2)."""
+    from deepsports.fileio import unwritable_reason
 
     if "://" in storage:
         return  # a server, or sqlite (its folder must exist: checked by resolve_storage)
@@ -390,34 +390,34 @@ def _check_job_journal(storage: str, where: str, profile) -> None:
         return
     path = base / Path(storage).expanduser()
     if path.exists():
-        problem = None if os.access(path, os.W_OK) else f"{str(path)!r} is not writable by this user"
+        reason = None if os.access(path, os.W_OK) else f"{path}: Permission denied"
     else:
-        problem = uncreatable_folder(path.parent)
-    if problem:
-        raise ConfigError(f"study storage {storage!r}{where} cannot be created: {problem}; give a journal path in a "
-                          "folder this user can write (the job would fail on the node)")
+        reason = unwritable_reason(path.parent)
+    if reason:
+        raise ConfigError(f"study storage {storage!r}{where} is not writable: {reason}; give a journal path in a "
+                          "writable folder (the job would fail on the node)")
 
 
 def _check_job_cache_dir(kind: str, cache: tuple[str, str] | None, profile) -> None:
-    """The job's cache_dir exists or can be made (exit 2), checked here instead of failing on the node."""
-    from deepsports.config import config_fields
-    from deepsports.fileio import uncreatable_folder
+    """The job's cache_dir accepts files (exit 2), checked here instead of failing on the node."""
+    from deepsports.config import CACHE_DIR_ENV, config_fields
+    from deepsports.fileio import unwritable_reason
 
     if cache is None:
-        if profile.env.get("DEEPSPORTS_CACHE_DIR"):
-            cache = (profile.env["DEEPSPORTS_CACHE_DIR"], f"DEEPSPORTS_CACHE_DIR of {profile.source}")
-        elif os.environ.get("DEEPSPORTS_CACHE_DIR"):
-            cache = (os.environ["DEEPSPORTS_CACHE_DIR"], "$DEEPSPORTS_CACHE_DIR")
+        if profile.env.get(CACHE_DIR_ENV):
+            cache = (profile.env[CACHE_DIR_ENV], f"{CACHE_DIR_ENV} of {profile.source}")
+        elif os.environ.get(CACHE_DIR_ENV):
+            cache = (os.environ[CACHE_DIR_ENV], f"${CACHE_DIR_ENV}")
         else:
             cache = (str(config_fields()["cache_dir"].default), "the default")
     value, source = cache
     base = _job_dir(profile)
     if base is None or "$" in value:
         return
-    problem = uncreatable_folder(base / Path(value).expanduser())
-    if problem:
-        raise ConfigError(f"submit {kind}: cache_dir {value!r} ({source}) cannot be created: {problem}; give a "
-                          "folder this user can write with --set cache_dir=... (the job would fail on the node)")
+    reason = unwritable_reason(base / Path(value).expanduser())
+    if reason:
+        raise ConfigError(f"submit {kind}: cache_dir {value!r} ({source}) is not writable: {reason}; set "
+                          "cache_dir=DIR after -- to a writable folder (the job would fail on the node)")
 
 
 def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]

@@ -90,7 +90,7 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
     check_source_form(source)
     run = _source_run(tracker, source)
     if run is None:
-        from deepsports.tracking.store import redact_uri
+        from deepsports.tracking.uris import redact_uri
 
         raise ConfigError(f"evaluate: run {source!r} is not in the tracking store {redact_uri(tracker.uri)}")
     from deepsports.tracking.store import call_with_retry

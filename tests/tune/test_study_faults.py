@@ -111,9 +111,9 @@ def test_a_record_another_process_appends_after_the_open_is_checked_on_the_next_
 # submit: no password in any output; folders the job could not create are refused before submitting
 # --------------------------------------------------------------------------------------------
 
-def _profile(tmp_path, **env: str) -> str:
-    path = tmp_path / "profile.yaml"
-    lines = [f"logdir: {tmp_path / 'logs'}", "time: '10'"]
+def _profile(tmp_path, workdir: str | None = None, **env: str) -> str:
+    path = tmp_path / ("profile.yaml" if workdir is None else "profile-workdir.yaml")
+    lines = [f"logdir: {tmp_path / 'logs'}", "time: '10'"] + ([f"workdir: {workdir}"] if workdir else [])
     if env:
         lines.append("env:")
         lines += [f"  {key}: {value!r}" for key, value in env.items()]
@@ -154,7 +154,11 @@ def test_submit_refuses_a_journal_folder_or_cache_dir_the_job_could_not_create(w
     good_cache, bad = f"cache_dir={tmp_path / 'cache'}", blocker / "sub" / "x"
     profile = _profile(tmp_path, DEEPSPORTS_CACHE_DIR=str(bad)) if what.endswith("profile") else _profile(tmp_path)
     tune = ["submit", "tune", "--dry-run", "--profile", profile, "--", str(tmp_path / "space.yaml"), "--study", "s"]
-    argv = {"journal": [*tune, "--storage", str(bad / "study.journal"), "--set", good_cache],
+    # The journal relative to the job's workdir: the folders of the nodes' working directory (a journal
+    # folder that does not exist here is refused by resolve_storage already).
+    in_workdir = ["submit", "tune", "--dry-run", "--profile", _profile(tmp_path, workdir=str(tmp_path)), "--",
+                  str(tmp_path / "space.yaml"), "--study", "s"]
+    argv = {"journal": [*in_workdir, "--storage", "a-file/sub/study.journal", "--set", good_cache],
             "cache_dir": [*tune, "--set", f"cache_dir={bad}"],
             "cache_dir of a train job": ["submit", "train", "--dry-run", "--profile", profile, "--",
                                          f"cache_dir={bad}"],
@@ -162,10 +166,10 @@ def test_submit_refuses_a_journal_folder_or_cache_dir_the_job_could_not_create(w
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1, err
-    assert f"'{blocker}' is a file, not a folder" in err and "cannot be created" in err, err
+    assert f"{blocker} exists and is not a directory" in err and "is not writable" in err, err
     assert ("study storage" if what == "journal" else "cache_dir") in err
     assert not (tmp_path / "cache").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
-        "a-file", "profile.yaml", "space.yaml"]  # nothing made
+        "a-file", "profile-workdir.yaml", "profile.yaml", "space.yaml"]  # nothing made
 
 
 
