@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,15 +161,12 @@ def _run_local_workers(args: argparse.Namespace) -> int:
     requeues a task, and resumes the paused trial. A signal sent to this process goes to every worker
     and nobody restarts.
     """
-    import time
-
     from deepsports.signals import warning_signal
+    from deepsports.tune.settings import WORKER_GROUP_ENV
 
     base = _strip_option(list(args.argv), "--workers")
     cores = os.cpu_count() or 1
     threads = str(max(1, cores // args.workers))
-    from deepsports.tune.settings import WORKER_GROUP_ENV
-
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
     env[WORKER_GROUP_ENV] = str(os.getpid())  # worker identities: unique per process, kept by a restart
     env.pop("MLFLOW_RUN_ID", None)  # the project run belongs to this parent process
@@ -276,6 +274,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
+    from deepsports.slurm.folders import check_job_cache_dir, check_job_journal
     from deepsports.tracking.runs import tracking_uri
     from deepsports.tracking.uris import redact_uri
 
@@ -286,12 +285,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         storage, where, cache = _check_submitted_tune(rest, args.storage, profile)
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
                       study_storage=args.storage if args.storage is not None or "--storage" in rest else storage)
-        _check_job_journal(storage, where, profile)
+        check_job_journal(storage, where, profile)
     elif args.array_size or args.array_concurrency or args.storage or args.missing:
         raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
     else:
         cache = _check_submitted_config(args.kind, rest, args.build_parser)
-    _check_job_cache_dir(args.kind, cache, profile)
+    check_job_cache_dir(args.kind, cache, profile)
     if args.missing:
         job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
         _add_tune_arguments(job)
@@ -368,56 +367,6 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile
         if "cache_dir" in values:
             return storage, where, (str(values["cache_dir"]), origin)
     return storage, where, None
-
-
-def _job_dir(profile) -> Path | None:
-    """The folder a job's relative paths start from (its workdir, else the submit directory); None when the
-    workdir names variables known only on the node."""
-    if not profile.workdir:
-        return Path.cwd()
-    folder = os.path.expandvars(profile.workdir)
-    return None if "$" in folder else Path(folder).expanduser()
-
-
-def _check_job_journal(storage: str, where: str, profile) -> None:
-    """A journal file the job can write: it exists writable, or its folder accepts files (exit 2)."""
-    from deepsports.fileio import unwritable_reason
-
-    if "://" in storage:
-        return  # a server, or sqlite (its folder must exist: checked by resolve_storage)
-    base = _job_dir(profile)
-    if base is None:
-        return
-    path = base / Path(storage).expanduser()
-    if path.exists():
-        reason = None if os.access(path, os.W_OK) else f"{path}: Permission denied"
-    else:
-        reason = unwritable_reason(path.parent)
-    if reason:
-        raise ConfigError(f"study storage {storage!r}{where} is not writable: {reason}; give a journal path in a "
-                          "writable folder (the job would fail on the node)")
-
-
-def _check_job_cache_dir(kind: str, cache: tuple[str, str] | None, profile) -> None:
-    """The job's cache_dir accepts files (exit 2), checked here instead of failing on the node."""
-    from deepsports.config import CACHE_DIR_ENV, config_fields
-    from deepsports.fileio import unwritable_reason
-
-    if cache is None:
-        if profile.env.get(CACHE_DIR_ENV):
-            cache = (profile.env[CACHE_DIR_ENV], f"{CACHE_DIR_ENV} of {profile.source}")
-        elif os.environ.get(CACHE_DIR_ENV):
-            cache = (os.environ[CACHE_DIR_ENV], f"${CACHE_DIR_ENV}")
-        else:
-            cache = (str(config_fields()["cache_dir"].default), "the default")
-    value, source = cache
-    base = _job_dir(profile)
-    if base is None or "$" in value:
-        return
-    reason = unwritable_reason(base / Path(value).expanduser())
-    if reason:
-        raise ConfigError(f"submit {kind}: cache_dir {value!r} ({source}) is not writable: {reason}; set "
-                          "cache_dir=DIR after -- to a writable folder (the job would fail on the node)")
 
 
 def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]
