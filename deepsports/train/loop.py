@@ -25,6 +25,7 @@ from deepsports.config import Config, build_config, check_installed
 from deepsports.data import build_datasets
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
 from deepsports.model import build_model
+from deepsports.slurm.env import run_tags
 from deepsports.tags import (
     BEST_EPOCH_TAG,
     CHECKPOINT_DIR_TAG,
@@ -36,7 +37,7 @@ from deepsports.tags import (
     TRAINABLE_PARAMS_TAG,
     WORLD_SIZE_TAG,
 )
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import NullTracker, RunTracker
 from deepsports.train import distributed
 from deepsports.train.checkpoints import CheckpointManager, load_checkpoint, restore_rng_state
 from deepsports.train.dir_lock import checkpoint_dir_lock
@@ -172,15 +173,15 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
     ckpt_dir = _resolve_checkpoint_dir(config)
     resume_path, resume_state, resume_run_id = _find_resume(config, env, ckpt_dir)
     if env.is_main:
-        tracker = tracking.RunTracker()
+        tracker = RunTracker()
         run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
                                parent_run_id=parent_run_id, run_id=resume_run_id,
                                tags={**(tags or {}), **({WORLD_SIZE_TAG: str(env.world_size)}
-                                                         if env.enabled else {})})
+                                                         if env.enabled else {})}, cluster=run_tags())
     # Every rank learns the run id and the checkpoint to resume from rank 0, and reads it itself.
     run_id, resume_path = distributed.broadcast_object(env, (run_id if env.is_main else None, resume_path))
     if not env.is_main:
-        tracker = tracking.NullTracker(run_id)
+        tracker = NullTracker(run_id)
     if not env.is_main and resume_path is not None:
         resume_state = load_checkpoint(resume_path)
     if ckpt_dir is None:
@@ -207,7 +208,7 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
     return result
 
 
-def _train_tracked(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
+def _train_tracked(config: Config, env: DistEnv, tracker: RunTracker, run_id: str, ckpt_dir: Path,
                    resume_state: dict | None, hooks: TrainHooks) -> TrainResult:
     run = _build_run(config, env, tracker, run_id, ckpt_dir, resume_state, hooks)
     _restore(run, resume_state)
@@ -223,7 +224,7 @@ def _train_tracked(config: Config, env: DistEnv, tracker: tracking.RunTracker, r
                        resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
 
 
-def _build_run(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
+def _build_run(config: Config, env: DistEnv, tracker: RunTracker, run_id: str, ckpt_dir: Path,
                resume_state: dict | None, hooks: TrainHooks) -> Run:
     """Data, model, optimizer and friends, the same on every rank (seeded alike)."""
     seed_everything(config.seed, config.deterministic)  # the same seed on every rank: identical init

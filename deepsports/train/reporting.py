@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import deepsports
 from deepsports.config import LOCATION_KEYS, Config
 from deepsports.tags import CONFIG_TAG_PREFIX
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import RunTracker
 from deepsports.train import plots, quality
 from deepsports.train.evaluation import eval_loader, make_loader, predict
 
@@ -90,7 +90,7 @@ class EpochMetricLog:
     checkpoint holds but MLflow missed (killed between checkpoint and logging) is logged on resume.
     """
 
-    def __init__(self, tracker: tracking.RunTracker, keys: tuple[str, ...]):
+    def __init__(self, tracker: RunTracker, keys: tuple[str, ...]):
         self.tracker, self.keys = tracker, keys
         # One query per key on a resumed run: any key may hold steps the others lack (an older version's
         # logging, a failed batch); a fresh run answers with empty histories.
