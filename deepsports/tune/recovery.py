@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -48,6 +49,8 @@ from deepsports.errors import StorageError
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tags import (
     CKPT_ATTR,
+    CKPT_LOST_ATTR,
+    CKPT_LOST_TAG,
     EXPERIMENT_ATTR,
     HEARTBEAT_ATTR,
     OPTUNA_TRIAL_STATE_TAG,
@@ -183,6 +186,31 @@ def claim_waiting(study: optuna.Study, identity: str) -> optuna.Trial | None:
             continue
         return optuna.trial.Trial(study, frozen._trial_id)
     return None
+
+
+def keep_run_of_lost_checkpoint(trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path, config: Any,
+                                ledger: Any) -> dict[str, str]:
+    """A trial that trained before (it has an MLflow run) but whose checkpoint folder is gone (a scratch
+    purge) restarts from epoch 1 in the same MLflow run, said loudly: the epochs that run holds keep their
+    values (the re-run's are not logged again) and no second run carries the trial's number. ``ledger`` is
+    the attempt's :class:`~deepsports.tune.accounting.AttemptLedger`. Returns the MLflow tags to add."""
+    from deepsports.train.checkpoints import CheckpointManager  # torch: only once a trial runs
+
+    run_id = frozen.user_attrs.get(RUN_ATTR)
+    manager = CheckpointManager(ckpt_dir)
+    if not run_id or config.resume != "auto" or (ckpt_dir.is_dir() and (manager.latest_valid() is not None
+                                                                        or manager.recorded_run() is not None)):
+        return {}
+    epochs = max(frozen.intermediate_values, default=0)
+    log.warning("trial %d: its checkpoint folder %s is gone (purged or deleted): the checkpoint is LOST and "
+                "%d finished epoch(s) train again from epoch 1, in the same MLflow run %s (the values it holds "
+                "for those epochs are kept, the re-run's are not logged)", trial.number, ckpt_dir, epochs, run_id)
+    lost = {"at": time.time(), "checkpoint_dir": str(ckpt_dir), "epochs": epochs, "attempt": ledger.record.get("attempt")}
+    trial.set_user_attr(CKPT_LOST_ATTR, [*frozen.user_attrs.get(CKPT_LOST_ATTR, []), lost])
+    ledger.record["checkpoint_lost"] = epochs  # written with the attempt's next record
+    manager.record_run(run_id, config.to_dict())  # train() resumes the run this file names, from epoch 1
+    return {CKPT_LOST_TAG: f"checkpoint folder {ckpt_dir} gone before attempt {lost['attempt']}: "
+                           f"{epochs} epoch(s) trained again"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,8 +67,6 @@ from deepsports.errors import (
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tags import (
     CKPT_ATTR,
-    CKPT_LOST_ATTR,
-    CKPT_LOST_TAG,
     CONFIG_ATTR,
     EXPERIMENT_ATTR,
     MAX_TRIALS_ATTR,
@@ -377,7 +375,7 @@ class _Worker:
         trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
         tags = self._run_tags(trial, retry_of)
         tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
-        tags.update(self._keep_run_of_lost_checkpoint(trial, frozen, Path(checkpoint_dir), config))
+        tags.update(recovery.keep_run_of_lost_checkpoint(trial, frozen, Path(checkpoint_dir), config, self.ledger))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
 
@@ -445,30 +443,6 @@ class _Worker:
         self.ledger.record["resumed_epoch"] = resumed["epoch"]  # written with the attempt's next record
         log.info("trial %d resumes from %s (epoch %d, step %d)", trial.number, path, resumed["epoch"], resumed["step"])
         return {RESUMED_FROM_TAG: f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}
-
-    def _keep_run_of_lost_checkpoint(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path,
-                                     config) -> dict[str, str]:
-        """A trial that trained before (it has an MLflow run) but whose checkpoint folder is gone (a scratch
-        purge) restarts from epoch 1 in the same MLflow run, said loudly: the epochs that run holds keep their
-        values (the re-run's are not logged again) and no second run carries the trial's number. Returns the
-        MLflow tags to add."""
-        run_id = frozen.user_attrs.get(RUN_ATTR)
-        manager = CheckpointManager(ckpt_dir)
-        if not run_id or config.resume != "auto" or (ckpt_dir.is_dir() and (manager.latest_valid() is not None
-                                                 or manager.recorded_run() is not None)):
-            return {}
-        epochs = max(frozen.intermediate_values, default=0)
-        log.warning("trial %d: its checkpoint folder %s is gone (purged or deleted): the checkpoint is LOST and "
-                    "%d finished epoch(s) train again from epoch 1, in the same MLflow run %s (the values it holds "
-                    "for those epochs are kept, the re-run's are not logged)", trial.number, ckpt_dir, epochs, run_id)
-        lost = {"at": time.time(), "checkpoint_dir": str(ckpt_dir), "epochs": epochs,
-                "attempt": self.ledger.record.get("attempt")}
-        trial.set_user_attr(CKPT_LOST_ATTR, [*frozen.user_attrs.get(CKPT_LOST_ATTR, []), lost])
-        self.ledger.record["checkpoint_lost"] = epochs  # written with the attempt's next record
-        # train() resumes the run this file names, from epoch 1.
-        manager.record_run(run_id, config.to_dict())
-        return {CKPT_LOST_TAG: f"checkpoint folder {ckpt_dir} gone before attempt {lost['attempt']}: "
-                               f"{epochs} epoch(s) trained again"}
 
     def _over_budget(self, trials: list[FrozenTrial], number: int) -> bool:
         """Race-free: numbers are unique and increasing, so every original trial up to ours is visible."""
