@@ -47,6 +47,7 @@ SPACE_ATTR = "deepsports.search_space"
 SPACE_SHA_ATTR = "deepsports.search_space_sha256"
 EXPERIMENT_ATTR = "deepsports.experiment_name"
 TRACKING_URI_ATTR = "deepsports.tracking_uri"        # the MLflow store the study logs to (absolute, redacted)
+PARENT_STATE_ATTR = "deepsports.parent_run_state"  # the state a worker last gave the parent run
 MAX_TRIALS_ATTR = "deepsports.max_trials"            # the last max_trials a worker was given
 #: "<prefix><original number>" -> number of its retry / re-run. Optuna refuses any write to a finished
 #: trial, so the link from a FAIL trial forward lives on the study.

@@ -49,9 +49,8 @@ def study_tracking_uri(study, *, needed: bool) -> str | None:
     from deepsports.tracking.uris import tracking_uri
     from deepsports.tune import parent as study_parent
 
-    if not needed and study_parent.parent_state(study.get_trials(deepcopy=False), None,
-                                                 study_parent.DEFAULT_GRACE_S) == "RUNNING":
-        return None  # a worker is alive: the parent is right as it is (and MLflow need not load)
+    if not needed and not study_parent.may_be_stale(study):
+        return None  # a worker is alive, or the last one settled the parent: MLflow need not load
     recorded = study.user_attrs.get(TRACKING_URI_ATTR) or study_parent.store_label(tracking_uri())
     hint = f"set MLFLOW_TRACKING_URI={recorded} (the store the study logs to) and run the same command again"
     try:

@@ -498,3 +498,5 @@ class _Worker:
                                      self.study.user_attrs[PARENT_RUN_ATTR], status="FINISHED")
         except StorageError as exc:
             log.warning("could not end the study's parent run: %s", exc)
+            return
+        study_parent.record_state(self.study, "FINISHED")
