@@ -63,11 +63,10 @@ from deepsports.tags import (
     RETRIED_BY_PREFIX,
     RETRIED_FROM_ATTR,
 )
+from deepsports.tune._optuna_compat import add_trial, set_study_attr, storage_of
 from deepsports.tune.checks import CAUSES
 
 log = logging.getLogger(__name__)
-
-OUTCOMES = ("running", "complete", "pruned", "failed", "paused", "dead")
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ class AttemptLedger:
 
     def __init__(self, study: optuna.Study, trial_id: int, number: int, task: str, worker: str,
                  heartbeat_s: float | None = None, grace_s: float | None = None):
-        self.storage, self.trial_id = study._storage, trial_id
+        self.storage, self.trial_id = storage_of(study), trial_id
         self.record: dict[str, Any] = {"trial": number, "task": task, "worker": worker}
         self.beats = {"heartbeat_s": heartbeat_s, "grace_s": grace_s}
         self._previous: list[dict[str, Any]] = []
@@ -264,7 +263,7 @@ def links(study_attrs: dict[str, Any], prefix: str) -> dict[int, int]:
 
 def link(study: optuna.Study, prefix: str, original: int, new: int) -> None:
     """Record on the study that ``new`` retries/re-runs ``original`` (the finished trial cannot hold it)."""
-    study._storage.set_study_user_attr(study._study_id, f"{prefix}{original}", int(new))
+    set_study_attr(study, f"{prefix}{original}", int(new))
 
 
 def retried_from(trial: FrozenTrial) -> int | None:
@@ -306,8 +305,7 @@ def enqueue_reruns(study: optuna.Study, causes: Iterable[str] = ()) -> list[tupl
         template = optuna.trial.create_trial(
             state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
             user_attrs={RERUN_OF_ATTR: failed.number, RERUN_CAUSE_ATTR: cause})
-        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-        number = study._storage.get_trial_number_from_id(trial_id)
+        number = add_trial(study, template)
         link(study, RERUN_BY_PREFIX, failed.number, number)
         log.info("queued trial %d: a re-run of failed trial %d (%s)", number, failed.number, cause)
         out.append((failed.number, number))

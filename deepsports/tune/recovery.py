@@ -66,6 +66,7 @@ from deepsports.tags import (
 )
 from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
+from deepsports.tune._optuna_compat import add_trial, set_study_attr, storage_of, trial_id_of, trials_in
 from deepsports.tune.accounting import last_sign_of_life
 from deepsports.tune.settings import WORKER_GROUP_ENV
 
@@ -97,7 +98,7 @@ def will_retry(trial: FrozenTrial, max_retry: int | None) -> bool:
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
     """An RDB storage opened with a heartbeat interval (Optuna's own heartbeat and stale-trial check)."""
-    interval = getattr(study._storage, "get_heartbeat_interval", None)
+    interval = getattr(storage_of(study), "get_heartbeat_interval", None)
     return interval is not None and interval() is not None
 
 
@@ -128,7 +129,7 @@ class TrialHeartbeat:
             self._thread.join()
 
     def beat(self) -> None:
-        storage = self.study._storage
+        storage = storage_of(self.study)
         try:
             if uses_optuna_heartbeat(self.study):
                 storage.record_heartbeat(self.trial_id)
@@ -152,15 +153,15 @@ class TrialHeartbeat:
 def pause_trial(study: optuna.Study, trial: optuna.Trial, identity: str, checkpoint_dir: str,
                 run_id: str | None) -> None:
     """Record the pause, then move the trial RUNNING -> WAITING (same number, params, intermediate values)."""
-    storage = study._storage
-    frozen = storage.get_trial(trial._trial_id)
+    storage, trial_id = storage_of(study), trial_id_of(trial)
+    frozen = storage.get_trial(trial_id)
     attrs: dict[str, Any] = {PAUSED_AT_ATTR: time.time(), PAUSED_BY_ATTR: identity, CKPT_ATTR: checkpoint_dir,
                              PAUSES_ATTR: int(frozen.user_attrs.get(PAUSES_ATTR, 0)) + 1}
     if run_id:
         attrs[RUN_ATTR] = run_id
     for key, value in attrs.items():
-        storage.set_trial_user_attr(trial._trial_id, key, value)
-    storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        storage.set_trial_user_attr(trial_id, key, value)
+    storage.set_trial_state_values(trial_id, TrialState.WAITING)
     log.info("paused trial %d (checkpoint %s, MLflow run %s): the next worker of the study resumes it",
              trial.number, checkpoint_dir, run_id)
 
@@ -171,20 +172,20 @@ def claim_waiting(study: optuna.Study, identity: str) -> optuna.Trial | None:
     The claim is the storage's atomic WAITING -> RUNNING transition: when two workers race for one
     trial exactly one gets it. None when nothing waits.
     """
-    storage = study._storage
-    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    storage = storage_of(study)
+    waiting = trials_in(study, TrialState.WAITING)
     waiting = sorted(waiting, key=lambda t: (t.user_attrs.get(PAUSED_BY_ATTR) != identity, t.number))
     for frozen in waiting:
         if uses_optuna_heartbeat(study):
             # A paused trial keeps its last heartbeat row: refresh it before the trial is RUNNING again,
             # or a sweeping worker could fail it as stale in the instant after our claim.
-            storage.record_heartbeat(frozen._trial_id)
+            storage.record_heartbeat(trial_id_of(frozen))
         try:
-            if not storage.set_trial_state_values(frozen._trial_id, TrialState.RUNNING):
+            if not storage.set_trial_state_values(trial_id_of(frozen), TrialState.RUNNING):
                 continue
         except UpdateFinishedTrialError:
             continue
-        return optuna.trial.Trial(study, frozen._trial_id)
+        return optuna.trial.Trial(study, trial_id_of(frozen))
     return None
 
 
@@ -275,10 +276,9 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retry:
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=attrs,
         system_attrs={"failed_trial": history[0], "retry_history": history},
         intermediate_values=trial.intermediate_values)
-    retry_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    retry_number = add_trial(study, template)
     # The dead trial is finished (Optuna refuses writes to it): the link to its retry is a study attribute.
-    study._storage.set_study_user_attr(study._study_id, f"{RETRIED_BY_PREFIX}{trial.number}",
-                                       study._storage.get_trial_number_from_id(retry_id))
+    set_study_attr(study, f"{RETRIED_BY_PREFIX}{trial.number}", retry_number)
     log.warning("trial %d failed: %s; queued a retry with its params (checkpoints %s)", trial.number, reason,
                 attrs.get(CKPT_ATTR))
     return True
@@ -309,20 +309,19 @@ def sweep_stale_journal_trials(study: optuna.Study, grace_period: float, max_ret
     the journal applies the first FAIL and refuses the second).
     """
     now = time.time() if now is None else now
-    storage = study._storage
+    storage = storage_of(study)
     failed = []
-    running = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale_trials(running, grace_period, now):
+    for trial in stale_trials(trials_in(study, TrialState.RUNNING), grace_period, now):
         silent = now - last_sign_of_life(trial)
         reason = (f"worker {trial.user_attrs.get(WORKER_ATTR, '?')} stopped beating: no heartbeat for "
                   f"{silent:.0f} s > grace period {grace_period:.0f} s (killed or node lost); swept by "
                   f"{socket.gethostname()}:{os.getpid()}")
         try:
-            storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id_of(trial), REASON_ATTR, reason)
+            storage.set_trial_state_values(trial_id_of(trial), TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # finished meanwhile, or another worker swept it first
-        frozen = storage.get_trial(trial._trial_id)
+        frozen = storage.get_trial(trial_id_of(trial))
         run_id = end_dead_run(study, frozen, reason)
         retry_trial(study, frozen, reason, max_retry, run_id)
         failed.append(trial.number)

@@ -230,6 +230,7 @@ def test_rerun_failed_reruns_only_the_failed_trial_and_submit_missing_then_submi
 
 _DYING_WORKER = """\
 import sys, time, optuna
+from deepsports.tune._optuna_compat import trial_id_of
 from deepsports.tune.accounting import AttemptLedger
 from deepsports.tune.recovery import TrialHeartbeat
 from deepsports.tune.study import open_storage
@@ -237,9 +238,9 @@ study = optuna.create_study(study_name="dead", storage=open_storage(sys.argv[1])
 beats = []
 for number, interval in enumerate((1, 4)):  # trial 0 beats after its epoch, trial 1 not before the kill
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
-    ledger = AttemptLedger(study, trial._trial_id, trial.number, f"node/worker-{7 + number}", "node:1",
+    ledger = AttemptLedger(study, trial_id_of(trial), trial.number, f"node/worker-{7 + number}", "node:1",
                            heartbeat_s=interval, grace_s=2 * interval)
-    beats.append(TrialHeartbeat(study, trial._trial_id, interval=interval).__enter__())  # beats now, then every interval
+    beats.append(TrialHeartbeat(study, trial_id_of(trial), interval=interval).__enter__())  # beats now, then every interval
     ledger.start()
     time.sleep(0.3)
     ledger.epoch(1)  # the epoch's checkpoint is on disk
