@@ -194,9 +194,10 @@ def _cmd_best(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
     from deepsports.slurm.folders import check_job_cache_dir, check_job_journal
+    from deepsports.slurm.profile import load_profile
     from deepsports.tracking.uris import redact_uri, tracking_uri
 
-    profile = slurm.load_profile(args.profile)
+    profile = load_profile(args.profile)
     rest = list(args.args)
     kwargs: dict[str, Any] = {}
     if args.kind == "tune":
