@@ -53,6 +53,7 @@ from deepsports.tags import (
 )
 from deepsports.tracking import uris
 from deepsports.tracking.store import RetryPolicy, call_with_retry, default_retry_policy, enable_sqlite_wal
+from deepsports.tracking.system_metrics import start_system_metrics
 from deepsports.tracking.uris import allow_file_store, check_store_folder, redact_uri, sqlite_path, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -303,33 +304,18 @@ class RunTracker:
         self.set_tags({**new_tags, **environment_tags(cluster), **dict(tags or {})})
         log.info("MLflow run %s in %s", self.run_id, redact_uri(self.uri))
         if system_metrics_interval_s > 0:
-            self._start_system_metrics(system_metrics_interval_s, resumed=run_id is not None)
+            self._system_metrics = start_system_metrics(self.run_id, self.uri, system_metrics_interval_s,
+                                                        resumed=run_id is not None)
         return self.run_id
-
-    def _start_system_metrics(self, interval_s: float, resumed: bool) -> None:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
-                                       resume_logging=resumed, tracking_uri=self.uri)
-        # Samples count from 1, as epochs do: MLflow's log_model re-logs the run's step-0 points for the
-        # logged model, which a file store would append as duplicates.
-        monitor._logging_step = max(monitor._logging_step, 1)
-        self._system_metrics = monitor
-        self._system_metrics.start()
-        log.debug("system metrics every %g s (%s)", interval_s,
-                  ", ".join(type(m).__name__ for m in self._system_metrics.monitors))
-
-    def _stop_system_metrics(self) -> None:
-        monitor, self._system_metrics = self._system_metrics, None
-        if monitor is not None:
-            monitor.finish()  # joins the sampling thread and flushes what it holds
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush buffered metrics and set the final status (FINISHED, FAILED or KILLED)."""
         if status not in RUN_STATUSES:
             raise ValueError(f"status={status!r}: expected one of {', '.join(RUN_STATUSES)}")
         run_id = self._require_run()
-        self._stop_system_metrics()
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            monitor.finish()  # joins the sampling thread and flushes what it holds
         if self._buffer is not None:
             self._buffer.flush()
         self._call("end run", self.client.set_terminated, run_id, status=status)

@@ -7,7 +7,7 @@ Storages (:func:`open_storage`), given as a path or URL:
   writer killed mid-append is set aside (:mod:`deepsports.tune.journal`);
 * ``sqlite:///file.db``, ``postgresql://...``, ``mysql://...``: ``RDBStorage`` with a heartbeat; a
   trial whose worker stops beating (killed, node lost) is failed by the next worker and queued again
-  with the same params (:class:`deepsports.recovery.StaleTrialRetry`, a
+  with the same params (:class:`deepsports.tune.recovery.StaleTrialRetry`, a
   ``RetryHeartbeatStaleTrialCallback``). Optuna's journal storage has no heartbeat: DeepSports keeps
   one in a trial user attribute and sweeps stale trials itself (:mod:`deepsports.tune.recovery`).
 
