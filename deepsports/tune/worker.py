@@ -484,8 +484,10 @@ class _Worker:
         study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
 
     def close_parent_if_done(self) -> None:
-        """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it)."""
+        """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it); else RUNNING
+        while another worker's trial beats, KILLED when what is left waits for a later worker."""
         if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            study_parent.settle_parent(self.study, self.tracker, grace_s=self.settings.grace)
             return
         study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
         try:
