@@ -193,21 +193,23 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
+    from deepsports.slurm.folders import check_job_cache_dir, check_job_journal
+    from deepsports.slurm.profile import load_profile
     from deepsports.tracking.uris import redact_uri, tracking_uri
 
-    profile = slurm.load_profile(args.profile)
+    profile = load_profile(args.profile)
     rest = list(args.args)
     kwargs: dict[str, Any] = {}
     if args.kind == "tune":
         storage, where, cache = _check_submitted_tune(rest, args.storage, profile)
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
                       study_storage=args.storage if args.storage is not None or "--storage" in rest else storage)
-        _check_job_journal(storage, where, profile)
+        check_job_journal(storage, where, profile)
     elif args.array_size or args.array_concurrency or args.storage or args.missing:
         raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
     else:
         cache = _check_submitted_config(args.kind, rest, args.build_parser)
-    _check_job_cache_dir(args.kind, cache, profile)
+    check_job_cache_dir(args.kind, cache, profile)
     if args.missing:
         job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
         _add_tune_arguments(job)
@@ -284,56 +286,6 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile
         if "cache_dir" in values:
             return storage, where, (str(values["cache_dir"]), origin)
     return storage, where, None
-
-
-def _job_dir(profile) -> Path | None:
-    """The folder a job's relative paths start from (its workdir, else the submit directory); None when the
-    workdir names variables known only on the node."""
-    if not profile.workdir:
-        return Path.cwd()
-    folder = os.path.expandvars(profile.workdir)
-    return None if "$" in folder else Path(folder).expanduser()
-
-
-def _check_job_journal(storage: str, where: str, profile) -> None:
-    """A journal file the job can write: it exists writable, or its folder exists or can be made (exit 2)."""
-    from deepsports.fileio import uncreatable_folder
-
-    if "://" in storage:
-        return  # a server, or sqlite (its folder must exist: checked by resolve_storage)
-    base = _job_dir(profile)
-    if base is None:
-        return
-    path = base / Path(storage).expanduser()
-    if path.exists():
-        problem = None if os.access(path, os.W_OK) else f"{str(path)!r} is not writable by this user"
-    else:
-        problem = uncreatable_folder(path.parent)
-    if problem:
-        raise ConfigError(f"study storage {storage!r}{where} cannot be created: {problem}; give a journal path in a "
-                          "folder this user can write (the job would fail on the node)")
-
-
-def _check_job_cache_dir(kind: str, cache: tuple[str, str] | None, profile) -> None:
-    """The job's cache_dir exists or can be made (exit 2), checked here instead of failing on the node."""
-    from deepsports.config import config_fields
-    from deepsports.fileio import uncreatable_folder
-
-    if cache is None:
-        if profile.env.get("DEEPSPORTS_CACHE_DIR"):
-            cache = (profile.env["DEEPSPORTS_CACHE_DIR"], f"DEEPSPORTS_CACHE_DIR of {profile.source}")
-        elif os.environ.get("DEEPSPORTS_CACHE_DIR"):
-            cache = (os.environ["DEEPSPORTS_CACHE_DIR"], "$DEEPSPORTS_CACHE_DIR")
-        else:
-            cache = (str(config_fields()["cache_dir"].default), "the default")
-    value, source = cache
-    base = _job_dir(profile)
-    if base is None or "$" in value:
-        return
-    problem = uncreatable_folder(base / Path(value).expanduser())
-    if problem:
-        raise ConfigError(f"submit {kind}: cache_dir {value!r} ({source}) cannot be created: {problem}; give a "
-                          "folder this user can write with --set cache_dir=... (the job would fail on the node)")
 
 
 def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]

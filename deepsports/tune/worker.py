@@ -197,7 +197,8 @@ class _Worker:
     def _run_trial(self, trial: optuna.Trial) -> None:
         heartbeat = recovery.TrialHeartbeat(self.study, trial_id_of(trial), self.settings.heartbeat_interval)
         self.ledger = ledger = accounting.AttemptLedger(self.study, trial_id_of(trial), trial.number, self.identity,
-                                                        self.label)
+                                                        self.label, heartbeat_s=self.settings.heartbeat_interval,
+                                                        grace_s=self.settings.grace)
         state, value, failed = None, None, None
         with heartbeat:
             study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
@@ -289,6 +290,7 @@ class _Worker:
         except StorageError as exc:
             log.warning("could not find the MLflow run of paused trial %d: %s", trial.number, exc)
             run_id = None
+        self.ledger.record_checkpointed_epochs(ckpt)
         self.ledger.finish("paused", checkpoint_at=accounting.newest_checkpoint_time(ckpt))
         recovery.pause_trial(self.study, trial, self.identity, ckpt, run_id)
         bookkeeping.publish(self.study, run_id, trial.number, self.tracker, self.settings.storage)
@@ -344,6 +346,7 @@ class _Worker:
         trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
         tags = bookkeeping.trial_run_tags(self.settings, self.space, trial, retry_of)
         tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
+        tags.update(recovery.keep_run_of_lost_checkpoint(trial, frozen, Path(checkpoint_dir), config, self.ledger))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
 
