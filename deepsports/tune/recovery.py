@@ -1,32 +1,13 @@
 """Trials that outlive their worker: pausing on preemption, heartbeats, and the sweep of dead workers' trials.
 
-Paused trials (preemption). On SIGUSR1/SIGTERM the worker checkpoints (``train``), then
-:func:`pause_trial` records who paused it and where its checkpoint is, and moves the trial from
-RUNNING back to WAITING, keeping its number, params and intermediate values. Optuna hands out
-WAITING trials before sampling new ones, and the WAITING -> RUNNING transition is atomic in every
-storage (journal and RDB), so exactly one worker resumes it: the requeued SLURM task (which looks
-for its own paused trial first, :func:`claim_waiting`), or any other worker of the study, or the
-same command run again. A paused trial is not RUNNING, so no heartbeat grace period applies to it:
-it may wait for hours (a long requeue delay) and is neither failed nor duplicated.
-
-Dead workers (SIGKILL, node failure). While a trial trains, :class:`TrialHeartbeat` writes the
-time into the trial's user attribute ``deepsports.heartbeat`` every ``interval`` seconds (and, on
-RDB storages, Optuna's own heartbeat row). Before asking for a trial every worker sweeps:
-
-* RDB storages: ``optuna.storages.fail_stale_trials`` (Optuna's heartbeat, judged by the database
-  clock) fails RUNNING trials silent for ``grace_period`` and calls :class:`StaleTrialRetry`;
-* journal storages (Optuna has no heartbeat there): :func:`sweep_stale_journal_trials` fails RUNNING
-  trials whose last sign of life (heartbeat attribute, else their start time) is older than
-  ``grace_period`` by the sweeping worker's clock (nodes' clocks must agree to well within it), with
-  the reason in ``deepsports.failure_reason``.
-
-Either way the failed trial's MLflow run is ended FAILED (tag ``deepsports.failure_reason``), and
-:func:`retry_trial` queues a WAITING copy with the same params (a new trial number), linked by the
-user attribute ``deepsports.retried_from`` and Optuna's ``failed_trial``/``retry_history`` system
-attributes (and forward by the study attribute ``deepsports.retried_by.<number>``), carrying the
-original's checkpoint directory and MLflow run id: the retry resumes the dead trial's last
-checkpoint in the same MLflow run, so no finished epoch is trained or logged twice. That run then
-lists every attempt that wrote it (:func:`deepsports.tune.status.record_run_attempts`).
+The protocol (what a paused trial keeps, who resumes it, when a silent trial counts as dead, what its
+retry links and resumes) is told once, in docs/preemption.md ("What a stopped trial does", "Dead
+workers"). Here: :func:`pause_trial` (RUNNING -> WAITING with who paused it and where its checkpoint
+is), :func:`claim_waiting` (the atomic WAITING -> RUNNING claim, own paused trial first),
+:class:`TrialHeartbeat` (the beat thread), :func:`sweep` with Optuna's ``fail_stale_trials`` and
+:class:`StaleTrialRetry` on RDB storages or :func:`sweep_stale_journal_trials` on journal storages,
+:func:`end_dead_run` and :func:`retry_trial` (the WAITING copy that resumes the dead trial's checkpoint
+in its MLflow run).
 """
 
 from __future__ import annotations

@@ -13,23 +13,12 @@ epoch and a pruned trial stops at once (its run ends KILLED). A trial whose trai
 checkpoint is bad is FAIL with the reason in the user attribute ``deepsports.failure_reason``, and the
 study goes on.
 
-Preemption (SIGUSR1/SIGTERM, ``stop_requested``) or Ctrl-C: training writes its checkpoint and ends
-the MLflow run KILLED (tag ``deepsports.interrupted``); the trial is *paused*: it goes back to
-WAITING with the same number and params, recording ``deepsports.paused_at``, ``deepsports.paused_by``
-(the SLURM task ``<array job>_<task>``), its checkpoint directory and MLflow run id, and
-:class:`PreemptedError` is raised (the CLI then requeues the SLURM task). Workers take waiting trials
-before sampling new ones, the requeued task its own paused trial first; resuming trains from the
-trial's checkpoint (``resume=auto``) into the same MLflow run, reports to Optuna only the epochs it
-does not know yet, and tells the trial's value once. A paused trial is not RUNNING, so heartbeat
-grace periods do not apply to it: however long the requeued task waits, the trial is neither failed
-nor duplicated, and if no worker of the study ever runs again it waits until the next ``deepsports
-tune`` of the study.
-
-Dead workers (SIGKILL, node failure): every RUNNING trial beats (``heartbeat_interval``, all
-storages); before asking for a trial each worker fails trials silent for ``grace_period`` and queues
-a retry with the same params that resumes the dead trial's checkpoint and MLflow run (see
-:mod:`deepsports.tune.recovery`). A worker that finds ``max_trials`` reached waits, at most one grace
-period, for other workers' RUNNING trials to prove alive, so that the last retry is not left behind.
+A stop (``stop_requested``, Ctrl-C) *pauses* the running trial and raises :class:`PreemptedError`;
+workers take waiting (paused, retried) trials before sampling new ones; a dead worker's trial is
+failed by the next sweep and retried. The protocol is told once, in docs/preemption.md ("What a
+stopped trial does", "Dead workers"); :mod:`deepsports.tune.recovery` implements it. A worker that
+finds ``max_trials`` reached waits, at most one grace period, for other workers' RUNNING trials to
+prove alive, so that the last retry is not left behind.
 
 Accounting (:mod:`deepsports.tune.accounting`, :mod:`deepsports.tune.status`): every attempt at a trial
 (a first run, a resume, a retry) is recorded in the trial's ``deepsports.attempts`` as it starts, after
