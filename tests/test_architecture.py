@@ -246,6 +246,33 @@ def test_tag_literal_finder():
     assert _tag_literals(tree, {"deepsports.cli", "deepsports.data"}) == ["deepsports.config.", "deepsports.resumes"]
 
 
+def _defined_names(tree: ast.Module) -> set[str]:
+    """Names a module defines at top level (functions, classes, assignments), not those it imports."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def test_package_faces_name_the_module_that_defines_each_name():
+    """A package's ``_EXPORTS`` (PEP 562 face) points each name at its definition, not at a re-export."""
+    modules = _modules()
+    wrong = []
+    for package, (path, tree) in modules.items():
+        if path.name != "__init__.py":
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["_EXPORTS"]:
+                for name, where in ast.literal_eval(node.value).items():
+                    if name not in _defined_names(modules[f"{package}.{where}"][1]):
+                        wrong.append(f"{package}.{name} -> {where}")
+    assert wrong == []
+
+
 #: The one module that touches Optuna's private attributes (``study._storage``, ``trial._trial_id``...).
 OPTUNA_COMPAT = "deepsports.tune._optuna_compat"
 #: Other private attributes of an object not its own class's that a module reads, each with its reason.
@@ -254,6 +281,8 @@ PRIVATE_ATTRIBUTES = {
     ("deepsports.cli.studies", "_subparsers"): "argparse keeps the subcommand parsers there (no public accessor)",
     ("deepsports.cli.studies", "_group_actions"): "argparse keeps the subcommand parsers there (no public accessor)",
     ("deepsports.tracking.runs", "_log_batch"): "MetricBuffer sends through its RunTracker (one module, one writer)",
+    ("deepsports.tracking.system_metrics", "_logging_step"): "MLflow's SystemMetricsMonitor has no public way to choose "
+                                                             "its first step (samples count from 1, not 0)",
 }
 
 

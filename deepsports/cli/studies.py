@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from deepsports.cli.status import add_status_parser, enqueue_reruns, existing_study, missing_work, study_tracking_uri
+from deepsports.cli.ui import study_ui
 from deepsports.errors import ConfigError
 from deepsports.tags import STUDY_PARENT_RUN_TAG
 
@@ -130,7 +131,8 @@ def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, st
 def _print_summary(summary, extra: dict[str, Any]) -> None:
     print(json.dumps({"study": summary.study_name, "parent_run_id": summary.parent_run_id, "states": summary.states,
                       **extra, "best_value": summary.best_value, "best_trial": summary.best_number,
-                      "best_params": summary.best_params, "best_run_id": summary.best_run_id}, indent=2, default=str))
+                      "best_params": summary.best_params, "best_run_id": summary.best_run_id,
+                      "ui": study_ui(summary.parent_run_id)}, indent=2, default=str))
 
 
 def _print_study_summary(args: argparse.Namespace) -> None:
@@ -161,6 +163,9 @@ def _cmd_best(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds {args.seeds} needs --retrain (it sets how many seeds the retraining runs)")
     if args.seeds is not None and args.seeds < 2:
         raise ConfigError(f"--seeds {args.seeds}: expected 2 or more (one seed is a plain --retrain)")
+    if args.register is not None and (not args.retrain or args.seeds is not None):
+        raise ConfigError(f"--register {args.register} needs --retrain without --seeds (it registers the retrained "
+                          "run's model)")
     from deepsports.tune.report import best_trial, export_best, log_study_plots, retrain_best
 
     study = existing_study(args.study, args.storage)  # a missing study exits 2, as in `status`
@@ -184,30 +189,46 @@ def _cmd_best(args: argparse.Namespace) -> int:
             result["retrain"] = {"parent_run_id": trained.run_id, "seeds": trained.seeds, "run_ids": trained.run_ids,
                                  **trained.test_metrics}
         else:
-            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
+            overrides = parse_overrides(args.overrides)
+            if args.register is not None:
+                overrides["log_model"] = "true"  # what the registry holds
+            trained = retrain_best(best, epochs=args.epochs, overrides=overrides)
             result["retrain"] = {"run_id": trained.run_id,
                                  **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
+            if args.register is not None:
+                from deepsports.tracking.registry import register_retrained
+
+                result["registered"] = register_retrained(trained.run_id, args.register, best.study_name, best.number)
+    result["ui"] = study_ui(best.parent_run_id)
+    if "retrain" in result:
+        from deepsports.tracking.ui import run_link
+        from deepsports.tracking.uris import tracking_uri
+
+        result["retrain"]["ui"] = run_link(tracking_uri(), result["retrain"].get("run_id")
+                                           or result["retrain"]["parent_run_id"])
     print(json.dumps(result, indent=2, default=str))
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
+    from deepsports.slurm.folders import check_job_cache_dir, check_job_journal
+    from deepsports.slurm.profile import load_profile
     from deepsports.tracking.uris import redact_uri, tracking_uri
 
-    profile = slurm.load_profile(args.profile)
+    profile = load_profile(args.profile)
     rest = list(args.args)
     kwargs: dict[str, Any] = {}
     if args.kind == "tune":
         storage, where, cache = _check_submitted_tune(rest, args.storage, profile)
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
                       study_storage=args.storage if args.storage is not None or "--storage" in rest else storage)
-        _check_job_journal(storage, where, profile)
+        check_job_journal(storage, where, profile)
     elif args.array_size or args.array_concurrency or args.storage or args.missing:
         raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
     else:
         cache = _check_submitted_config(args.kind, rest, args.build_parser)
-    _check_job_cache_dir(args.kind, cache, profile)
+    check_job_cache_dir(args.kind, cache, profile)
     if args.missing:
         job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
         _add_tune_arguments(job)
@@ -286,56 +307,6 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile
     return storage, where, None
 
 
-def _job_dir(profile) -> Path | None:
-    """The folder a job's relative paths start from (its workdir, else the submit directory); None when the
-    workdir names variables known only on the node."""
-    if not profile.workdir:
-        return Path.cwd()
-    folder = os.path.expandvars(profile.workdir)
-    return None if "$" in folder else Path(folder).expanduser()
-
-
-def _check_job_journal(storage: str, where: str, profile) -> None:
-    """A journal file the job can write: it exists writable, or its folder exists or can be made (exit 2)."""
-    from deepsports.fileio import uncreatable_folder
-
-    if "://" in storage:
-        return  # a server, or sqlite (its folder must exist: checked by resolve_storage)
-    base = _job_dir(profile)
-    if base is None:
-        return
-    path = base / Path(storage).expanduser()
-    if path.exists():
-        problem = None if os.access(path, os.W_OK) else f"{str(path)!r} is not writable by this user"
-    else:
-        problem = uncreatable_folder(path.parent)
-    if problem:
-        raise ConfigError(f"study storage {storage!r}{where} cannot be created: {problem}; give a journal path in a "
-                          "folder this user can write (the job would fail on the node)")
-
-
-def _check_job_cache_dir(kind: str, cache: tuple[str, str] | None, profile) -> None:
-    """The job's cache_dir exists or can be made (exit 2), checked here instead of failing on the node."""
-    from deepsports.config import config_fields
-    from deepsports.fileio import uncreatable_folder
-
-    if cache is None:
-        if profile.env.get("DEEPSPORTS_CACHE_DIR"):
-            cache = (profile.env["DEEPSPORTS_CACHE_DIR"], f"DEEPSPORTS_CACHE_DIR of {profile.source}")
-        elif os.environ.get("DEEPSPORTS_CACHE_DIR"):
-            cache = (os.environ["DEEPSPORTS_CACHE_DIR"], "$DEEPSPORTS_CACHE_DIR")
-        else:
-            cache = (str(config_fields()["cache_dir"].default), "the default")
-    value, source = cache
-    base = _job_dir(profile)
-    if base is None or "$" in value:
-        return
-    problem = uncreatable_folder(base / Path(value).expanduser())
-    if problem:
-        raise ConfigError(f"submit {kind}: cache_dir {value!r} ({source}) cannot be created: {problem}; give a "
-                          "folder this user can write with --set cache_dir=... (the job would fail on the node)")
-
-
 def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]
                             ) -> tuple[str, str] | None:
     """A train/prepare job's arguments build a valid config here before the job is submitted; returns the
@@ -372,6 +343,9 @@ def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="with --retrain: register the retrained model as a new version of NAME (tagged with the study, "
+                        "trial and metrics); the alias champion moves to it only when its best_val_spearman is higher")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="with --retrain: N seeds as sibling runs under one parent (mean, sd, 95%% interval)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

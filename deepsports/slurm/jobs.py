@@ -201,7 +201,8 @@ def watch_hints(job_id: str, profile: SlurmProfile, tracking_uri: str | None = N
         uri = re.sub(r"\$\{SLURM_SUBMIT_DIR\}|\$SLURM_SUBMIT_DIR\b", lambda _: str(base), tracking_uri)
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = f"sqlite:///{base / uri.removeprefix('sqlite:///')}"
-        hints.append(f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
+        # deepsports ui: mlflow ui on 127.0.0.1 with the runs-table URL (deepsports/tracking/ui.py)
+        hints.append(f"MLFLOW_TRACKING_URI={shlex.quote(uri)} deepsports ui")
     return hints
 
 

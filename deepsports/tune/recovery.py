@@ -1,32 +1,13 @@
 """Trials that outlive their worker: pausing on preemption, heartbeats, and the sweep of dead workers' trials.
 
-Paused trials (preemption). On SIGUSR1/SIGTERM the worker checkpoints (``train``), then
-:func:`pause_trial` records who paused it and where its checkpoint is, and moves the trial from
-RUNNING back to WAITING, keeping its number, params and intermediate values. Optuna hands out
-WAITING trials before sampling new ones, and the WAITING -> RUNNING transition is atomic in every
-storage (journal and RDB), so exactly one worker resumes it: the requeued SLURM task (which looks
-for its own paused trial first, :func:`claim_waiting`), or any other worker of the study, or the
-same command run again. A paused trial is not RUNNING, so no heartbeat grace period applies to it:
-it may wait for hours (a long requeue delay) and is neither failed nor duplicated.
-
-Dead workers (SIGKILL, node failure). While a trial trains, :class:`TrialHeartbeat` writes the
-time into the trial's user attribute ``deepsports.heartbeat`` every ``interval`` seconds (and, on
-RDB storages, Optuna's own heartbeat row). Before asking for a trial every worker sweeps:
-
-* RDB storages: ``optuna.storages.fail_stale_trials`` (Optuna's heartbeat, judged by the database
-  clock) fails RUNNING trials silent for ``grace_period`` and calls :class:`StaleTrialRetry`;
-* journal storages (Optuna has no heartbeat there): :func:`sweep_stale_journal_trials` fails RUNNING
-  trials whose last sign of life (heartbeat attribute, else their start time) is older than
-  ``grace_period`` by the sweeping worker's clock (nodes' clocks must agree to well within it), with
-  the reason in ``deepsports.failure_reason``.
-
-Either way the failed trial's MLflow run is ended FAILED (tag ``deepsports.failure_reason``), and
-:func:`retry_trial` queues a WAITING copy with the same params (a new trial number), linked by the
-user attribute ``deepsports.retried_from`` and Optuna's ``failed_trial``/``retry_history`` system
-attributes (and forward by the study attribute ``deepsports.retried_by.<number>``), carrying the
-original's checkpoint directory and MLflow run id: the retry resumes the dead trial's last
-checkpoint in the same MLflow run, so no finished epoch is trained or logged twice. That run then
-lists every attempt that wrote it (:func:`deepsports.tune.status.record_run_attempts`).
+The protocol (what a paused trial keeps, who resumes it, when a silent trial counts as dead, what its
+retry links and resumes) is told once, in docs/preemption.md ("What a stopped trial does", "Dead
+workers"). Here: :func:`pause_trial` (RUNNING -> WAITING with who paused it and where its checkpoint
+is), :func:`claim_waiting` (the atomic WAITING -> RUNNING claim, own paused trial first),
+:class:`TrialHeartbeat` (the beat thread), :func:`sweep` with Optuna's ``fail_stale_trials`` and
+:class:`StaleTrialRetry` on RDB storages or :func:`sweep_stale_journal_trials` on journal storages,
+:func:`end_dead_run` and :func:`retry_trial` (the WAITING copy that resumes the dead trial's checkpoint
+in its MLflow run).
 """
 
 from __future__ import annotations
@@ -37,6 +18,7 @@ import socket
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -48,6 +30,8 @@ from deepsports.errors import StorageError
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tags import (
     CKPT_ATTR,
+    CKPT_LOST_ATTR,
+    CKPT_LOST_TAG,
     EXPERIMENT_ATTR,
     HEARTBEAT_ATTR,
     OPTUNA_TRIAL_STATE_TAG,
@@ -64,21 +48,33 @@ from deepsports.tags import (
 from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
 from deepsports.tune._optuna_compat import add_trial, set_study_attr, storage_of, trial_id_of, trials_in
+from deepsports.tune.accounting import last_sign_of_life
+from deepsports.tune.settings import WORKER_GROUP_ENV
 
 log = logging.getLogger(__name__)
 
 
 
 def task_identity(worker_id: int | None = None) -> str:
-    """Who runs this worker, stable across a requeue: ``<array job>_<task>`` (or the job id) under SLURM,
-    else ``<host>/worker-<id>`` (``deepsports tune --workers N`` restarts a worker with the same id)."""
-    return ClusterEnv.read().task_job_id or f"{socket.gethostname()}/worker-{worker_id or 0}"
+    """Who runs this worker, stable across a requeue and unique per worker: ``<array job>_<task>`` (or the
+    job id) under SLURM, else ``<host>:<pid>/worker-<id>``, the pid being that of the ``deepsports tune
+    --workers N`` process that started (and restarts) the worker with that id, else the worker's own: two
+    ``tune`` processes on one host never share an identity (nor take each other's paused trial for their own)."""
+    group = os.environ.get(WORKER_GROUP_ENV) or str(os.getpid())
+    return ClusterEnv.read().task_job_id or f"{socket.gethostname()}:{group}/worker-{worker_id or 0}"
 
 
-def last_sign_of_life(trial: FrozenTrial) -> float:
-    """The trial's last heartbeat, or its (re)start time when it has not beaten since."""
-    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-    return max(float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
+def stale_trials(trials: list[FrozenTrial], grace_period: float, now: float | None = None) -> list[FrozenTrial]:
+    """The RUNNING trials silent for longer than ``grace_period`` s: their worker is dead (or stalled), and the
+    next worker of the study to sweep fails and retries them."""
+    now = time.time() if now is None else now
+    return [t for t in trials if t.state == TrialState.RUNNING and now - last_sign_of_life(t) > grace_period]
+
+
+def will_retry(trial: FrozenTrial, max_retry: int | None) -> bool:
+    """Whether :func:`retry_trial` queues a retry of ``trial`` when it dies (``max_retry`` not used up)."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    return max_retry is None or len(history) <= max_retry
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
@@ -243,6 +239,31 @@ def claim_waiting(study: optuna.Study, identity: str) -> optuna.Trial | None:
     return None
 
 
+def keep_run_of_lost_checkpoint(trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path, config: Any,
+                                ledger: Any) -> dict[str, str]:
+    """A trial that trained before (it has an MLflow run) but whose checkpoint folder is gone (a scratch
+    purge) restarts from epoch 1 in the same MLflow run, said loudly: the epochs that run holds keep their
+    values (the re-run's are not logged again) and no second run carries the trial's number. ``ledger`` is
+    the attempt's :class:`~deepsports.tune.accounting.AttemptLedger`. Returns the MLflow tags to add."""
+    from deepsports.train.checkpoints import CheckpointManager  # torch: only once a trial runs
+
+    run_id = frozen.user_attrs.get(RUN_ATTR)
+    manager = CheckpointManager(ckpt_dir)
+    if not run_id or config.resume != "auto" or (ckpt_dir.is_dir() and (manager.latest_valid() is not None
+                                                                        or manager.recorded_run() is not None)):
+        return {}
+    epochs = max(frozen.intermediate_values, default=0)
+    log.warning("trial %d: its checkpoint folder %s is gone (purged or deleted): the checkpoint is LOST and "
+                "%d finished epoch(s) train again from epoch 1, in the same MLflow run %s (the values it holds "
+                "for those epochs are kept, the re-run's are not logged)", trial.number, ckpt_dir, epochs, run_id)
+    lost = {"at": time.time(), "checkpoint_dir": str(ckpt_dir), "epochs": epochs, "attempt": ledger.record.get("attempt")}
+    trial.set_user_attr(CKPT_LOST_ATTR, [*frozen.user_attrs.get(CKPT_LOST_ATTR, []), lost])
+    ledger.record["checkpoint_lost"] = epochs  # written with the attempt's next record
+    manager.record_run(run_id, config.to_dict())  # train() resumes the run this file names, from epoch 1
+    return {CKPT_LOST_TAG: f"checkpoint folder {ckpt_dir} gone before attempt {lost['attempt']}: "
+                           f"{epochs} epoch(s) trained again"}
+
+
 # --------------------------------------------------------------------------------------------
 # Dead workers
 # --------------------------------------------------------------------------------------------
@@ -290,7 +311,7 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retry:
                 run_id: str | None = None) -> bool:
     """Queue a WAITING copy of a dead trial (same params) that resumes its checkpoint and MLflow run."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if max_retry is not None and len(history) > max_retry:
+    if not will_retry(trial, max_retry):
         log.warning("trial %d died %d times; not retried again (max_retry=%d)", history[0], len(history), max_retry)
         return False
     attrs = {RETRIED_FROM_ATTR: trial.number, RETRY_REASON_ATTR: reason[:2000]}
@@ -340,10 +361,8 @@ def sweep_stale_journal_trials(study: optuna.Study, grace_period: float, max_ret
     now = time.time() if now is None else now
     storage = storage_of(study)
     failed = []
-    for trial in trials_in(study, TrialState.RUNNING):
+    for trial in stale_trials(trials_in(study, TrialState.RUNNING), grace_period, now):
         silent = now - last_sign_of_life(trial)
-        if silent <= grace_period:
-            continue
         reason = (f"worker {trial.user_attrs.get(WORKER_ATTR, '?')} stopped beating: no heartbeat for "
                   f"{silent:.0f} s > grace period {grace_period:.0f} s (killed or node lost); swept by "
                   f"{socket.gethostname()}:{os.getpid()}")

@@ -13,6 +13,7 @@ import time
 
 from deepsports.errors import PreemptedError
 from deepsports.signals import warning_signal
+from deepsports.tune.settings import WORKER_GROUP_ENV
 
 
 def run_local_workers(argv: list[str], workers: int) -> int:
@@ -28,6 +29,7 @@ def run_local_workers(argv: list[str], workers: int) -> int:
     cores = os.cpu_count() or 1
     threads = str(max(1, cores // workers))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
+    env[WORKER_GROUP_ENV] = str(os.getpid())  # worker identities: unique per process, kept by a restart
     env.pop("MLFLOW_RUN_ID", None)  # the project run belongs to this parent process
 
     def start(worker_id: int) -> subprocess.Popen:
