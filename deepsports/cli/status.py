@@ -97,6 +97,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, default=str))
     else:
         print(render_text(doc), end="")
+        from deepsports.cli.ui import study_ui
+
+        links = study_ui(doc.get("parent_run_id"))
+        if links:  # the JSON's keys stay as documented; the text says where to look
+            print(f"MLflow UI: {links['trials']}\n  study run: {links['study_run']}\n  (a local store: serve it "
+                  "with `deepsports ui`)")
     return 0
 
 

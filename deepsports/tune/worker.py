@@ -61,6 +61,7 @@ from deepsports.tags import (
     RESUMED_ATTR,
     RESUMED_FROM_TAG,
     RUN_ATTR,
+    SAMPLER_ATTR,
     TASK_ATTR,
     WORKER_ATTR,
 )
@@ -82,6 +83,7 @@ from deepsports.tune.study import (
     make_sampler,
     open_storage,
     open_study,
+    sampler_settings,
     summarize,
     worker_label,
     worker_seed,
@@ -131,6 +133,8 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     study, _ = open_study(settings.study_name, storage, space, sampler=sampler, pruner=pruner,
                           overrides=settings.overrides, parent_tags=bookkeeping.parent_tags(settings),
                           parent_wait_s=settings.parent_wait_s)
+    if SAMPLER_ATTR not in study.user_attrs:  # the creator's settings (a joiner's seed differs by worker only)
+        study.set_user_attr(SAMPLER_ATTR, sampler_settings(settings.seed, settings.n_startup_trials))
     if settings.max_trials is not None and study.user_attrs.get(MAX_TRIALS_ATTR) != settings.max_trials:
         study.set_user_attr(MAX_TRIALS_ATTR, settings.max_trials)
     if settings.rerun_failed:
@@ -200,7 +204,11 @@ class _Worker:
                                                         self.label, heartbeat_s=self.settings.heartbeat_interval,
                                                         grace_s=self.settings.grace)
         state, value, failed = None, None, None
-        with heartbeat:
+        # Fencing (recovery.TrialLease): cut off from the study for longer than its lease, this process ends
+        # before a sweeper may fail the trial and a retry resume it.
+        lease = recovery.TrialLease(heartbeat, recovery.lease_seconds(self.settings.heartbeat_interval,
+                                                                      self.settings.grace), trial.number)
+        with heartbeat, lease:
             study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
@@ -242,6 +250,7 @@ class _Worker:
         frozen = self._tell(trial, state, value)
         if frozen is not None:
             bookkeeping.record_trial(self.study, frozen, self.tracker, self.settings.storage)
+            bookkeeping.report_progress(self.study, frozen, self.settings, self.trials_run)
         self._stop_if_failing_alike(failed)
 
     def _stop_if_failing_alike(self, failed: BaseException | None) -> None:
