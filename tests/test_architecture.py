@@ -333,6 +333,9 @@ def _exit_calls(tree: ast.Module) -> list[int]:
 EXITING_MODULES = {
     "deepsports.signals": "a forked DataLoader worker leaves at once when its parent shuts the loader "
                           "down (as torch's own worker handler does); the main process never exits there",
+    "deepsports.tune.recovery": "fencing (TrialLease): a worker cut off from its study for longer than its lease "
+                                "ends at once with os._exit, so that nothing more is written (no checkpoint, no "
+                                "MLflow request still being retried) once another worker may take its trial over",
 }
 
 

@@ -243,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.args = list(args.args) + passthrough
     args.argv = all_args
     try:
+        from deepsports.tracking.credentials import load_credentials
+
+        load_credentials()  # $DEEPSPORTS_MLFLOW_CREDENTIALS: the tracking server's user and password
         return int(args.func(args) or 0)
     except PreemptedError as exc:
         print(f"deepsports: interrupted: {exc}", file=sys.stderr)

@@ -204,7 +204,11 @@ class _Worker:
                                                         self.label, heartbeat_s=self.settings.heartbeat_interval,
                                                         grace_s=self.settings.grace)
         state, value, failed = None, None, None
-        with heartbeat:
+        # Fencing (recovery.TrialLease): cut off from the study for longer than its lease, this process ends
+        # before a sweeper may fail the trial and a retry resume it.
+        lease = recovery.TrialLease(heartbeat, recovery.lease_seconds(self.settings.heartbeat_interval,
+                                                                      self.settings.grace), trial.number)
+        with heartbeat, lease:
             study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
