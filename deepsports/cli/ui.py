@@ -74,16 +74,18 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def study_ui(parent_run_id: str | None) -> dict[str, str] | None:
-    """The study's UI links (trials ranked, parent run), for a local store served by ``deepsports ui``."""
+def study_ui(parent_run_id: str | None, store_uri: str | None = None) -> dict[str, str] | None:
+    """The study's UI links (trials ranked, parent run) in ``store_uri`` (default: the tracking URI in
+    effect), for a local store served by ``deepsports ui``; None when the store does not hold the run."""
     from deepsports.tracking.ui import run_link, study_links
     from deepsports.tracking.uris import tracking_uri
 
-    link = run_link(tracking_uri(), parent_run_id) if parent_run_id else None
+    uri = store_uri or tracking_uri()
+    link = run_link(uri, parent_run_id) if parent_run_id else None
     if link is None:
         return None
     experiment_id = link.split("/#/experiments/", 1)[1].split("/", 1)[0]
-    return study_links(tracking_uri(), experiment_id, parent_run_id)
+    return study_links(uri, experiment_id, parent_run_id)
 
 
 def _experiment_id(uri: str, name: str) -> str | None:

@@ -75,8 +75,11 @@ def run_link(store_uri: str, run_id: str) -> str | None:
 
     from deepsports.errors import StorageError
     from deepsports.tracking.store import call_with_retry
-    from deepsports.tracking.uris import allow_file_store
+    from deepsports.tracking.uris import allow_file_store, sqlite_path
 
+    database = sqlite_path(store_uri)
+    if database is not None and not database.is_file():
+        return None  # opening it would create an empty store
     allow_file_store(store_uri)
     try:
         run = call_with_retry("get run", store_uri, mlflow.MlflowClient(store_uri).get_run, run_id)
