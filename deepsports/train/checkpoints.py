@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -99,15 +99,19 @@ class CheckpointManager:
                 found.append((int(match.group(1)), match.group(2) is None, path))
         return sorted(found)
 
-    def save(self, epoch: int, state: dict[str, Any], is_best: bool = False) -> Path:
+    def save(self, epoch: int, state: dict[str, Any], is_best: bool = False,
+             written: Callable[[], None] | None = None) -> Path:
         """Write ``epoch-NNNN.pt`` (and ``best.pt`` when ``is_best``), then prune.
 
         Pruning keeps the newest ``keep_last`` complete checkpoints, drops partial checkpoints of
         epochs up to this one, and drops checkpoints of *later* epochs: they belong to an abandoned
         attempt (we resumed from an older one) and must not shadow this one in :meth:`latest_valid`.
+        ``written`` is called between the epoch file and ``best.pt`` (tests stop a run there).
         """
         self._remove_stale_temp_files()
         path = save_checkpoint(self.epoch_path(epoch), state)
+        if written is not None:
+            written()
         if is_best:
             _copy_file_atomic(path, self.best_path)
         complete = [p for e, done, p in self.checkpoints() if done and e <= epoch]
@@ -116,6 +120,12 @@ class CheckpointManager:
         for old in doomed:
             old.unlink(missing_ok=True)
         return path
+
+    def restore_best(self, source: Path) -> Path:
+        """Copy ``source`` (the best epoch's checkpoint) to ``best.pt`` again: a stop between an epoch file
+        and its ``best.pt`` copy left the previous best there."""
+        self._remove_stale_temp_files()
+        return _copy_file_atomic(Path(source), self.best_path)
 
     def save_partial(self, epoch: int, state: dict[str, Any]) -> Path:
         """Write a mid-epoch checkpoint ``epoch-NNNN-partial.pt`` (replaced by the next save of that epoch)."""

@@ -69,6 +69,7 @@ def log_final_artifacts(run: Run) -> dict[str, float]:
                 log.info("test: spearman %s rel_l2 %.4f mse %.3f difficulty_mae %.4f",
                          quality.summary_line(report.prefixed("test")), metrics["rel_l2"], metrics["mse"],
                          metrics["difficulty_mae"])
+        run.hooks.fault("final", config.epochs)  # the metrics are logged, the files not yet
         if config.log_checkpoint and manager.best_path.exists():
             tracker.log_artifact(manager.best_path, "checkpoints")
         if config.log_model and env.is_main:
@@ -78,6 +79,42 @@ def log_final_artifacts(run: Run) -> dict[str, float]:
             tracker.log_model(model_cpu, example, code_paths=[str(Path(deepsports.__file__).parent)])
             model.to(runtime.device)
     return test_metrics
+
+
+class LogOnce:
+    """A tracker that logs each metric point (key, step) and the model at most once in its run.
+
+    The end of a run resumed after its last epoch (an earlier attempt was stopped during its final
+    evaluation) logs through it: what that attempt logged stays, nothing is logged twice. Everything
+    else (tags, artifacts: the same names are overwritten) goes to the wrapped tracker unchanged.
+    """
+
+    def __init__(self, tracker: tracking.RunTracker | tracking.NullTracker):
+        self._tracker = tracker
+        self._steps: dict[str, set[int]] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._tracker, name)
+
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        for key in metrics:
+            if key not in self._steps:
+                self._steps[key] = self._tracker.logged_steps(key)
+        fresh = {k: v for k, v in metrics.items() if step not in self._steps[k]}
+        if len(fresh) < len(metrics):
+            log.info("%d metric(s) at step %d were logged by an earlier attempt: not logging them again",
+                     len(metrics) - len(fresh), step)
+        if fresh:
+            self._tracker.log_metrics(fresh, step, timestamp_ms)
+            for key in fresh:
+                self._steps[key].add(step)
+
+    def log_model(self, model, example_input, **kwargs):
+        run = self._tracker.fetch_run()
+        if run is not None and run.data.tags.get("deepsports.model_uri"):
+            log.info("the model was logged by an earlier attempt: not logging it again")
+            return run.data.tags["deepsports.model_uri"]
+        return self._tracker.log_model(model, example_input, **kwargs)
 
 
 class EpochMetricLog:

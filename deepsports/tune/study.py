@@ -41,7 +41,7 @@ from deepsports.slurm.env import ClusterEnv
 from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
                                     SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
 from deepsports.tune.search_space import SearchSpace
-from deepsports.tune.accounting import retried_from  # noqa: F401 (re-exported; retry lineage is accounting's)
+from deepsports.tune.accounting import is_extra, retried_from  # noqa: F401 (retried_from re-exported)
 from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
 log = logging.getLogger("deepsports.study")
@@ -115,16 +115,39 @@ def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}" + (f" slurm {slurm}" if slurm else "")
 
 
+class _TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random stream for a new trial restarts from ``(seed, k)``, ``k`` the trial's index among the
+    study's original trials (retries and re-runs, which sample nothing, do not count).
+
+    A plain seeded sampler draws on from wherever its process left off: a worker restarted after a pause,
+    or another worker taking over, would propose other parameters for the next trial than the worker
+    never stopped. This way a seeded study's proposals depend only on the seed and on the trials so far.
+    """
+
+    def __init__(self, seed: int | None, **kwargs: Any):
+        super().__init__(seed=seed, **kwargs)
+        self._study_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        if self._study_seed is None:
+            return
+        index = sum(t.number < trial.number and not is_extra(t) for t in study.get_trials(deepcopy=False))
+        seed = (self._study_seed * 1_000_003 + index) % 2**32
+        self._rng.rng.seed(seed)  # Optuna keeps its generators private; reseeding them is the one way in
+        self._random_sampler._rng.rng.seed(seed)
+
+
 def make_sampler(seed: int | None, n_startup_trials: int = 10, constant_liar: bool = True
                  ) -> optuna.samplers.TPESampler:
     """TPE, multivariate with groups so that conditional parameters are modelled together, with the
-    constant liar for parallel workers."""
+    constant liar for parallel workers; seeded per trial (see :class:`_TrialSeededTPESampler`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         # constant_liar: a trial running in another worker counts as a poor result while its value is
         # unknown, so concurrent workers do not propose the same region (benchmarks/bench_constant_liar.py).
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials,
-                                          constant_liar=constant_liar)
+        return _TrialSeededTPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials,
+                                      constant_liar=constant_liar)
 
 
 def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_epochs: int = 1

@@ -320,7 +320,12 @@ class _Worker:
             raise
         trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
         tags = self._run_tags(trial, retry_of)
-        tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
+        resume_tags, missed = self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir))
+        tags.update(resume_tags)
+        if missed and trial.should_prune():
+            # Training stopped after an epoch before its callback could ask the pruner: ask now, as then.
+            self._end_pruned_run(frozen)
+            raise PrunedTrial(f"pruned after epoch {missed[-1]} (asked on resume)")
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
 
@@ -349,6 +354,19 @@ class _Worker:
             raise TrainingError(reason)
         return float(result.best_val_spearman)
 
+    def _end_pruned_run(self, frozen: FrozenTrial) -> None:
+        """End the run of a trial pruned before training resumed, as :func:`train` ends a pruned one."""
+        run_id = recovery.find_trial_run(self.study, frozen, self.tracker)
+        if not run_id:
+            return
+        uri, client = self.tracker.uri, self.tracker.client
+        try:
+            tracking.call_with_retry("tag pruned trial run", uri, client.set_tag, run_id, "deepsports.failure_reason",
+                                     "PrunedTrial: pruned on resume")
+            tracking.call_with_retry("end pruned trial run", uri, client.set_terminated, run_id, status="KILLED")
+        except StorageError as exc:  # bookkeeping must not stop the study
+            log.warning("could not end the run of pruned trial %d: %s", frozen.number, exc)
+
     def _run_tags(self, trial: optuna.Trial, retry_of: int | None) -> dict[str, str]:
         tags = {"optuna.study_name": self.settings.study_name, "optuna.trial_number": str(trial.number),
                 "optuna.storage": storage_label(self.settings.storage),
@@ -371,23 +389,26 @@ class _Worker:
         given = {**self.space.base_values, **self.space.fixed}
         return {key: False for key in ("log_checkpoint", "log_model") if key not in given}
 
-    def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path) -> dict[str, str]:
+    def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial,
+                                    ckpt_dir: Path) -> tuple[dict[str, str], list[int]]:
         """A resumed trial (paused, or a dead trial's retry): report to Optuna the checkpointed epochs it
         does not know yet (training stopped after an epoch before its callback ran), and record where
-        training resumes. Returns the MLflow tags to add."""
+        training resumes. Returns the MLflow tags to add and the epochs reported."""
         found = CheckpointManager(ckpt_dir).latest_valid() if ckpt_dir.is_dir() else None
         if found is None:
-            return {}
+            return {}, []
         path, state = found
+        missed = []
         for row in state.get("history", []):
             epoch, value = int(row["epoch"]), float(row["val_spearman"])
             if epoch not in frozen.intermediate_values:
                 trial.report(value, epoch)
+                missed.append(epoch)
         resumed = {"checkpoint": str(path), "epoch": int(state["epoch"]), "step": int(state["step"])}
         trial.set_user_attr(recovery.RESUMED_ATTR, resumed)
         self.ledger.record["resumed_epoch"] = resumed["epoch"]  # written with the attempt's next record
         log.info("trial %d resumes from %s (epoch %d, step %d)", trial.number, path, resumed["epoch"], resumed["step"])
-        return {"deepsports.resumed_from": f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}
+        return {"deepsports.resumed_from": f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}, missed
 
     def _over_budget(self, trials: list[FrozenTrial], number: int) -> bool:
         """Race-free: numbers are unique and increasing, so every original trial up to ours is visible."""
