@@ -1,4 +1,4 @@
-# DeepSports: `make install`, `make test`, `make demo`, `make bench`.
+# DeepSports: `make install`, `make test` (lint, then pytest), `make demo`, `make bench`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The tracking store is mlflow.db in the working tree unless the user says otherwise.
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: install test demo bench ui clean
+.PHONY: install lint test demo bench ui clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 install: $(BIN)/.installed
 
-test: install
+# ruff's rules live in pyproject.toml ([tool.ruff]): pyflakes, pycodestyle, import order, bugbear, pyupgrade.
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
@@ -35,4 +39,4 @@ ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
-
 from _common import median
 from bench_loader import FRAME_METHOD, OriginalStyleDataset
+from torch.utils.data import DataLoader
 
 
 def _jpegs(root: Path, clips: list, out: Path) -> None:
@@ -77,7 +76,8 @@ def loader_table(ctx: dict[str, Any]) -> dict[str, Any]:
                 runs["cached_uint8"].append(_clips_per_s(cached, num_workers, convert=False))
                 runs["cached_plus_cpu_conversion"].append(_clips_per_s(cached, num_workers, convert=True))
                 runs["original"].append(_clips_per_s(original, num_workers, convert=False))
-            row = {"setting": f"{frame_num}x{size}" + (" data_aug" if data_aug else ""), "cache": f"{frame_size[0]}x{frame_size[1]}",
+            row = {"setting": f"{frame_num}x{size}" + (" data_aug" if data_aug else ""),
+                   "cache": f"{frame_size[0]}x{frame_size[1]}",
                    "num_workers": num_workers, **{k: median(v) for k, v in runs.items()}, "passes": runs}
             row["ratio"] = row["cached_uint8"] / row["original"]
             row["ratio_with_cpu_conversion"] = row["cached_plus_cpu_conversion"] / row["original"]

@@ -28,9 +28,8 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import finish, machine, print_machine, positive_int
-
 import optuna
+from _common import finish, machine, positive_int, print_machine
 from optuna.trial import TrialState
 
 from deepsports.tune.study import make_sampler, open_storage, worker_seed

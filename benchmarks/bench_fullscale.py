@@ -40,12 +40,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, load_average, machine, median  # noqa: E402
+from _common import REPO, load_average, machine  # noqa: E402
 
 STAGES = ("gen", "prepare", "resume", "footprint", "loader", "epoch", "learn")
 GEOMETRIES = {"8x112 fit": (112, 112), "8x112 data_aug (128x228)": (128, 228), "16x224 fit": (224, 224),

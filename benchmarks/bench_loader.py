@@ -45,12 +45,13 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import cpu_model  # noqa: E402  (benchmarks/_common.py)
+
 from deepsports.data import ClipDataset, prepare_cache, sample_indices  # noqa: E402
 from deepsports.data.annotations import load_annotations  # noqa: E402
 from deepsports.data.dataset import NORMALIZE_MEAN, NORMALIZE_STD, clip_target, intermediate_size  # noqa: E402
 from deepsports.data.synth import generate_synthetic_dataset  # noqa: E402
 from deepsports.train.video_input import VideoInput  # noqa: E402
-from _common import cpu_model  # noqa: E402  (benchmarks/_common.py)
 
 FRAME_METHOD = "spaced_fixed"  # deterministic: both loaders read exactly the same frames
 

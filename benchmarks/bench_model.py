@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import torch
+from _common import finish, machine, print_machine  # noqa: E402 - also puts the repo on sys.path
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import finish, machine, print_machine  # noqa: E402 - also puts the repo on sys.path
 from deepsports.config import build_config
 from deepsports.model import attention_backend, build_model
 from deepsports.model.presets import get_preset
@@ -192,8 +192,8 @@ def gemm_shapes(device: torch.device, batch: int, repeats: int = 15) -> list[dic
         x, w, bias = torch.randn(rows, k, device=device), torch.randn(n, k, device=device), torch.randn(n, device=device)
         dy = torch.randn(rows, n, device=device)
         flop = 2 * rows * k * n
-        products = {"forward": lambda: torch.nn.functional.linear(x, w, bias), "input grad": lambda: dy @ w,
-                    "weight grad": lambda: dy.t() @ x}
+        products = {"forward": lambda x=x, w=w, bias=bias: torch.nn.functional.linear(x, w, bias),
+                    "input grad": lambda dy=dy, w=w: dy @ w, "weight grad": lambda dy=dy, x=x: dy.t() @ x}
         for cold in (False, True):
             row: dict[str, float | str] = {"layer": name, "shape": f"{rows}x{k} @ {k}x{n}",
                                            "operands": "evicted from L2" if cold else "warm"}

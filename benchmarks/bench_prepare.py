@@ -31,16 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import finish, machine, median, positive_int, print_machine, usable_cpus  # noqa: E402
-
 import av  # noqa: E402
-
+from _common import finish, machine, median, positive_int, print_machine, usable_cpus  # noqa: E402
 from bench_loader import upscale_videos  # noqa: E402
+
 from deepsports.data import prepare_cache  # noqa: E402
 from deepsports.data.annotations import load_annotations  # noqa: E402
 from deepsports.data.dataset import intermediate_size  # noqa: E402

@@ -39,10 +39,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, finish, load_average, machine, positive_int, print_machine  # noqa: E402
-
 import torch  # noqa: E402
-
+from _common import REPO, finish, load_average, machine, positive_int, print_machine  # noqa: E402
 from bench_model import _model, _train_step, count_step_flops  # noqa: E402
 from bench_slurm import SPACE, TINY  # noqa: E402
 

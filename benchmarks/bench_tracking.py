@@ -34,21 +34,21 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import finish, machine, median, positive_int, print_machine  # noqa: E402
-
 import optuna  # noqa: E402
+from _common import finish, machine, median, positive_int, print_machine  # noqa: E402
 
 import deepsports.tracking.runs as tracking  # noqa: E402
 from deepsports.config import build_config  # noqa: E402
 from deepsports.data import build_datasets  # noqa: E402
-from deepsports.tune.study import open_storage  # noqa: E402
 from deepsports.train.loop import train  # noqa: E402
 from deepsports.train.state import TrainHooks  # noqa: E402
+from deepsports.tune.study import open_storage  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -53,9 +53,9 @@ def check_torchsort() -> dict:
 def train_step_figures(preset: str, size: int, batch: int, steps: int, dtype: torch.dtype | None,
                        attention: str = "sdpa") -> dict:
     from deepsports.config import build_config
+    from deepsports.model import attention_backend, build_model
     from deepsports.train.distributed import GlobalBatchModel
     from deepsports.train.losses import aqa_loss
-    from deepsports.model import attention_backend, build_model
 
     config = build_config({"backbone": preset, "frame_num": 8, "spatial_size": size, "patch_size": 16,
                            "batch_size": batch})

@@ -16,9 +16,10 @@ import math
 import os
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -37,6 +38,10 @@ LR_SCHEDULERS = ("none", "cosine")
 RESUME_MODES = ("auto", "never")
 FEATURE_NORMS = ("batchnorm", "none")
 CACHE_GEOMETRIES = ("fit", "original")
+#: Replaces the default ``cache_dir`` when the config is built (an explicit ``cache_dir`` wins).
+CACHE_DIR_ENV = "DEEPSPORTS_CACHE_DIR"
+#: Replaces ``checkpoints/`` in the default checkpoint folder ``checkpoints/<mlflow run id>``.
+CHECKPOINT_ROOT_ENV = "DEEPSPORTS_CHECKPOINT_ROOT"
 #: The original's intermediate frame, (height, width): 256 px high, 16:9.
 ORIGINAL_FRAME_SIZE = (256, 455)
 
@@ -114,7 +119,8 @@ class Config:
     use_decoder: bool = _opt(False, "Use a transformer-decoder head instead of the MLP.")
 
     # --- platform keys ----------------------------------------------------------------------
-    dataset: str = _platform("synthetic", "synthetic: generated diving clips (default, cached); mtl_aqa: root_dir and the paths above.",
+    dataset: str = _platform("synthetic", "synthetic: generated diving clips (default, cached); "
+                                          "mtl_aqa: root_dir and the paths above.",
                              choices=DATASETS)
     synth_clips: int = _platform(600, "Number of synthetic clips (dataset=synthetic).", min=8)
     synth_seed: int = _platform(0, "Seed of the synthetic dataset (dataset=synthetic).", min=0)
@@ -137,7 +143,9 @@ class Config:
     warmup_epochs: int = _platform(1, "Linear warm-up epochs of the schedule (at most epochs; a one-epoch run warms up "
                                    "all along).", min=0)
     grad_clip_norm: float = _platform(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
-    cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live ($DEEPSPORTS_CACHE_DIR overrides the default).")
+    cache_dir: str = _platform("~/.cache/deepsports", "Where synthetic data and the clip cache live "
+                                                      "($DEEPSPORTS_CACHE_DIR replaces the default; the value used "
+                                                      "is the one printed and logged).")
     cache_geometry: str = _platform("fit", "Frames the clip cache holds: fit = what training reads (spatial_size square; "
                                     "with data_aug the 16:9 frame the crops come from, spatial_size * 256/224 high); "
                                     "original = the original's 256x455 intermediate.", choices=CACHE_GEOMETRIES)
@@ -159,6 +167,9 @@ class Config:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+        if self.cache_dir == _FIELDS["cache_dir"].default and os.environ.get(CACHE_DIR_ENV):
+            # What is recorded (config.yaml, the cache_dir tag, a trial's config) is what is used.
+            object.__setattr__(self, "cache_dir", os.environ[CACHE_DIR_ENV])
         self._check_relations()
 
     def _check_relations(self) -> None:
@@ -200,8 +211,6 @@ class Config:
 
     @property
     def cache_path(self) -> Path:
-        if self.cache_dir == _FIELDS["cache_dir"].default and os.environ.get("DEEPSPORTS_CACHE_DIR"):
-            return Path(os.environ["DEEPSPORTS_CACHE_DIR"]).expanduser()
         return Path(self.cache_dir).expanduser()
 
     # --- conversions ----------------------------------------------------------------------
@@ -216,7 +225,7 @@ class Config:
         """Every value as a readable string (lists as ``512,256``), for MLflow params."""
         return {name: format_value(value) for name, value in self.to_dict().items()}
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return build_config({**self.to_dict(), **changes})
 
 
@@ -260,7 +269,8 @@ class FieldSpec:
     def describe_allowed(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
-        base = {"bool": "a boolean (true/false, yes/no, on/off, 1/0)", "int": "an integer", "float": "a number", "str": "a string",
+        base = {"bool": "a boolean (true/false, yes/no, on/off, 1/0)", "int": "an integer", "float": "a number",
+                "str": "a string",
                 "int_list": "a list of integers", "float_list": "a list of numbers",
                 "videos": "'all' or a list of video ids like 01 02"}[self.kind]
         bounds = []
@@ -451,7 +461,7 @@ def require_torchsort(what: str) -> None:
                           keys=("loss_spcoef_weight",))
 
 
-def check_installed(config: "Config", source: str = "") -> None:
+def check_installed(config: Config, source: str = "") -> None:
     """What ``config`` needs beyond the core dependencies is installed (before any run is created):
     ``loss_spcoef_weight != 0`` needs torchsort."""
     if config.loss_spcoef_weight != 0:
@@ -560,6 +570,35 @@ def load_config(config: str | os.PathLike | None = None, overrides: Mapping[str,
         values.update(given)
         sources.update(dict.fromkeys(given, overrides_source))
     return build_config(values, sources=sources)
+
+
+def check_writable_dirs(config: Config | None = None, *, cache_dir: str | None = None,
+                        checkpoint_dir: str | None = None, what: str = "") -> None:
+    """The folders a run writes accept files, checked before any run or study exists: else one
+    :class:`ConfigError` (exit 2) naming the key, the folder, the system's reason and the way out.
+
+    ``config`` gives ``cache_dir`` and ``checkpoint_dir`` (its ``''`` default is
+    ``$DEEPSPORTS_CHECKPOINT_ROOT`` or ``checkpoints``); keywords replace either (a study's checkpoint root).
+    """
+    from deepsports.fileio import unwritable_reason
+
+    cache = cache_dir if cache_dir is not None else (config.cache_dir if config is not None else None)
+    ckpt = checkpoint_dir if checkpoint_dir is not None else (config.checkpoint_dir if config is not None else None)
+    checks = []
+    if cache is not None:
+        from_env = os.environ.get(CACHE_DIR_ENV) == cache
+        checks.append(("cache_dir", cache, f" (from ${CACHE_DIR_ENV})" if from_env else "",
+                       f"set cache_dir=DIR or ${CACHE_DIR_ENV} to a writable folder"))
+    if ckpt is not None:
+        root = os.environ.get(CHECKPOINT_ROOT_ENV)
+        where = "" if ckpt else (f" (the checkpoint root ${CHECKPOINT_ROOT_ENV})" if root else
+                                 " (the default checkpoints/ in the working directory)")
+        checks.append(("checkpoint_dir", ckpt or root or "checkpoints", where,
+                       "set checkpoint_dir=DIR" + ("" if ckpt else f" or ${CHECKPOINT_ROOT_ENV}") + " to a writable folder"))
+    for key, folder, source, way_out in checks:
+        reason = unwritable_reason(folder)
+        if reason is not None:
+            raise ConfigError(f"{what}{key} {folder!r}{source} is not writable: {reason}; {way_out}", keys=(key,))
 
 
 _FIELDS: dict[str, FieldSpec] = _build_specs()

@@ -17,8 +17,9 @@ import pickle
 import struct
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from deepsports.errors import CheckpointError, disk_full
 
@@ -149,3 +150,30 @@ def _last_line(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def unwritable_reason(directory: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``directory`` (created when missing), or None when they can.
+
+    Probed, not guessed from mode bits: a temporary file is created and removed in the directory, or
+    in its nearest existing parent when it does not exist yet (where it would be created), so a
+    read-only mount, a permission, an immutable attribute, root squash on NFS all answer as they
+    will to the real write. The reason names the folder and the system's words, e.g.
+    ``/data: Read-only file system``.
+    """
+    probe = Path(directory).expanduser().absolute()
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link: creating the directory would fail
+            return f"{probe} is a broken symbolic link"
+        if probe.parent == probe:
+            return f"{probe} does not exist"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} exists and is not a directory"
+    try:
+        handle, name = tempfile.mkstemp(dir=probe, prefix=".deepsports-probe-")
+    except OSError as exc:
+        return f"{probe}: {exc.strerror or exc}"
+    os.close(handle)
+    os.unlink(name)
+    return None

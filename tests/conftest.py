@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,37 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory):
     from deepsports.data.synth import generate_synthetic_dataset
 
     return generate_synthetic_dataset(tmp_path_factory.mktemp("synth") / "n48_s0", n_clips=48, seed=0, progress=False)
+
+
+#: What DeepSports and MLflow write in the working directory or beside a store: a test writes them only under
+#: its temporary folders. The session fails if any appears in the clone (.ci/run checks the whole tree too).
+_OUTPUTS = ("mlruns", "mlartifacts", "mlflow.db", "checkpoints", "losses.png", "optuna-journal.log", "experiments")
+
+
+def _outputs_in_clone() -> set[str]:
+    found = set()
+    for name in _OUTPUTS:
+        top = REPO / name
+        if top.is_file():
+            found.add(name)
+        for folder, _dirs, files in os.walk(top):
+            found.update(str(Path(folder, f).relative_to(REPO)) for f in files if "__pycache__" not in folder)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clone_stays_clean(tmp_path_factory: pytest.TempPathFactory):
+    """No test leaves runs, stores, checkpoints or exported configs in the clone (issue #25: two 31 MB orphan
+    run folders appeared in the clone's mlruns/ after `make test`). A test that names no store of its own gets
+    a session store under the temporary folder, not the clone's ``mlflow.db`` that the Makefile exports."""
+    before = _outputs_in_clone()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('session-store') / 'mlflow.db'}")
+        yield
+    new = sorted(_outputs_in_clone() - before)
+    if new:
+        pytest.fail(f"the tests wrote {len(new)} files into the clone {REPO} (tests write under their tmp_path): "
+                    + ", ".join(new[:20]), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +101,9 @@ def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mlflow.tracking import MlflowClient
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(path.parent)  # MLflow roots the Default experiment's artifacts in ./mlruns: not the clone's
+        MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
 
 

@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from deepsports.config import Config, config_fields, format_value, load_config
+from deepsports.errors import ConfigError
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Experiment file, then ``key=value`` overrides, then ``--key value`` flags (later wins)."""
+    """Experiment file, then the command line's ``key=value`` overrides and ``--key value`` flags.
+
+    One key given twice in one style: the later wins (as argparse does for flags). Given once in each style
+    (``epochs=3 --epochs 5``): refused, since argparse keeps no order between the two styles and a silent
+    pick would depend on the style, not on the order typed.
+    """
     from deepsports.config import parse_overrides
 
     overrides = list(args.overrides or [])
@@ -38,4 +44,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raw = " ".join(raw) if raw else None
         if raw is not None:
             flags[name] = raw
-    return load_config(args.config, {**parse_overrides(overrides), **flags}, overrides_source="the command line")
+    given = parse_overrides(overrides)
+    for name in sorted(set(given) & set(flags)):
+        raise ConfigError(f"{name} is given twice on the command line, as {name}={given[name]} and --{name} "
+                          f"{flags[name]}: give it once (key=value and --key value are not ordered against each "
+                          "other)", keys=(name,))
+    return load_config(args.config, {**given, **flags}, overrides_source="the command line")

@@ -32,7 +32,7 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
     if database is not None and not database.is_absolute():
         # `mlflow run` runs the entry point in the project folder: the store and checkpoints stay here.
         uri = f"sqlite:///{database.resolve()}"
-    # Created here so that its artifact folder (./mlruns) is in this directory too.
+    # Created before `mlflow run` (whose entry point runs in the project folder); artifacts go beside the store.
     tracking.RunTracker(uri).ensure_experiment("deepsports")
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, DEEPSPORTS_CHECKPOINT_ROOT=str(Path("checkpoints").resolve()))
     # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.

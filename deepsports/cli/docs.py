@@ -24,7 +24,8 @@ def argument_table() -> str:
         allowed = spec.describe_allowed().replace("|", "\\|")
         if spec.group == "original":
             changed = " (changed)" if format_value(spec.default) != format_value(spec.original_default) else ""
-            rows.append(f"| `{name}` | {_cell(spec.default)}{changed} | {_cell(spec.original_default)} | {allowed} | {spec.help} |")
+            rows.append(f"| `{name}` | {_cell(spec.default)}{changed} | {_cell(spec.original_default)} | {allowed} "
+                        f"| {spec.help} |")
         else:
             platform.append(f"| `{name}` | {_cell(spec.default)} | {allowed} | {spec.help} |")
     return "\n".join([TABLE_BEGIN, *rows, "", *platform, TABLE_END])

@@ -8,9 +8,14 @@ import json
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from deepsports.config import parse_overrides
-    from deepsports.train.checkpoint_eval import evaluate
+    from deepsports.tracking.uris import check_tracking_uri
 
-    result = evaluate(args.source, split=args.split, overrides=parse_overrides(args.overrides),
+    check_tracking_uri()  # in a blink, before torch and MLflow load
+    overrides = parse_overrides(args.overrides)
+    from deepsports.train.checkpoint_eval import check_source_form, evaluate
+
+    check_source_form(args.source)
+    result = evaluate(args.source, split=args.split, overrides=overrides,
                       n_resamples=args.resamples)
     print(json.dumps({"run_id": result.run_id, "source_run_id": result.source_run_id,
                       "checkpoint": str(result.checkpoint), "split": result.split, "epoch": result.epoch,

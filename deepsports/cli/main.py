@@ -11,40 +11,33 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
-log = logging.getLogger("deepsports")
+if TYPE_CHECKING:
+    from deepsports.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from deepsports.config import check_installed
-
     if args.seeds is not None:
-        config = config_from_args(args)
-        check_installed(config)
-        return _train_seeds(config, args.seeds)
-    from deepsports.slurm.preemption import PreemptionFlag
+        return _train_seeds(_checked_config(args), args.seeds)
+    from deepsports.slurm.preemption import preemptible
 
     # First, before torch is imported (seconds): a stop signal from now on is kept, not lost.
-    with PreemptionFlag() as flag:
-        config = config_from_args(args)  # a bad value is refused in a blink, not after torch's import
-        check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
-        from deepsports.slurm.jobs import requeue_if_slurm
+    with preemptible() as stop:
+        config = _checked_config(args)  # a bad value is refused in a blink, not after torch's import
         from deepsports.train.distributed import detect
         from deepsports.train.loop import train
         from deepsports.train.state import TrainHooks
 
-        main_rank = detect().is_main  # under torchrun/srun only rank 0 requeues the job and prints the summary
-        try:
-            result = train(config, hooks=TrainHooks(stop_requested=flag.requested))
-        except PreemptedError:
-            if main_rank:
-                requeue_if_slurm()
-            raise
+        main_rank = stop.requeue = detect().is_main  # under torchrun/srun only rank 0 requeues and prints
+        result = train(config, hooks=TrainHooks(stop_requested=stop.requested))
     if not main_rank:
         return 0
     if result.already_finished:
@@ -57,47 +50,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_seeds(config: Config, n_seeds: int) -> int:
-    from deepsports.slurm.jobs import requeue_if_slurm
-    from deepsports.slurm.preemption import PreemptionFlag
-    from deepsports.train.state import TrainHooks
-    from deepsports.train.seeds import train_seeds
+def _checked_config(args: argparse.Namespace, *, checkpoint: bool = True):
+    """The command line's config, its cache and checkpoint folders writable (before any run exists)."""
+    from deepsports.config import check_installed, check_writable_dirs
+    from deepsports.tracking.uris import check_tracking_uri
 
-    with PreemptionFlag() as flag:
-        try:
-            result = train_seeds(config, n_seeds, hooks=TrainHooks(stop_requested=flag.requested))
-        except PreemptedError:
-            requeue_if_slurm()
-            raise
+    config = config_from_args(args)
+    if checkpoint:
+        check_installed(config)  # the soft-Spearman loss without torchsort: one line, no run created
+        check_tracking_uri()
+        check_writable_dirs(config)
+    else:
+        check_writable_dirs(cache_dir=config.cache_dir)
+    return config
+
+
+def _train_seeds(config: Config, n_seeds: int) -> int:
+    from deepsports.slurm.preemption import preemptible
+    from deepsports.train.seeds import train_seeds
+    from deepsports.train.state import TrainHooks
+
+    with preemptible() as stop:
+        result = train_seeds(config, n_seeds, hooks=TrainHooks(stop_requested=stop.requested))
     print(json.dumps({"parent_run_id": result.run_id, "seeds": result.seeds, "run_ids": result.run_ids,
                       **result.test_metrics}, indent=2))
     return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    import signal
-
     from deepsports.data import prepare_from_config
-    from deepsports.slurm.jobs import requeue_if_slurm
+    from deepsports.slurm.preemption import preemptible
 
-    config = config_from_args(args)
-
-    # prepare is resumable (every clip is written to a temporary name, then renamed), so on
-    # SIGUSR1/SIGTERM it may stop at once; under SLURM it requeues itself and continues later.
-    def stop(signum, _frame):
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # the requeue's own SIGTERM must not interrupt us again
-        raise PreemptedError(f"prepare stopped by {signal.Signals(signum).name}; finished clips stay cached")
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
+    config = _checked_config(args, checkpoint=False)
+    # prepare is resumable (every clip is written to a temporary name, then renamed), so a stop signal
+    # stops it at once; under SLURM it requeues itself on the time-limit warning and continues later.
+    with preemptible(interrupt=True):
         index = prepare_from_config(config, progress=not args.quiet, skip_bad=args.skip_bad)
-    except PreemptedError:
-        requeue_if_slurm()
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     print(index.summary() if hasattr(index, "summary") else index)
     return 0
 
@@ -179,7 +167,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepsports", description="DeepSports: train, tune and track AQA models of diving videos.",
+    parser = argparse.ArgumentParser(prog="deepsports",
+                                     description="DeepSports: train, tune and track AQA models of diving videos.",
                                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"deepsports {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

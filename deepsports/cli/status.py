@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from deepsports.errors import ConfigError
@@ -37,6 +38,43 @@ def existing_study(name: str, storage: str):
         raise ConfigError(f"study {name!r} (--storage {storage_label(storage)}): {exc}") from exc
 
 
+def study_tracking_uri(study, *, needed: bool) -> str | None:
+    """The MLflow store of ``study`` (deepsports.tune.parent.study_store), its parent run there, settled when
+    stale (no worker alive). ``needed``: a store without the parent run is a ConfigError naming the store to set
+    (and ``$MLFLOW_TRACKING_URI`` is set to it, for the runs this command makes); else None and a warning."""
+    from deepsports.errors import StorageError
+    from deepsports.tags import PARENT_RUN_ATTR, TRACKING_URI_ATTR
+    from deepsports.tracking import runs as tracking
+    from deepsports.tune import parent as study_parent
+
+    if not needed and study_parent.parent_state(study.get_trials(deepcopy=False), None,
+                                                 study_parent.DEFAULT_GRACE_S) == "RUNNING":
+        return None  # a worker is alive: the parent is right as it is (and MLflow need not load)
+    recorded = study.user_attrs.get(TRACKING_URI_ATTR) or study_parent.store_label(tracking.tracking_uri())
+    hint = f"set MLFLOW_TRACKING_URI={recorded} (the store the study logs to) and run the same command again"
+    try:
+        uri = study_parent.study_store(study)
+        if uri is None:
+            raise ConfigError(f"study {study.study_name!r}: its MLflow store {recorded} does not exist here: {hint}")
+        tracker = tracking.RunTracker(uri)
+        parent = study.user_attrs.get(PARENT_RUN_ATTR)
+        if parent is not None:
+            try:
+                tracking.call_with_retry("find study run", tracker.uri, tracker.client.get_run, parent)
+            except StorageError as exc:
+                raise ConfigError(f"study {study.study_name!r}: its parent run {parent} is not in the MLflow store "
+                                  f"{study_parent.store_label(uri)}: {hint}") from exc
+        study_parent.settle_parent(study, tracker, only_if_running=True)
+    except ConfigError as exc:
+        if needed:
+            raise
+        print(f"deepsports: warning: {exc}", file=sys.stderr)
+        return None
+    if needed:
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # the retraining runs go beside the study's parent
+    return uri
+
+
 def enqueue_reruns(name: str, storage: str, causes: list[str]) -> list[tuple[int, int]]:
     """``tune --workers N --rerun-failed``: queue the re-runs once, before the workers start."""
     from deepsports.tune.accounting import enqueue_reruns as enqueue
@@ -51,7 +89,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from deepsports.tune.study import storage_label
 
     check_study_name(args.study, "study")
-    doc = study_status(existing_study(args.study, args.storage), storage_label(args.storage))
+    study = existing_study(args.study, args.storage)
+    study_tracking_uri(study, needed=False)  # settles a parent left RUNNING by a dead worker
+    doc = study_status(study, storage_label(args.storage))
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
     else:

@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from deepsports.cli.status import add_status_parser, enqueue_reruns, missing_work
+from deepsports.cli.status import add_status_parser, enqueue_reruns, existing_study, missing_work, study_tracking_uri
 from deepsports.errors import ConfigError, PreemptedError
+from deepsports.tags import STUDY_PARENT_RUN_TAG
 
 
 def _positive_or_none(text: str) -> int | None:
@@ -89,10 +91,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if code == 0:
             _print_study_summary(args)
         return code
-    from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.slurm.preemption import preemptible
 
     # First, before torch and optuna are imported (seconds): a stop signal from now on is kept, not lost.
-    with PreemptionFlag() as flag:
+    with preemptible() as stop:
         if not args.under_workers:
             _check_tune_args(args)  # once, before any storage or study exists
         from deepsports.train.distributed import detect
@@ -100,15 +102,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if detect().enabled:
             raise ConfigError("deepsports tune runs each trial in one process and cannot run under torchrun or a "
                               "multi-task srun: use --workers N, or an array job (deepsports submit tune)")
-        from deepsports.slurm.jobs import requeue_if_slurm
         from deepsports.tune.worker import tune
 
-        settings = _tune_settings(args)
-        try:
-            summary = tune(settings, stop_requested=flag.requested)
-        except PreemptedError:
-            requeue_if_slurm()
-            raise
+        summary = tune(_tune_settings(args), stop_requested=stop.requested)
     _tag_project_run(summary.parent_run_id)
     if not args.under_workers:  # with --workers N the parent prints one summary for all
         _print_summary(summary, {"trials_run_by_this_worker": summary.trials_run})
@@ -118,14 +114,17 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, storage_source: str = "--storage") -> None:
     """What a tune worker would refuse, checked before any worker, storage, study or job exists."""
     from deepsports.config import parse_overrides
-    from deepsports.tune.checks import check_overrides, check_rerun, check_study_name, resolve_storage
+    from deepsports.tune.checks import check_overrides, check_rerun, check_study_name, check_trial_dirs, resolve_storage
     from deepsports.tune.search_space import load_search_space
 
     check_study_name(args.study_name)
     check_rerun(args.rerun_failed, args.rerun_causes)
     if check_storage:
         resolve_storage(args.storage, storage_source)
-    check_overrides(load_search_space(args.search_space), parse_overrides(args.overrides))
+    space, overrides = load_search_space(args.search_space), parse_overrides(args.overrides)
+    check_overrides(space, overrides)
+    if check_storage:  # else the job runs on a SLURM node, whose folders are not ours to probe
+        check_trial_dirs(space, overrides)
 
 
 def _print_summary(summary, extra: dict[str, Any]) -> None:
@@ -150,7 +149,7 @@ def _tag_project_run(parent_run_id: str) -> None:
 
         tracker = tracking.RunTracker()
         tracker.start(run_id=run_id)
-        tracker.set_tags({"deepsports.study_parent_run_id": parent_run_id})
+        tracker.set_tags({STUDY_PARENT_RUN_TAG: parent_run_id})
 
 
 def _run_local_workers(args: argparse.Namespace) -> int:
@@ -162,6 +161,8 @@ def _run_local_workers(args: argparse.Namespace) -> int:
     and nobody restarts.
     """
     import time
+
+    from deepsports.signals import warning_signal
 
     base = _strip_option(list(args.argv), "--workers")
     cores = os.cpu_count() or 1
@@ -184,7 +185,9 @@ def _run_local_workers(args: argparse.Namespace) -> int:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    forwarded = (warning_signal(), signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)  # blocked by a SLURM job script until handled
     try:
         while running:
             for worker_id, proc in list(running.items()):
@@ -232,17 +235,19 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
 
 def _cmd_best(args: argparse.Namespace) -> int:
     from deepsports.tune.checks import check_study_name
-    from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots, retrain_best
 
     check_study_name(args.study, "study")
     if args.seeds is not None and not args.retrain:
         raise ConfigError(f"--seeds {args.seeds} needs --retrain (it sets how many seeds the retraining runs)")
     if args.seeds is not None and args.seeds < 2:
         raise ConfigError(f"--seeds {args.seeds}: expected 2 or more (one seed is a plain --retrain)")
-    study = load_existing_study(args.study, args.storage)
-    best = best_trial(study)
+    from deepsports.tune.report import best_trial, export_best, log_study_plots, retrain_best
+
+    study = existing_study(args.study, args.storage)  # a missing study exits 2, as in `status`
+    uri, best = study_tracking_uri(study, needed=True), best_trial(study)
+    # Everything is checked: only now is anything written (the config file, the plots).
     path = export_best(best, args.out or Path("experiments") / f"{args.study}_best.yaml")
-    plots = log_study_plots(study)
+    plots = log_study_plots(study, uri)
     result: dict[str, Any] = {"study": best.study_name, "best_trial": best.number, "value": best.value,
                               "params": best.params, "run_id": best.run_id, "parent_run_id": best.parent_run_id,
                               "config_file": str(path), "plots": plots}
@@ -269,7 +274,6 @@ def _cmd_best(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
     from deepsports.tracking.runs import tracking_uri
-
     from deepsports.tracking.store import redact_uri
 
     profile = slurm.load_profile(args.profile)

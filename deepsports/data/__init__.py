@@ -16,9 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepsports.data.cache import CacheIndex, CachedClip, clip_cache_dir
-from deepsports.data.prepare import (DataSource, Selection, prepare_cache, prepare_from_config, resolve_source,
-                                     select_clips)
+from deepsports.data.cache import CachedClip, CacheIndex, clip_cache_dir
+from deepsports.data.prepare import (
+    DataSource,
+    Selection,
+    prepare_cache,
+    prepare_from_config,
+    resolve_source,
+    select_clips,
+)
 from deepsports.data.sampling import sample_indices
 from deepsports.data.video import FIRST_FRAME_NUMBER, ClipRange, decode_clips
 from deepsports.errors import DataError
@@ -53,9 +59,9 @@ class DataBundle:
     hash, clip counts, split hash, frame size).
     """
 
-    train: "ClipDataset"
-    val: "ClipDataset"
-    test: "ClipDataset"
+    train: ClipDataset
+    val: ClipDataset
+    test: ClipDataset
     fingerprint: dict[str, Any]
     split: dict[str, list[list[int]]]
     cache: CacheIndex
@@ -80,7 +86,7 @@ def _hash_split(split: dict[str, list[list[int]]]) -> str:
     return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_datasets(config: "Config", progress: bool = True) -> DataBundle:
+def build_datasets(config: Config, progress: bool = True) -> DataBundle:
     """Datasets of ``config``: train (augmented, per-epoch randomness), val and test (reproducible).
 
     Raises :class:`DataError` for missing/bad files, an unknown video in ``videos``, or a split that

@@ -33,8 +33,9 @@ from deepsports.data.safe_pickle import restricted_load
 from deepsports.errors import DataError
 from deepsports.fileio import atomic_write
 
-__all__ = ["ClipAnnotation", "MtlAqaFiles", "shipped_annotation_files", "load_annotations", "load_split", "save_annotations", "save_split", "restricted_load",
-           "video_filename", "annotation_fingerprint", "REQUIRED_FIELDS", "INT_FIELDS"]
+__all__ = ["ClipAnnotation", "MtlAqaFiles", "shipped_annotation_files", "load_annotations", "load_split",
+           "save_annotations", "save_split", "restricted_load", "video_filename", "annotation_fingerprint",
+           "REQUIRED_FIELDS", "INT_FIELDS"]
 
 #: Fields every annotation record must have.
 REQUIRED_FIELDS = ("start_frame", "end_frame", "difficulty", "final_score")

@@ -26,7 +26,8 @@ datasets ignore the epoch: each evaluation sees the same frames.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,7 +114,7 @@ class ClipDataset(Dataset):
         return video.permute(1, 0, 2, 3).contiguous()
 
     @classmethod
-    def from_config(cls, config: Config, clips: Sequence[Any], cache: CacheIndex, *, train: bool) -> "ClipDataset":
+    def from_config(cls, config: Config, clips: Sequence[Any], cache: CacheIndex, *, train: bool) -> ClipDataset:
         return cls(clips, cache, frame_num=config.frame_num, frame_method=config.frame_method,
                    spatial_size=config.spatial_size, normalize=config.normalize, data_aug=config.data_aug,
                    seed=config.seed, train=train)

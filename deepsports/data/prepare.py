@@ -17,15 +17,28 @@ import os
 import queue as queue_module
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from tqdm import tqdm
 
-from deepsports.data.cache import (CacheIndex, CachedClip, ClipKey, cache_lock, clip_cache_dir, clip_filename, clip_key,
-                                   load_manifest, remove_temp_files, save_manifest, video_key, write_clip)
+from deepsports.data.cache import (
+    CachedClip,
+    CacheIndex,
+    ClipKey,
+    cache_lock,
+    clip_cache_dir,
+    clip_filename,
+    clip_key,
+    load_manifest,
+    remove_temp_files,
+    save_manifest,
+    video_key,
+    write_clip,
+)
 from deepsports.data.video import ClipRange, decode_clips
 from deepsports.errors import DataError
 

@@ -33,16 +33,23 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from deepsports.data.annotations import (ClipAnnotation, load_annotations, load_split, save_annotations, save_split,
-                                         shipped_annotation_files)
+from deepsports.data.annotations import (
+    ClipAnnotation,
+    load_annotations,
+    load_split,
+    save_annotations,
+    save_split,
+    shipped_annotation_files,
+)
 from deepsports.data.synth import MARKER, _sample_scene, difficulty
 from deepsports.data.synth_render import Canvas, Dive, Scene, background, render_clip
 from deepsports.errors import ConfigError, DataError

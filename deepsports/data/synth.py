@@ -50,17 +50,19 @@ PyAV builds), whatever the number of worker processes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -71,6 +73,8 @@ from deepsports.errors import ConfigError, DataError
 
 __all__ = ["SynthDataset", "generate_synthetic_dataset", "ensure_synthetic_dataset", "synthetic_dataset_dir",
            "difficulty", "judge_marks", "SYNTH_VERSION", "DEFAULT_SIZE", "DEFAULT_FPS", "MARKER"]
+
+log = logging.getLogger(__name__)
 
 #: Bump when the rule or the drawing changes: cached datasets of another version are regenerated.
 SYNTH_VERSION = 2
@@ -292,7 +296,11 @@ def _default_workers(n_videos: int) -> int:
 def _write_videos(plans: list[_VideoPlan], videos_dir: Path, fps: int, codec: str, workers: int,
                   progress: bool) -> None:
     total = sum(len(plan.clips) for plan in plans)
-    with tqdm(total=total, desc="synthetic dives", unit="clip", disable=not progress) as bar:
+    # A bar on a terminal only: in a log file (SLURM, CI, `2> log`) its carriage returns pile up in one line.
+    interactive = progress and sys.stderr.isatty()
+    if progress and not interactive:
+        log.info("writing %d synthetic clips in %d videos to %s", total, len(plans), videos_dir)
+    with tqdm(total=total, desc="synthetic dives", unit="clip", disable=not interactive) as bar:
         if workers <= 1 or multiprocessing.current_process().daemon:  # a daemon may not start processes
             for plan in plans:
                 bar.update(_write_video(plan, videos_dir / video_filename(plan.video), fps, codec))

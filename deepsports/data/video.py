@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import av
 import numpy as np
@@ -108,7 +108,7 @@ class VideoReader:
         return self._reformatter.reformat(frame, width=width, height=height, format="rgb24",
                                           interpolation=_INTERPOLATION).to_ndarray()
 
-    def __enter__(self) -> "VideoReader":
+    def __enter__(self) -> VideoReader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

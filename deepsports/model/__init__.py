@@ -6,9 +6,9 @@ official TimeSformer ``.pyth`` files, timm image-ViT state dicts and this projec
 
 from deepsports.model.aqa import AQAModel, BuiltModel, build_model, count_parameters, trainable_parameter_count
 from deepsports.model.attention import ATTENTION_BACKENDS, Attention, attention_backend
-from deepsports.model.pretrained import LoadReport, checkpoint_filter_fn, load_pretrained, read_checkpoint
 from deepsports.model.heads import DecoderHead, MLPHead, make_activation
 from deepsports.model.presets import PRESETS, BackbonePreset, get_preset
+from deepsports.model.pretrained import LoadReport, checkpoint_filter_fn, load_pretrained, read_checkpoint
 from deepsports.model.timesformer import TimeSformer
 
 __all__ = [

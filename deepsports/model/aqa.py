@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from deepsports.config import Config
-from deepsports.model.pretrained import LoadReport, load_pretrained
 from deepsports.model.heads import DecoderHead, MLPHead
 from deepsports.model.presets import get_preset
+from deepsports.model.pretrained import LoadReport, load_pretrained
 from deepsports.model.timesformer import TimeSformer
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""SLURM: job scripts and submission (jobs.py), cluster profiles (profile.py) and the preemption flag.
+"""SLURM: job scripts and submission (jobs.py), cluster profiles (profile.py) and what a stopped job does (preemption.py).
 
 The public names below load their module on first use (PEP 562), so importing the package stays
 cheap: ``deepsports --help`` imports neither torch nor mlflow.
@@ -11,12 +11,13 @@ from deepsports._lazy import lazy_exports
 _EXPORTS = {
     'KINDS': 'jobs',
     'PROFILE_DIR': 'jobs',
-    'PreemptionFlag': 'preemption',
     'SlurmError': 'jobs',
     'SlurmProfile': 'jobs',
     'TEMPLATE_DIR': 'jobs',
     'build_profile': 'jobs',
+    'job_info': 'jobs',
     'load_profile': 'jobs',
+    'preemptible': 'preemption',
     'render_script': 'jobs',
     'requeue_self': 'jobs',
     'resolve_profile_path': 'jobs',

@@ -10,8 +10,9 @@ Standard library only, so that every room may import it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 from deepsports.errors import ConfigError
 
@@ -55,7 +56,7 @@ class ClusterEnv:
     master_port: str | None = None       # MASTER_PORT
 
     @classmethod
-    def read(cls, environ: Mapping[str, str] | None = None) -> "ClusterEnv":
+    def read(cls, environ: Mapping[str, str] | None = None) -> ClusterEnv:
         env = os.environ if environ is None else environ
         return cls(**{f.name: env.get(_VARS[f.name]) for f in fields(cls)})
 

@@ -3,9 +3,10 @@
 A profile (``slurm/profiles/*.yaml``, read by :mod:`deepsports.slurm.profile`) holds everything site-
 or user-specific: partition, account, resources, the environment set-up lines and the working/log
 directories. The templates in
-``slurm/templates`` hold only what every DeepSports job needs: ``--signal=B:USR1@<grace>`` so the
-worker can checkpoint before its time limit, ``--requeue``, per-task logs opened in append mode (a
-requeued task continues its log), and ``exec`` of the worker so that the signal reaches Python.
+``slurm/templates`` hold only what every DeepSports job needs: ``--signal=B:<signal>@<grace>`` (the
+profile's ``signal``, USR1 by default) so the worker can checkpoint before its time limit, ``--requeue``,
+per-task logs opened in append mode (a requeued task continues its log), and ``exec`` of the worker so
+that the signal reaches Python.
 """
 
 from __future__ import annotations
@@ -15,23 +16,32 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from deepsports.errors import ConfigError, DeepSportsError
 from deepsports.slurm.env import SLURM_TAGS, ClusterEnv
-from deepsports.slurm.profile import (_NAME_RE, PROFILE_DIR, SlurmProfile, build_profile,
-                                      load_profile, resolve_profile_path, time_limit_seconds)
+from deepsports.slurm.profile import (
+    _NAME_RE,
+    PROFILE_DIR,
+    SlurmProfile,
+    build_profile,
+    load_profile,
+    resolve_profile_path,
+    time_limit_seconds,
+)
 
 __all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile", "build_profile", "load_profile",
-           "render_script", "requeue_if_slurm", "requeue_self", "resolve_profile_path", "slurm_env", "submit", "task_job_id",
+           "job_info", "render_script", "requeue_self", "resolve_profile_path", "slurm_env", "submit", "task_job_id",
            "time_limit_seconds", "watch_hints", "worker_command"]
 
 KINDS = ("tune", "train", "prepare")
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "assets" / "slurm" / "templates"  # shipped (deepsports.locate)
 #: What a job knows about itself (``slurm_env``); the tuning workers tag their MLflow runs with these.
 SLURM_ENV_VARS = tuple(SLURM_TAGS)
+#: Seconds a SLURM command may take before it counts as failed: a hung controller must not eat the
+#: grace period of a job that is checkpointing (``$DEEPSPORTS_SLURM_TIMEOUT`` overrides it).
+COMMAND_TIMEOUT_S = 20.0
 
 
 class SlurmError(DeepSportsError):
@@ -114,6 +124,7 @@ def render_script(kind: str, profile: SlurmProfile, command_args: Sequence[str],
         "job_name": name,
         "logdir": profile.logdir,
         "grace_seconds": str(profile.grace_seconds),
+        "signal": profile.signal,
         "array_last": str(size - 1),
         "array_concurrency": str(concurrency),
         "resources": "\n".join(_resources(kind, profile)),
@@ -137,7 +148,7 @@ def _distributed_block(kind: str, profile: SlurmProfile) -> str:
         return ""
     return "\n".join([
         f"# DDP: {profile.nodes} node(s) x {profile.tasks_per_node} task(s), one process per task; rank 0's node hosts",
-        "# the rendezvous. srun passes SIGUSR1/SIGTERM on to every task; rank 0 checkpoints and requeues.",
+        f"# the rendezvous. srun passes SIG{profile.signal}/SIGTERM on to every task; rank 0 checkpoints and requeues.",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"',
         "launch=(srun --kill-on-bad-exit=1 --cpus-per-task=\"$SLURM_CPUS_PER_TASK\")",
@@ -174,11 +185,7 @@ def submit(script_text: str, dry_run: bool = False, *, cwd: str | os.PathLike | 
             (base / directory).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SlurmError(f"cannot create the log directory {str(base / directory)!r}: {exc}") from exc
-    try:
-        proc = subprocess.run([sbatch, "--parsable"], input=script_text, text=True, capture_output=True,
-                              cwd=base, check=False)
-    except OSError as exc:
-        raise SlurmError(f"cannot run {sbatch}: {exc}") from exc
+    proc = _run([sbatch, "--parsable"], input_text=script_text, cwd=base)
     if proc.returncode != 0:
         raise SlurmError(f"sbatch failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     # --parsable prints "<job id>" or "<job id>;<cluster>".
@@ -220,7 +227,7 @@ def task_job_id(environ: Mapping[str, str] | None = None) -> str | None:
     return ClusterEnv.read(environ).task_job_id
 
 
-def requeue_self(environ: Mapping[str, str] | None = None) -> str:
+def requeue_self(environ: Mapping[str, str] | None = None, *, timeout_s: float | None = None) -> str:
     """``scontrol requeue`` this job/array task; returns the id requeued.
 
     Call it last, after the checkpoint is written: SLURM then sends SIGTERM (and SIGKILL after KillWait)
@@ -233,29 +240,46 @@ def requeue_self(environ: Mapping[str, str] | None = None) -> str:
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         raise SlurmError("requeue_self: scontrol was not found on PATH")
-    try:
-        proc = subprocess.run([scontrol, "requeue", job], text=True, capture_output=True, check=False)
-    except OSError as exc:
-        raise SlurmError(f"cannot run {scontrol}: {exc}") from exc
+    proc = _run([scontrol, "requeue", job], timeout_s=timeout_s)
     if proc.returncode != 0:
         raise SlurmError(f"scontrol requeue {job} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return job
 
 
-def requeue_if_slurm() -> str | None:
-    """Requeue this task when running inside a SLURM job (after a preemption stop); returns the id requeued.
+def job_info(job: str, *, timeout_s: float | None = None) -> dict[str, str]:
+    """A job or array task as the controller reports it (``scontrol -o show job``): ``{"JobState": "RUNNING",
+    "Restarts": "0", "RunTime": "00:01:02", ...}``; :class:`SlurmError` when scontrol fails or does not answer."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        raise SlurmError("scontrol was not found on PATH")
+    proc = _run([scontrol, "-o", "show", "job", job], timeout_s=timeout_s)
+    if proc.returncode != 0:
+        raise SlurmError(f"scontrol show job {job} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    fields = dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", proc.stdout.splitlines()[0] if proc.stdout else ""))
+    if "JobState" not in fields:
+        raise SlurmError(f"scontrol show job {job} printed no JobState: {proc.stdout.strip()[:200]!r}")
+    return fields
 
-    Call it inside the :class:`~deepsports.slurm.preemption.PreemptionFlag` block: SLURM's SIGTERM after
-    the requeue must find the handler installed.
-    """
-    if not slurm_env().get("SLURM_JOB_ID"):
-        return None
+
+def _timeout_s(timeout_s: float | None) -> float:
+    if timeout_s is not None:
+        return timeout_s
+    text = os.environ.get("DEEPSPORTS_SLURM_TIMEOUT", "")
     try:
-        requeued = requeue_self()
-    except SlurmError as exc:
-        # SLURM may be requeueing or ending the task itself (scontrol requeue, preemption, scancel: the
-        # SIGTERM that stopped us). The checkpoint is written and the trial paused either way.
-        print(f"deepsports: warning: this task was not requeued: {exc}", file=sys.stderr)
-        return None
-    print(f"deepsports: requeued SLURM task {requeued}", file=sys.stderr)
-    return requeued
+        return float(text) if text else COMMAND_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"DEEPSPORTS_SLURM_TIMEOUT={text!r}: expected seconds") from None
+
+
+def _run(argv: list[str], *, input_text: str | None = None, cwd: str | os.PathLike | None = None,
+         timeout_s: float | None = None) -> subprocess.CompletedProcess:
+    """Run one SLURM command with a time limit (:data:`COMMAND_TIMEOUT_S`); SlurmError if it cannot run or hangs."""
+    limit = _timeout_s(timeout_s)
+    try:
+        return subprocess.run(argv, input=input_text, text=True, capture_output=True, cwd=cwd, check=False,
+                              timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{' '.join(argv[:3])} did not answer within {limit:g} s (is slurmctld up and "
+                         f"reachable?)") from None
+    except OSError as exc:
+        raise SlurmError(f"cannot run {argv[0]}: {exc}") from exc

@@ -1,18 +1,21 @@
-"""Turn "please stop" signals into a flag that the training loop polls.
+"""What a SLURM job does once it stopped on a signal: requeue itself, leave the requeue to SLURM, or end.
 
-SLURM warns a job before its time limit with the signal of ``--signal=B:USR1@<grace>`` and sends
-SIGTERM when it preempts, requeues or cancels it (SIGKILL follows after ``KillWait``). The handler
-only records the signal: checkpointing inside a signal handler could interrupt a half-written
-optimizer step or a file write. The training loop polls :meth:`PreemptionFlag.requested` at step
-boundaries, saves its checkpoint, requeues (:func:`deepsports.slurm.requeue_self`) and exits.
+Every command that trains (``train``, ``train --seeds``, ``tune``, ``prepare``) runs inside
+:func:`preemptible`: the stop flag (:class:`deepsports.signals.StopFlag`) is installed, the work runs, it
+writes its checkpoint and raises :class:`~deepsports.errors.PreemptedError` when a signal asked it to stop,
+and then, inside a SLURM job, :func:`after_stop` decides by the signal and by the job's state as the
+controller reports it (``scontrol show job``, with a timeout):
 
-SLURM's SIGTERM (requeue, preemption, time limit), ``kill -- -<pgid>`` and Ctrl-C reach every process
-of the job or group at once: DataLoader workers ignore them (:func:`ignore_stop_signals`, forked
-inside :func:`stop_signals_blocked`), and a signal the batch shell trapped before Python ran arrives
-through ``$DEEPSPORTS_EARLY_SIGNAL`` when the flag is installed.
+* the **time-limit warning** (the profile's ``signal``, SIGUSR1 by default, ``--signal=B:<sig>@<grace>``):
+  the job requeues itself (``scontrol requeue``) and resumes from its checkpoint;
+* **SIGTERM at the time limit** (it came without a warning): the job requeues itself too;
+* **SIGTERM of a cancel** (``scancel``): nothing; the job ends for good, its trial stays paused;
+* **SIGTERM of a requeue** (``scontrol requeue``, preemption with ``PreemptMode=REQUEUE``): nothing;
+  SLURM itself starts the task again;
+* **SIGTERM because the job step died** (``slurmstepd`` killed: the worker's parent is gone): the job
+  requeues itself, which also ends the "ghost" the controller still shows as RUNNING.
 
-    with PreemptionFlag() as flag:
-        train(config, hooks=TrainHooks(stop_requested=flag.requested))
+docs/preemption.md tells the whole protocol.
 """
 
 from __future__ import annotations
@@ -20,132 +23,124 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
-from types import FrameType
-from typing import Any, Callable, Iterable, Iterator
+import sys
+from collections.abc import Iterator
 
-from deepsports.errors import TrainingError
+from deepsports.errors import PreemptedError
+from deepsports.signals import StopFlag, die_with_parent, parent_is_gone, warning_signal
+from deepsports.slurm.env import ClusterEnv
 
-DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-#: Signals a DataLoader worker ignores: SLURM (requeue, preemption, time limit), ``kill -- -<pgid>`` and a
-#: terminal's Ctrl-C signal the whole process group, and only the main process may act on them.
-WORKER_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-#: Set by the sbatch templates when a signal reached the batch shell before Python ran (see :meth:`install`).
-EARLY_SIGNAL_ENV = "DEEPSPORTS_EARLY_SIGNAL"
+__all__ = ["Preemptible", "after_stop", "preemptible", "stop_cause"]
 
 
-def ignore_stop_signals(_worker_id: int | None = None) -> None:
-    """``worker_init_fn`` of every DataLoader: the worker outlives the job's stop signals.
+class Preemptible:
+    """The stop flag of one command (``requested`` for the training loop) and whether it may requeue the job."""
 
-    Without it SLURM's SIGTERM to every process of the job kills the workers first (torch's own
-    worker handler dies on a SIGTERM that its parent did not send), and the main process fails with
-    "DataLoader worker (pid ...) exited unexpectedly" instead of checkpointing. SIGUSR1 and SIGINT
-    are ignored. SIGTERM stays blocked (the worker was forked inside :func:`stop_signals_blocked`) and
-    a thread takes it: from the parent (torch's loader shutdown, multiprocessing's exit, which join the
-    worker after it) it ends the worker at once, from anyone else it is dropped. The main process
-    shuts its loaders down itself once it stopped; a worker whose parent died exits on its own.
-    """
-    quiet = tuple(sig for sig in WORKER_IGNORED_SIGNALS if sig != signal.SIGTERM)
-    for sig in quiet:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, quiet)
-    threading.Thread(target=_exit_on_parents_sigterm, args=(os.getppid(),), name="deepsports-sigterm",
-                     daemon=True).start()
+    def __init__(self, flag: StopFlag) -> None:
+        self.flag = flag
+        #: False on the ranks of a multi-process run other than rank 0 (one requeue per job).
+        self.requeue = True
+        self.parent: int | None = None
+
+    def requested(self) -> bool:
+        return self.flag.requested()
 
 
-def _exit_on_parents_sigterm(parent: int) -> None:
-    while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == parent:
-            # The parent is shutting the loader down and waits for this worker: end at once and quietly,
-            # as torch's own worker handler does (exit status 0, which torch's SIGCHLD check accepts).
-            os._exit(0)
+def _parent_is_slurmstepd() -> bool:
+    try:
+        with open(f"/proc/{os.getppid()}/comm") as handle:
+            return handle.read().strip().startswith("slurmstepd")
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """Block the stop signals in this thread while DataLoader workers are forked (they inherit the mask).
+def preemptible(*, interrupt: bool = False) -> Iterator[Preemptible]:
+    """Stop flag -> run -> (checkpoint, :class:`PreemptedError`) -> requeue as :func:`after_stop` decides.
 
-    A signal that arrives meanwhile is delivered to the main process when the block ends, or to
-    another of its threads at once (Python runs the handler in the main thread either way).
+    ``interrupt=True`` (``prepare``, whose every write is resumable): the first signal raises
+    PreemptedError at once instead of setting a flag to poll. Inside a SLURM step the process also dies
+    with its step daemon (:func:`deepsports.signals.die_with_parent`): SIGTERM at once, SIGKILL 60 s later.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    stop = Preemptible(StopFlag(interrupt=interrupt))
+    with stop.flag:
+        if ClusterEnv.read().job_id and _parent_is_slurmstepd():
+            stop.parent = os.getppid()
+            die_with_parent(signal.SIGTERM)
+        try:
+            if interrupt and stop.flag.requested():  # a signal that came before we started
+                raise PreemptedError(f"stopped by {stop.flag.signal_name} before it began")
+            yield stop
+        except PreemptedError:
+            if stop.requeue:
+                after_stop(stop)
+            raise
+
+
+def stop_cause(stop: Preemptible, env: ClusterEnv | None = None) -> tuple[str, str]:
+    """``(cause, words)`` of a stop inside a SLURM job; cause is one of "warning" (the time-limit warning
+    signal), "step-died", "requeued" (by SLURM: scontrol requeue, preemption), "timeout", "cancelled"
+    (scancel), "outside" (a SIGTERM not from SLURM) or "unknown" (the controller did not answer).
+
+    While the job ends, ``scontrol show job`` says COMPLETING whatever ended it; a requeue (``scontrol
+    requeue``, preemption under ``PreemptMode=REQUEUE``) has raised its ``Restarts`` above the
+    ``SLURM_RESTART_COUNT`` this run started with, a time limit shows as ``RunTime`` >= ``TimeLimit``.
+    """
+    from deepsports.slurm.jobs import SlurmError, job_info
+    from deepsports.slurm.profile import time_limit_seconds
+
+    env = env or ClusterEnv.read()
+    name = stop.flag.signal_name or "a stop signal"
+    if stop.parent is not None and parent_is_gone(stop.parent):
+        return "step-died", "its job step is gone (slurmstepd died)"
+    if stop.flag.signal == warning_signal():
+        return "warning", f"the time-limit warning {name}"
     try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        info = job_info(env.task_job_id or "")
+    except SlurmError as exc:
+        return "unknown", f"{name}; the job's state is unknown ({exc})"
+    state = info["JobState"]
+    if int(info.get("Restarts", "0") or 0) > int(env.restart_count or 0):
+        return "requeued", f"{name}: SLURM requeued it (scontrol requeue or preemption; {state})"
+    if state == "RUNNING":
+        return "outside", f"{name} from outside SLURM (the job is still RUNNING)"
+    try:
+        run_s = time_limit_seconds(info.get("RunTime", "0"))
+        limit_s = time_limit_seconds(info.get("TimeLimit", "UNLIMITED"))
+    except ValueError:
+        run_s = limit_s = None
+    if state == "TIMEOUT" or (run_s is not None and limit_s is not None and run_s >= limit_s):
+        return "timeout", f"{name} at its time limit (no warning signal came first)"
+    return "cancelled", f"{name}: the job was cancelled (scancel; {state})"
 
-_Handler = Callable[[int, FrameType | None], Any] | int | None
+
+#: Causes after which the job requeues itself (the others end it, or SLURM brings it back by itself).
+_REQUEUE_SELF = {"warning", "timeout", "step-died"}
 
 
-class PreemptionFlag:
-    """Handlers for SIGUSR1 and SIGTERM (by default) that only set a flag; restores the old ones on exit.
+def after_stop(stop: Preemptible) -> str | None:
+    """Inside a SLURM job, requeue it when the stop was the time-limit warning, a TIMEOUT or a dead step.
 
-    The first signal received is remembered (``signal_name``): a SIGTERM that follows our own
-    ``scontrol requeue`` does not hide the SIGUSR1 that started the shutdown.
+    Prints what was done on stderr; returns the id requeued (None outside SLURM or when not requeued).
+    Call it inside the stop flag's block: SLURM's SIGTERM after the requeue must find the handler installed.
     """
+    from deepsports.slurm.jobs import SlurmError, requeue_self
 
-    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS) -> None:
-        self.signals = tuple(signal.Signals(s) for s in signals)
-        self._signum: int | None = None
-        self._count = 0
-        self._previous: dict[int, _Handler] = {}
-        self._owner_pid: int | None = None
-
-    def install(self) -> "PreemptionFlag":
-        """Install the handlers (main thread only: Python delivers signals there)."""
-        if threading.current_thread() is not threading.main_thread():
-            raise TrainingError("PreemptionFlag must be installed from the main thread (Python runs signal "
-                                "handlers only there)")
-        if self._previous:
-            raise TrainingError("PreemptionFlag is already installed")
-        self._owner_pid = os.getpid()
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        early = os.environ.pop(EARLY_SIGNAL_ENV, "")
-        for name in early.split():
-            # The batch shell trapped it before exec'ing us (slurm/templates): act as if it came now.
-            try:
-                sig = signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
-            except KeyError:
-                continue
-            if sig in self.signals:
-                self._handle(sig, None)
-        return self
-
-    def restore(self) -> None:
-        """Put back the handlers that were there before :meth:`install`."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    def __enter__(self) -> "PreemptionFlag":
-        return self.install()
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != self._owner_pid:
-            # A forked child (a DataLoader worker before its worker_init_fn ran) inherits this handler:
-            # the signal is the main process's to act on (see ignore_stop_signals).
-            signal.signal(signum, signal.SIG_IGN)
-            return
-        if self._signum is None:
-            self._signum = signum
-        self._count += 1
-
-    def requested(self) -> bool:
-        """True once one of the signals arrived (``TrainHooks(stop_requested=flag.requested)``)."""
-        return self._signum is not None
-
-    @property
-    def signal_name(self) -> str | None:
-        """Name of the first signal received ("SIGUSR1", "SIGTERM"), or None."""
-        return None if self._signum is None else signal.Signals(self._signum).name
-
-    @property
-    def count(self) -> int:
-        """How many of the signals arrived so far."""
-        return self._count
+    env = ClusterEnv.read()
+    job = env.task_job_id
+    if job is None:
+        return None
+    cause, words = stop_cause(stop, env)
+    if cause not in _REQUEUE_SELF:
+        after = {"requeued": "SLURM starts it again itself",
+                 "cancelled": "it ends for good; a paused trial waits for the next worker (deepsports submit tune "
+                              "--missing)"}.get(cause, "not requeued")
+        print(f"deepsports: SLURM task {job} stopped by {words}: {after}", file=sys.stderr)
+        return None
+    try:
+        requeued = requeue_self()
+    except SlurmError as exc:
+        print(f"deepsports: warning: SLURM task {job} stopped by {words} was not requeued: {exc}", file=sys.stderr)
+        return None
+    print(f"deepsports: requeued SLURM task {requeued} (stopped by {words})", file=sys.stderr)
+    return requeued

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from deepsports.errors import ConfigError
+from deepsports.signals import DEFAULT_WARNING_SIGNAL, WARNING_SIGNALS
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "assets" / "slurm" / "profiles"  # shipped (deepsports.locate)
 
@@ -37,7 +39,8 @@ class SlurmProfile:
     tasks_per_node: int = 1  # train only: processes per node (one per GPU); > 1 task in all = DDP via srun
     array_size: int = 1
     array_concurrency: int = 1
-    grace_seconds: int = 120  # SIGUSR1 this long before the time limit
+    grace_seconds: int = 120  # the warning signal this long before the time limit
+    signal: str = DEFAULT_WARNING_SIGNAL  # the time-limit warning: USR1, or USR2/HUP where NCCL takes USR1
     setup_lines: tuple[str, ...] = ()
     workdir: str | None = None  # shell-expanded on the compute node; None = the submit directory
     logdir: str = "slurm-logs"  # relative to the submit directory, or absolute
@@ -191,6 +194,13 @@ def _env(source: str, value: Any) -> Mapping[str, str]:
     return MappingProxyType(out)
 
 
+def _signal(source: str, value: Any) -> str:
+    text = value.upper().removeprefix("SIG") if isinstance(value, str) else value
+    if text not in WARNING_SIGNALS:
+        raise _bad(source, "signal", value, f"one of {', '.join(WARNING_SIGNALS)} (the time-limit warning signal)")
+    return text
+
+
 def build_profile(values: Mapping[str, Any], source: str = "<mapping>") -> SlurmProfile:
     """Validate a raw mapping (a parsed profile YAML) into a :class:`SlurmProfile`."""
     allowed = [f for f in SlurmProfile.__dataclass_fields__ if f != "source"]
@@ -222,6 +232,7 @@ def build_profile(values: Mapping[str, Any], source: str = "<mapping>") -> Slurm
         array_size=array_size,
         array_concurrency=_int(source, "array_concurrency", v.get("array_concurrency", d.array_concurrency), 1),
         grace_seconds=grace,
+        signal=_signal(source, v.get("signal", d.signal)),
         setup_lines=_lines(source, "setup_lines", v.get("setup_lines")),
         workdir=None if workdir is None else _dquotable(source, "workdir", workdir),
         logdir=_logdir(source, v.get("logdir", d.logdir)),

@@ -25,13 +25,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -39,6 +41,32 @@ from mlflow.entities import Metric, Param, RunTag
 
 from deepsports.errors import PreemptedError, StorageError
 from deepsports.slurm.env import ClusterEnv
+from deepsports.tags import (
+    FAILURE_REASON_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    HOST_TAG,
+    MODEL_URI_TAG,
+    PARAM_CHANGED_PREFIX,
+    PYTHON_TAG,
+    RESUMES_TAG,
+    VERSION_TAG,
+)
+from deepsports.tracking.store import (  # noqa: F401
+    DEFAULT_TRACKING_URI,
+    RetryPolicy,
+    _default_tracking_uri,
+    _first_line,
+    absolute_uri,
+    call_with_retry,
+    check_store_folder,
+    default_retry_policy,
+    enable_sqlite_wal,
+    is_transient,
+    redact_uri,
+    sqlite_path,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +76,6 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _MAX_METRICS, _MAX_PARAMS_TAGS, _MAX_TAG_VALUE = 1000, 100, 8000  # MLflow log_batch limits
 _T = TypeVar("_T")
-
-
-from deepsports.tracking.store import (DEFAULT_TRACKING_URI, RetryPolicy, _default_tracking_uri,  # noqa: F401
-                                      _first_line, call_with_retry, default_retry_policy, enable_sqlite_wal,
-                                      is_transient, redact_uri, sqlite_path, tracking_uri)
 
 
 # --- Context tags ---
@@ -73,10 +96,10 @@ def environment_tags() -> dict[str, str]:
 
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    tags = {"deepsports.git_commit": commit or "unknown",
-            "deepsports.git_dirty": "unknown" if status is None else str(bool(status)).lower(),
-            "deepsports.host": socket.gethostname(), "deepsports.version": __version__,
-            "deepsports.python": sys.version.split()[0]}
+    tags = {GIT_COMMIT_TAG: commit or "unknown",
+            GIT_DIRTY_TAG: "unknown" if status is None else str(bool(status)).lower(),
+            HOST_TAG: socket.gethostname(), VERSION_TAG: __version__,
+            PYTHON_TAG: sys.version.split()[0]}
     # The SLURM ids present (SLURM sets them in every job step); restart count only once SLURM set it.
     tags.update(ClusterEnv.read().tags(restart_count_default=False))
     return tags
@@ -98,7 +121,7 @@ def _mlflow_context_tags(run_name: str | None) -> dict[str, str]:
 class MetricBuffer:
     """Collects metric points and sends them with ``log_batch`` (<= 1000 per call); use for per-step metrics."""
 
-    def __init__(self, tracker: "RunTracker", max_points: int = _MAX_METRICS):
+    def __init__(self, tracker: RunTracker, max_points: int = _MAX_METRICS):
         self.tracker, self.max_points, self._points = tracker, max(1, min(max_points, _MAX_METRICS)), []
 
     def __len__(self) -> int:
@@ -115,6 +138,47 @@ class MetricBuffer:
             chunk = self._points[:self.max_points]
             self.tracker._log_batch("log metrics", metrics=chunk)
             del self._points[:len(chunk)]  # only after the store has them: a failed flush keeps them
+
+
+def _artifacts_beside_store(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns/<experiment>`` in the store's own
+    folder, whichever folder the first run of the experiment started in (MLflow's default, ``./mlruns/<id>``,
+    follows the working directory: a run from another folder, a job's node or a test would scatter them)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None  # a server decides for itself
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return str(path.expanduser().absolute().parent / "mlruns" / slug)
+
+
+@contextlib.contextmanager
+def _store_init_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock serialising the first open of SQLite store ``path`` across processes.
+
+    Held on the store's folder itself, so nothing is left beside the database; where a folder cannot
+    be flocked (NFS forwards flock as a POSIX lock, which needs a file open for writing) on the file
+    ``<db>.init-lock`` instead, as before.
+    """
+    import fcntl
+
+    folder = path.expanduser().absolute().parent
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise StorageError(f"cannot open tracking store {path}: its folder {folder}: {exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            try:
+                fd = os.open(path.with_name(path.name + ".init-lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StorageError(f"cannot open tracking store {path}: {exc}") from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 class RunTracker:
@@ -136,30 +200,20 @@ class RunTracker:
 
     def _open_store(self, wal: bool) -> mlflow.MlflowClient:
         # Processes opening a new SQLite store at once would all run MLflow's schema creation and
-        # trip over each other: the first call runs under an exclusive flock on <db>.init-lock.
+        # trip over each other: the first call runs under an exclusive flock (_store_init_lock).
         path = sqlite_path(self.uri)
         if path is None:  # a server: the client connects lazily, so ask it something now
             client = self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
             self._call("open tracking store", client.search_experiments, max_results=1)
             return client
-        import fcntl
+        check_store_folder(self.uri)
+        with _store_init_lock(path):
+            if wal:
+                self._call("enable WAL", enable_sqlite_wal, self.uri)
+            # MlflowClient builds a SQL store eagerly: tables are created/migrated here.
+            return self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
 
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(path.with_name(path.name + ".init-lock"), "a")
-        except OSError as exc:
-            raise StorageError(f"cannot open tracking store {redact_uri(self.uri)}: {exc}") from exc
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if wal:
-                    self._call("enable WAL", enable_sqlite_wal, self.uri)
-                # MlflowClient builds a SQL store eagerly: tables are created/migrated here.
-                return self._call("open tracking store", mlflow.MlflowClient, tracking_uri=self.uri)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def __enter__(self) -> "RunTracker":
+    def __enter__(self) -> RunTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -172,7 +226,7 @@ class RunTracker:
         if isinstance(exc, (KeyboardInterrupt, PreemptedError)):
             status = "KILLED"
         try:
-            self.set_tags({"deepsports.failure_reason": f"{type(exc).__name__}: {exc}"})
+            self.set_tags({FAILURE_REASON_TAG: f"{type(exc).__name__}: {exc}"})
             self.end(status if status in RUN_STATUSES else "FAILED")
         except StorageError as storage_exc:  # never hide the exception that ended the run
             log.error("could not mark run %s as %s: %s", self.run_id, status, storage_exc)
@@ -202,6 +256,7 @@ class RunTracker:
         """The id of the active experiment ``name``, created (as a model-training experiment) when missing."""
         experiment = self._call("get experiment", self.client.get_experiment_by_name, name)
         if experiment is None:
+            artifact_location = artifact_location or _artifacts_beside_store(self.uri, name)
             try:
                 return call_with_retry("create experiment", self.uri, self.client.create_experiment, name,
                                        artifact_location=artifact_location, tags=EXPERIMENT_TAGS, policy=self.retry)
@@ -239,9 +294,9 @@ class RunTracker:
             self.run_id, self.experiment_id = run_id, run.info.experiment_id
             self._call("set run status", self.client.update_run, run_id, status="RUNNING")
             existing = run.data.tags
-            resumes = int(existing.get("deepsports.resumes", "-1")) + 1  # adopting a fresh mlflow-run run is 0
+            resumes = int(existing.get(RESUMES_TAG, "-1")) + 1  # adopting a fresh mlflow-run run is 0
             new_tags = {k: v for k, v in context.items() if k not in existing}
-            new_tags["deepsports.resumes"] = str(resumes)
+            new_tags[RESUMES_TAG] = str(resumes)
             if run_name:
                 new_tags["mlflow.runName"] = run_name
         else:
@@ -251,7 +306,7 @@ class RunTracker:
             run = self._call("create run", self.client.create_run, self.experiment_id, tags=context,
                              run_name=run_name)
             self.run_id = run.info.run_id
-            new_tags = {"deepsports.resumes": "0"}
+            new_tags = {RESUMES_TAG: "0"}
         self.set_tags({**new_tags, **environment_tags(), **dict(tags or {})})
         log.info("MLflow run %s in %s", self.run_id, redact_uri(self.uri))
         return self.run_id
@@ -281,7 +336,7 @@ class RunTracker:
             if key not in existing:
                 fresh.append(Param(key, value))
             elif existing[key] not in (value, shlex.quote(value)):  # `mlflow run` logs its -P values shell-quoted
-                changed[f"deepsports.param_changed.{key}"] = value
+                changed[f"{PARAM_CHANGED_PREFIX}{key}"] = value
                 log.warning("param %s was logged as %r; this attempt uses %r (recorded as a tag)", key,
                             existing[key], value)
         for i in range(0, len(fresh), _MAX_PARAMS_TAGS):
@@ -327,7 +382,7 @@ class RunTracker:
         """:func:`log_model` into this run; returns the model URI (also set as tag ``deepsports.model_uri``)."""
         kwargs.setdefault("retry", self.retry)
         uri = log_model(model, example_input, self._require_run(), tracking_uri=self.uri, **kwargs)
-        self.set_tags({"deepsports.model_uri": uri})
+        self.set_tags({MODEL_URI_TAG: uri})
         return uri
 
 

@@ -9,58 +9,38 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import requests  # an MLflow dependency
 import sqlalchemy.exc  # an MLflow dependency
 from mlflow.exceptions import MlflowException
 
 from deepsports.errors import StorageError, disk_full
+from deepsports.tracking.uris import (  # noqa: F401
+    DEFAULT_TRACKING_URI,
+    _default_tracking_uri,
+    absolute_uri,
+    check_store_folder,
+    check_uri_scheme,
+    redact_uri,
+    sqlite_path,
+    tracking_uri,
+)
 
-log = logging.getLogger("deepsports.tracking")
+log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs", "9p")
 _T = TypeVar("_T")
 # What a store call raises when the store (not our code) fails. SQLAlchemy errors escape unwrapped
 # from MLflow's engine creation; requests errors from artifact uploads to a server.
 _STORE_ERRORS = (MlflowException, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, requests.RequestException, OSError)
 
-# --- URIs ---
-
-def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-_default_tracking_uri = tracking_uri  # log_model's parameter of the same name shadows the function
-
-
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^/\s]*)@")
-# Query parameters (``?password=``) and libpq keyword DSNs (``host=db password=x``) alike.
-_SECRET_PARAM = re.compile(r"(?P<key>(?:^|[?&;\s])(?:password|passwd|pwd|sslpassword|token|secret|api_key|access_key)=)"
-                           r"(?P<value>[^&;#\s]*)", re.IGNORECASE)
-
-
-def redact_uri(text: str) -> str:
-    """Hide credentials in a URI (or any text holding URIs): ``user:pass@`` -> ``user:***@``,
-    ``?password=x`` and ``password=x`` -> ``password=***`` (also token/secret/api_key/access_key)."""
-    text = _USERINFO.sub(lambda m: f"{m.group('head')}:***@", str(text))
-    return _SECRET_PARAM.sub(lambda m: f"{m.group('key')}***", text)
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (``sqlite:////abs`` or ``sqlite:///rel``), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
+# --- URIs (deepsports.tracking.uris, re-exported) ---
 
 def _filesystem_type(path: Path) -> str:
     """The mount type holding ``path`` (from /proc/mounts; '' where unknown)."""
@@ -81,7 +61,7 @@ def enable_sqlite_wal(uri: str, busy_timeout_s: float = 30.0) -> str | None:
     path = sqlite_path(uri)
     if path is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_store_folder(uri)
     fs_type = _filesystem_type(path.parent)
     if fs_type.startswith(_NETWORK_FS):
         log.warning("tracking store %s is on a %s file system: keeping SQLite's rollback journal (WAL needs "

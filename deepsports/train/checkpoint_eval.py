@@ -17,15 +17,22 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from deepsports.config import Config, build_config
+from deepsports.config import Config, build_config, check_writable_dirs
 from deepsports.errors import CheckpointError, ConfigError, StorageError
-from deepsports.train.reporting import log_config
+from deepsports.tags import (
+    CHECKPOINT_DIR_TAG,
+    EVALUATED_CHECKPOINT_TAG,
+    EVALUATED_EPOCH_TAG,
+    EVALUATED_SPLIT_TAG,
+    EVALUATION_OF_RUN_TAG,
+)
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val")
 
@@ -41,7 +48,9 @@ _RUN_ID = re.compile(r"[0-9a-f]{32}")
 class EvaluationResult:
     run_id: str
     source_run_id: str | None
-    checkpoint: Path
+    #: The evaluated checkpoint as it stays: a file's absolute path, or ``runs:/<id>/checkpoints/best.pt`` for
+    #: a logged artifact (its downloaded copy is deleted when ``evaluate`` returns).
+    checkpoint: str
     split: str
     epoch: int
     metrics: dict[str, float]
@@ -62,7 +71,8 @@ def _source_run(tracker, run_id: str):
         raise
 
 
-def _check_source_form(source: str) -> None:
+def check_source_form(source: str) -> None:
+    """``source`` is an existing path or has the form of a run id (32 hex digits)."""
     if not Path(source).expanduser().exists() and not _RUN_ID.fullmatch(source):
         raise ConfigError(f"evaluate: {source!r} is neither a checkpoint file or directory nor an MLflow run id "
                           f"(32 hex digits)")
@@ -77,7 +87,7 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
             raise ConfigError(f"evaluate: directory {source!r} holds no best.pt: pass a checkpoint file or a run id")
     if path.is_file():
         return path, None
-    _check_source_form(source)
+    check_source_form(source)
     run = _source_run(tracker, source)
     if run is None:
         from deepsports.tracking.store import redact_uri
@@ -91,7 +101,7 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
         local = call_with_retry("download checkpoint", tracker.uri, tracker.client.download_artifacts, source,
                                 "checkpoints/best.pt", str(download_dir), policy=tracker.retry)
         return Path(local), run
-    ckpt_dir = run.data.tags.get("deepsports.checkpoint_dir")
+    ckpt_dir = run.data.tags.get(CHECKPOINT_DIR_TAG)
     if ckpt_dir and (Path(ckpt_dir) / "best.pt").is_file():
         return Path(ckpt_dir) / "best.pt", run
     raise ConfigError(f"evaluate: run {source} logged no checkpoints/best.pt and its checkpoint_dir "
@@ -119,24 +129,28 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
     resamples = BOOTSTRAP_RESAMPLES if n_resamples is None else n_resamples
     if resamples < 100:
         raise ConfigError(f"evaluate: --resamples {resamples} is too few for a 95 % interval: expected >= 100")
-    _check_source_form(source)  # before opening the store: a typo fails fast
+    check_source_form(source)  # before opening the store: a typo fails fast
     from deepsports.tracking import runs as tracking
-    from deepsports.train.checkpoints import load_checkpoint
 
     tracker = tracking.RunTracker()
     with tempfile.TemporaryDirectory(prefix="deepsports-evaluate-") as tmp:
         tmp_dir = Path(tmp)
         path, run = resolve_checkpoint(source, tracker, tmp_dir / "download")
+        # torch (seconds) only now: an unknown run id is refused before
+        from deepsports.train.checkpoints import load_checkpoint
+        from deepsports.train.reporting import log_config
+
         where = str(path.resolve()) if run is None else f"runs:/{run.info.run_id}/checkpoints/best.pt"
         state = load_checkpoint(path)
         config = checkpoint_config(state, path, overrides or {})
+        check_writable_dirs(cache_dir=config.cache_dir, what="evaluate: ")  # before the run exists
         source_run_id = run.info.run_id if run is not None else state.get("mlflow_run_id")
         if run is None and source_run_id:
             run = _source_run(tracker, source_run_id)
         epoch = int(state.get("epoch", 1)) - 1  # the state resumes *at* ``epoch``: it holds the one before
-        tags = {"deepsports.evaluation_of_run": source_run_id or "unknown", "deepsports.evaluated_split": split,
-                "deepsports.evaluated_checkpoint": where,
-                "deepsports.evaluated_epoch": str(epoch)}
+        tags = {EVALUATION_OF_RUN_TAG: source_run_id or "unknown", EVALUATED_SPLIT_TAG: split,
+                EVALUATED_CHECKPOINT_TAG: where,
+                EVALUATED_EPOCH_TAG: str(epoch)}
         experiment = config.experiment_name
         if run is not None:
             experiment = tracker.client.get_experiment(run.info.experiment_id).name
@@ -148,7 +162,7 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
     logged = run.data.metrics if run is not None else {}
     differs = {k: (logged[f"{split}_{k}"], v) for k, v in metrics.items()
                if f"{split}_{k}" in logged and logged[f"{split}_{k}"] != v}
-    return EvaluationResult(run_id=tracker.run_id, source_run_id=source_run_id, checkpoint=path, split=split,
+    return EvaluationResult(run_id=tracker.run_id, source_run_id=source_run_id, checkpoint=where, split=split,
                             epoch=epoch, metrics=metrics, differs_from_logged=differs)
 
 

@@ -25,14 +25,16 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from deepsports.errors import CheckpointError
 from deepsports.fileio import atomic_write, read_torch_file
+from deepsports.signals import signals_held
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,10 @@ _TMP_PREFIX = ".tmp-"
 
 def _atomic_write(path: Path, write) -> Path:
     # ".tmp-" temp names: _remove_stale_temp_files removes those of a writer killed mid-write.
-    return atomic_write(path, write, temp_prefix=f"{_TMP_PREFIX}{Path(path).name}.", temp_suffix="",
-                        what=f"checkpoint {Path(path).name}")
+    # Ctrl-C/SIGTERM wait until the file is complete: a KeyboardInterrupt inside torch.save tears its zip.
+    with signals_held(f"the write of {path}"):
+        return atomic_write(path, write, temp_prefix=f"{_TMP_PREFIX}{Path(path).name}.", temp_suffix="",
+                            what=f"checkpoint {Path(path).name}")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -108,17 +112,18 @@ class CheckpointManager:
         attempt (we resumed from an older one) and must not shadow this one in :meth:`latest_valid`.
         ``written`` is called between the epoch file and ``best.pt`` (tests stop a run there).
         """
-        self._remove_stale_temp_files()
-        path = save_checkpoint(self.epoch_path(epoch), state)
-        if written is not None:
-            written()
-        if is_best:
-            _copy_file_atomic(path, self.best_path)
-        complete = [p for e, done, p in self.checkpoints() if done and e <= epoch]
-        doomed = complete[:-self.keep_last]
-        doomed += [p for e, done, p in self.checkpoints() if (not done and e <= epoch) or e > epoch]
-        for old in doomed:
-            old.unlink(missing_ok=True)
+        with signals_held(f"the checkpoint of epoch {epoch} in {self.directory}"):  # epoch file, best.pt, pruning
+            self._remove_stale_temp_files()
+            path = save_checkpoint(self.epoch_path(epoch), state)
+            if written is not None:
+                written()
+            if is_best:
+                _copy_file_atomic(path, self.best_path)
+            complete = [p for e, done, p in self.checkpoints() if done and e <= epoch]
+            doomed = complete[:-self.keep_last]
+            doomed += [p for e, done, p in self.checkpoints() if (not done and e <= epoch) or e > epoch]
+            for old in doomed:
+                old.unlink(missing_ok=True)
         return path
 
     def restore_best(self, source: Path) -> Path:

@@ -20,12 +20,12 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from deepsports.errors import CheckpointDirBusyError
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 #: errno values of a file system that has no (working) flock: run unprotected instead of failing.

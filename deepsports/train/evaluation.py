@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from deepsports.train.distributed import SINGLE, DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows
 from deepsports.errors import TrainingError
-from deepsports.slurm.preemption import ignore_stop_signals, stop_signals_blocked
+from deepsports.signals import ignore_stop_signals, stop_signals_blocked
+from deepsports.train.distributed import SINGLE, DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows
 from deepsports.train.losses import SCORE_SCALE
 from deepsports.train.metrics import regression_metrics
 from deepsports.train.runtime import Runtime

@@ -14,31 +14,60 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from deepsports.train import distributed
-
-from deepsports.tracking import runs as tracking
-from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from deepsports.config import Config, build_config, check_installed
 from deepsports.data import build_datasets
-from deepsports.train.distributed import DistEnv, GlobalBatchModel, ShardedBatchSampler, gather_rows, steps_per_epoch, wrap_ddp
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
+from deepsports.model import build_model
+from deepsports.tags import (
+    BEST_EPOCH_TAG,
+    CHECKPOINT_DIR_TAG,
+    DATASET_TAG_PREFIX,
+    DEVICE_TAG,
+    FAILURE_REASON_TAG,
+    INTERRUPTED_TAG,
+    RESUME_EXACT_TAG,
+    RESUME_INEXACT_TAG,
+    TOTAL_PARAMS_TAG,
+    TRAINABLE_PARAMS_TAG,
+    WORLD_SIZE_TAG,
+)
+from deepsports.tracking import runs as tracking
+from deepsports.train import distributed
+from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from deepsports.train.dir_lock import checkpoint_dir_lock
+from deepsports.train.distributed import (
+    DistEnv,
+    GlobalBatchModel,
+    ShardedBatchSampler,
+    gather_rows,
+    steps_per_epoch,
+    wrap_ddp,
+)
 from deepsports.train.evaluation import EpochSampler, eval_loader, loader_seed, make_loader, predict
 from deepsports.train.losses import aqa_loss
-from deepsports.model import build_model
 from deepsports.train.optim import build_optimizer, build_scheduler
-from deepsports.train.dir_lock import checkpoint_dir_lock
 from deepsports.train.reporting import EpochMetricLog, LogOnce, log_config, log_final_artifacts
-from deepsports.train.runtime import select_runtime, seed_everything, setup_logging
-from deepsports.train.state import (RESUME_FORMAT, BestResult, EpochReport, EpochTally, LossFn, PartialEpoch, Run, TrainedEpoch,
-                                    TrainHooks)
+from deepsports.train.runtime import seed_everything, select_runtime, setup_logging, warnings_only
+from deepsports.train.state import (
+    RESUME_FORMAT,
+    BestResult,
+    EpochReport,
+    EpochTally,
+    LossFn,
+    PartialEpoch,
+    Run,
+    TrainedEpoch,
+    TrainHooks,
+)
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 #: Metric keys logged once per epoch (step = epoch, counted from 1).
 EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_mse", "val_difficulty_mae",
@@ -48,16 +77,13 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
 #: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
 RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "compile", "loglevel", "log_every_steps", "gpu", "evaluate",
-                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir", "dist_backend"})
+                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir",
+                               "dist_backend"})
 
 
 #: Of :data:`RESUME_MAY_CHANGE`, the keys that change the maths of the epochs still to run: a resume
 #: with another value continues correctly but is not the run that was stopped.
 _CHANGES_THE_MATHS = frozenset({"epochs", "compile", "gpu"})
-
-#: Run tags: whether every resume of this run was exact ("true"/"false"), and if not, why.
-RESUME_EXACT_TAG = "deepsports.resume_exact"
-RESUME_INEXACT_TAG = "deepsports.resume_inexact_reason"
 
 
 @dataclass
@@ -120,7 +146,7 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
         raise ConfigError(f"batch_size={config.batch_size} is the global batch and must be at least the number of "
                           f"processes ({layout.world_size})")
     if not layout.is_main:  # the other ranks only warn: rank 0 reports for all
-        logging.getLogger("deepsports").setLevel(max(logging.WARNING, logging.getLogger("deepsports").level))
+        warnings_only()
     owns_group = not torch.distributed.is_available() or not torch.distributed.is_initialized()
     env = distributed.setup(use_cuda, config.dist_backend)
     try:
@@ -182,7 +208,7 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
         tracker = tracking.RunTracker()
         run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
                                parent_run_id=parent_run_id, run_id=resume_run_id,
-                               tags={**(tags or {}), **({"deepsports.world_size": str(env.world_size)}
+                               tags={**(tags or {}), **({WORLD_SIZE_TAG: str(env.world_size)}
                                                          if env.enabled else {})})
     # Every rank learns the run id and the checkpoint to resume from rank 0, and reads it itself.
     run_id, resume_path = distributed.broadcast_object(env, (run_id if env.is_main else None, resume_path))
@@ -198,30 +224,30 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
     try:
         result = _train_tracked(config, env, tracker, run_id, ckpt_dir, resume_path, resume_state, hooks)
     except PreemptedError:
-        tracker.set_tags({"deepsports.interrupted": "true"})
+        tracker.set_tags({INTERRUPTED_TAG: "true"})
         tracker.end("KILLED")
         raise
     except KeyboardInterrupt:
-        tracker.set_tags({"deepsports.interrupted": "true", "deepsports.failure_reason": "KeyboardInterrupt"})
+        tracker.set_tags({INTERRUPTED_TAG: "true", FAILURE_REASON_TAG: "KeyboardInterrupt"})
         tracker.end("KILLED")
         raise
     except BaseException as exc:
         status = getattr(exc, "mlflow_status", "FAILED")
-        tracker.set_tags({"deepsports.failure_reason": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracker.set_tags({FAILURE_REASON_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
         tracker.end(status)
         raise
     tracker.end("FINISHED")
     return result
 
 
-def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
+def _train_tracked(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
                    resume_path: Path | None, resume_state: dict | None, hooks: TrainHooks) -> TrainResult:
     run = _build_run(config, env, tracker, run_id, ckpt_dir, resume_state, hooks)
     _restore(run, resume_path, resume_state)
     for epoch in range(run.start.epoch, config.epochs + 1):
         _report_epoch(run, _train_epoch(run, epoch))
 
-    run.tracker.set_tags({"deepsports.best_epoch": str(run.best.epoch)})
+    run.tracker.set_tags({BEST_EPOCH_TAG: str(run.best.epoch)})
     run.tracker.log_metrics({"best_val_spearman": run.best.val_spearman}, step=config.epochs)
     distributed.barrier(env)  # best.pt is on disk before every rank reads it
     test_metrics = log_final_artifacts(run)
@@ -230,7 +256,7 @@ def _train_tracked(config: Config, env: DistEnv, tracker: "tracking.RunTracker",
                        resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
 
 
-def _build_run(config: Config, env: DistEnv, tracker: "tracking.RunTracker", run_id: str, ckpt_dir: Path,
+def _build_run(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
                resume_state: dict | None, hooks: TrainHooks) -> Run:
     """Data, model, optimizer and friends, the same on every rank (seeded alike)."""
     seed_everything(config.seed, config.deterministic)  # the same seed on every rank: identical init
@@ -282,10 +308,10 @@ def _restore(run: Run, resume_path: Path | None, resume_state: dict | None) -> N
             run.tracker = tracker = LogOnce(tracker)
     else:
         log_config(tracker, config)
-    tracker.set_tags({"deepsports.device": run.runtime.device_name,
-                      "deepsports.checkpoint_dir": str(run.ckpt_dir.resolve()),
-                      "deepsports.trainable_params": str(trainable), "deepsports.total_params": str(total_params),
-                      **{f"deepsports.dataset.{k}": str(v) for k, v in data.fingerprint.items()}})
+    tracker.set_tags({DEVICE_TAG: run.runtime.device_name,
+                      CHECKPOINT_DIR_TAG: str(run.ckpt_dir.resolve()),
+                      TRAINABLE_PARAMS_TAG: str(trainable), TOTAL_PARAMS_TAG: str(total_params),
+                      **{f"{DATASET_TAG_PREFIX}{k}": str(v) for k, v in data.fingerprint.items()}})
     if resume_state is None:
         tracker.log_dict(data.split, "split.json")
         tracker.log_text(config.to_yaml(), "config.yaml")

@@ -21,15 +21,26 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from deepsports.train.metrics import (BOOTSTRAP_CONFIDENCE, BOOTSTRAP_METHOD, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
-                                      bootstrap_interval, rel_l2_rows, relative_l2, score_with_true_difficulty,
-                                      spearman, spearman_rows)
+from deepsports.tags import BOOTSTRAP_TAG, GROUP_MIN_CLIPS_TAG
+from deepsports.train.metrics import (
+    BOOTSTRAP_CONFIDENCE,
+    BOOTSTRAP_METHOD,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    bootstrap_interval,
+    rel_l2_rows,
+    relative_l2,
+    score_with_true_difficulty,
+    spearman,
+    spearman_rows,
+)
 
 #: A group's Spearman is reported only from this many clips on: below it the 95 % interval of a
 #: rank correlation spans most of [-1, 1] and the number would mean nothing.
@@ -197,8 +208,8 @@ def log_report(tracker, split: str, report: QualityReport, step: int, tmp_dir: P
                n_resamples: int = BOOTSTRAP_RESAMPLES) -> None:
     """Log ``report`` as ``<split>_...`` metrics at ``step`` and its table as ``quality/groups_<split>.{csv,png}``."""
     tracker.log_metrics(report.prefixed(split), step=step)
-    tracker.set_tags({"deepsports.bootstrap": bootstrap_description(n_resamples),
-                      "deepsports.group_min_clips": str(MIN_GROUP_CLIPS)})
+    tracker.set_tags({BOOTSTRAP_TAG: bootstrap_description(n_resamples),
+                      GROUP_MIN_CLIPS_TAG: str(MIN_GROUP_CLIPS)})
     if report.groups:
         csv_path = write_group_csv(report.groups, tmp_dir / f"groups_{split}.csv")
         tracker.log_artifact(csv_path, "quality")

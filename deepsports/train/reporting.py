@@ -8,22 +8,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import deepsports
-from deepsports.train import plots, quality
-from deepsports.tracking import runs as tracking
 from deepsports.config import LOCATION_KEYS, Config
+from deepsports.tags import CONFIG_TAG_PREFIX, MODEL_URI_TAG
+from deepsports.tracking import runs as tracking
+from deepsports.train import plots, quality
 from deepsports.train.evaluation import eval_loader, make_loader, predict
 
 if TYPE_CHECKING:
     from deepsports.train.state import Run
 
-log = logging.getLogger("deepsports.train")
+log = logging.getLogger(__name__)
 
 
 def log_config(tracker, config: Config, leave_out: tuple[str, ...] = ()) -> None:
     """Config keys as params, as ``train`` logs them: the location keys as ``deepsports.config.<key>`` tags."""
     params = {k: v for k, v in config.to_params().items() if k not in leave_out}
     tracker.log_params({k: v for k, v in params.items() if k not in LOCATION_KEYS})
-    tracker.set_tags({f"deepsports.config.{k}": params[k] for k in LOCATION_KEYS if k in params})
+    tracker.set_tags({f"{CONFIG_TAG_PREFIX}{k}": params[k] for k in LOCATION_KEYS if k in params})
 
 
 def log_final_artifacts(run: Run) -> dict[str, float]:
@@ -111,9 +112,9 @@ class LogOnce:
 
     def log_model(self, model, example_input, **kwargs):
         run = self._tracker.fetch_run()
-        if run is not None and run.data.tags.get("deepsports.model_uri"):
+        if run is not None and run.data.tags.get(MODEL_URI_TAG):
             log.info("the model was logged by an earlier attempt: not logging it again")
-            return run.data.tags["deepsports.model_uri"]
+            return run.data.tags[MODEL_URI_TAG]
         return self._tracker.log_model(model, example_input, **kwargs)
 
 
@@ -126,7 +127,7 @@ class EpochMetricLog:
     checkpoint holds but MLflow missed (killed between checkpoint and logging) is logged on resume.
     """
 
-    def __init__(self, tracker: "tracking.RunTracker", keys: tuple[str, ...]):
+    def __init__(self, tracker: tracking.RunTracker, keys: tuple[str, ...]):
         self.tracker, self.keys = tracker, keys
         # One query per key on a resumed run: any key may hold steps the others lack (an older version's
         # logging, a failed batch); a fresh run answers with empty histories.

@@ -15,18 +15,29 @@ import torch
 from deepsports.config import Config
 from deepsports.train.video_input import VideoInput
 
-log = logging.getLogger("deepsports")
+log = logging.getLogger(__name__)
+
+
+def _package_logger() -> logging.Logger:
+    """The root of every module's logger (``deepsports``): the one this module configures."""
+    return logging.getLogger(__name__.partition(".")[0])
 
 
 def setup_logging(level: str) -> None:
     """Configure the ``deepsports`` logger once (the CLI and library share it)."""
-    logger = logging.getLogger("deepsports")
+    logger = _package_logger()
     logger.setLevel(level)
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def warnings_only() -> None:
+    """Raise the ``deepsports`` logger to WARNING at least (the ranks other than 0 only warn)."""
+    logger = _package_logger()
+    logger.setLevel(max(logging.WARNING, logger.level))
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

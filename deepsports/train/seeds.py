@@ -5,7 +5,8 @@ and the augmentation (the test split is fixed), so the spread across seeds is wh
 number should expect from running the same configuration again. Every seed selects its best epoch on
 validation and evaluates the test split once (the end of ``train``). The parent logs, for every test
 metric ``m`` (and ``best_val_spearman``): ``m_mean``, ``m_std`` (sample sd, n - 1) and the 95 %
-Student-t interval of the mean ``m_seeds_ci_low`` / ``m_seeds_ci_high``, plus ``seeds.csv``.
+Student-t interval of the mean ``m_seeds_ci_low`` / ``m_seeds_ci_high`` (clipped to the metric's range:
+a Spearman to [-1, 1], an error to >= 0), plus ``seeds.csv``. Two seeds give a wide interval (t = 12.7).
 
 With ``checkpoint_dir`` each seed checkpoints into ``<checkpoint_dir>/seed-<s>`` and
 ``<checkpoint_dir>/seeds.json`` records the parent run and the finished seeds: the same command run
@@ -16,17 +17,22 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from deepsports.config import Config
 from deepsports.errors import ConfigError
 from deepsports.fileio import atomic_write
+from deepsports.tags import SEED_PARENT_RUN_TAG, SEEDS_TAG
+
+log = logging.getLogger(__name__)
 
 #: Confidence of the interval of the mean across seeds.
 SEEDS_CONFIDENCE = 0.95
@@ -43,8 +49,22 @@ class SeedsResult:
     per_seed: list[dict[str, Any]] = field(default_factory=list)
 
 
-def aggregate(values: list[float], confidence: float = SEEDS_CONFIDENCE) -> dict[str, float]:
-    """Mean, sample standard deviation and Student-t interval of the mean of ``values`` (NaN where undefined)."""
+def metric_range(key: str) -> tuple[float, float]:
+    """The values metric ``key`` can take: a Spearman correlation lies in [-1, 1]; an error (MSE, R-l2, MAE) is
+    never negative; anything else (a loss with a subtracted Spearman term) is unbounded."""
+    name = key.removesuffix("_dd")
+    if name.endswith("spearman"):
+        return -1.0, 1.0
+    if name.endswith(("_mse", "_rel_l2", "_mae")):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def aggregate(values: list[float], confidence: float = SEEDS_CONFIDENCE,
+              bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict[str, float]:
+    """Mean, sample standard deviation and Student-t interval of the mean of ``values`` (NaN where undefined),
+    the interval clipped to ``bounds`` (the metric's range: with few seeds the t interval is wide, and a
+    Spearman bound of 1.28 or a negative MSE bound says nothing)."""
     from scipy import stats
 
     array = np.asarray(values, dtype=np.float64)
@@ -54,7 +74,8 @@ def aggregate(values: list[float], confidence: float = SEEDS_CONFIDENCE) -> dict
     sd = float(np.std(array, ddof=1))
     low, high = stats.t.interval(confidence, array.size - 1, loc=mean, scale=sd / math.sqrt(array.size)) \
         if sd > 0 else (mean, mean)
-    return {"mean": mean, "std": sd, "seeds_ci_low": float(low), "seeds_ci_high": float(high)}
+    low, high = max(float(low), bounds[0]), min(float(high), bounds[1])
+    return {"mean": mean, "std": sd, "seeds_ci_low": low, "seeds_ci_high": high}
 
 
 def _aggregated_metrics(per_seed: list[dict[str, Any]]) -> dict[str, float]:
@@ -62,7 +83,7 @@ def _aggregated_metrics(per_seed: list[dict[str, Any]]) -> dict[str, float]:
     keys = set.intersection(*(set(row["metrics"]) for row in per_seed))
     out: dict[str, float] = {}
     for key in sorted(k for k in keys if not k.endswith(("_ci_low", "_ci_high"))):
-        for stat, value in aggregate([row["metrics"][key] for row in per_seed]).items():
+        for stat, value in aggregate([row["metrics"][key] for row in per_seed], bounds=metric_range(key)).items():
             out[f"{key}_{stat}"] = value
     return out
 
@@ -94,6 +115,10 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
         raise ConfigError(f"--seeds {n_seeds}: expected 2 or more (one seed is a plain run)")
     if not config.evaluate:
         raise ConfigError("--seeds aggregates test metrics: it needs evaluate=true")
+    if n_seeds == 2:
+        log.warning("--seeds 2: the 95 %% interval of the mean of 2 seeds is mean +- 12.7 x sd / sqrt(2) (Student-t "
+                    "with 1 degree of freedom): expect it to span most of a metric's range; 3 seeds give +- 4.3 x "
+                    "sd / sqrt(3), 5 seeds +- 2.8 x sd / sqrt(5)")
     from deepsports.tracking import runs as tracking
     from deepsports.train import distributed
     from deepsports.train.reporting import log_config
@@ -109,7 +134,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
     tracker = tracking.RunTracker()
     parent = tracker.start(experiment_name=config.experiment_name, run_name=f"{base_name}-{n_seeds}seeds",
                            parent_run_id=parent_run_id, run_id=record["parent_run_id"],
-                           tags={**(tags or {}), "deepsports.seeds": ",".join(map(str, seeds))})
+                           tags={**(tags or {}), SEEDS_TAG: ",".join(map(str, seeds))})
     record.update(parent_run_id=parent, n_seeds=n_seeds, first_seed=config.seed)
     _save_record(ckpt_dir, record)
     with tracker:
@@ -121,7 +146,7 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
             seed_config = config.replace(seed=seed, run_name=f"{base_name}-seed{seed}",
                                          checkpoint_dir=str(ckpt_dir / f"seed-{seed}") if ckpt_dir else "")
             result = train_fn(seed_config, parent_run_id=parent,
-                              tags={**(tags or {}), "deepsports.seed_parent_run": parent}, **train_kwargs)
+                              tags={**(tags or {}), SEED_PARENT_RUN_TAG: parent}, **train_kwargs)
             record["done"][str(seed)] = {"seed": seed, "run_id": result.run_id,
                                          "best_val_spearman": result.best_val_spearman,
                                          "metrics": {**{f"test_{k}": v for k, v in result.test_metrics.items()},

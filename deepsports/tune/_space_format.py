@@ -7,10 +7,11 @@ Parsing is separate from sampling so that each stays small; everything here rais
 from __future__ import annotations
 
 import math
-from decimal import Decimal
+from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

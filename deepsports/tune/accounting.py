@@ -33,18 +33,28 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from deepsports.tags import (
+    ATTEMPTS_ATTR,
+    EPOCH_END_PREFIX,
+    HEARTBEAT_ATTR,
+    REASON_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_CAUSE_ATTR,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RETRIED_FROM_ATTR,
+)
 from deepsports.tune.checks import CAUSES
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR,
-                                    RETRIED_BY_PREFIX, RETRIED_FROM_ATTR)
 
-log = logging.getLogger("deepsports.accounting")
+log = logging.getLogger(__name__)
 
 OUTCOMES = ("running", "complete", "pruned", "failed", "paused", "dead")
 
@@ -241,7 +251,7 @@ def enqueue_reruns(study: optuna.Study, causes: Iterable[str] = ()) -> list[tupl
         cause = failure_cause(failed)
         template = optuna.trial.create_trial(
             state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
-            user_attrs={RERUN_OF_ATTR: failed.number, "deepsports.rerun_cause": cause})
+            user_attrs={RERUN_OF_ATTR: failed.number, RERUN_CAUSE_ATTR: cause})
         trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
         number = study._storage.get_trial_number_from_id(trial_id)
         link(study, RERUN_BY_PREFIX, failed.number, number)

@@ -9,8 +9,9 @@ where it came from and what is allowed; nothing here creates a file.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from deepsports.errors import ConfigError
 
@@ -76,7 +77,7 @@ def check_overrides(space: Any, overrides: Mapping[str, Any], source: str = "--s
 
         require_torchsort(f"the search space {space.path}, which samples loss_spcoef_weight,")
     elif "loss_spcoef_weight" in overrides:
-        from deepsports.config import check_installed, build_config
+        from deepsports.config import build_config, check_installed
 
         check_installed(build_config({"loss_spcoef_weight": overrides["loss_spcoef_weight"]}), source)
 
@@ -92,8 +93,11 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
         path = (base / Path(text).expanduser()).resolve()
         if path.is_dir():
             raise ConfigError(f"{source} {text!r} is a directory: expected a journal file path (e.g. {text}/study.log)")
+        if not path.parent.is_dir():  # a typo in a shared path must not start a fresh study somewhere new
+            raise ConfigError(f"{source} {text!r}: the folder {str(path.parent)!r} does not exist: create it first, "
+                              "or fix the path (nothing was created)")
         return str(path)
-    from deepsports.tracking.store import redact_uri  # a URL may carry a password: never shown
+    from deepsports.tracking.uris import redact_uri  # a URL may carry a password: never shown
 
     shown = redact_uri(text)
     scheme = text.split("://", 1)[0].split("+", 1)[0]
@@ -117,3 +121,14 @@ def resolve_storage(storage: str, source: str = "--storage", base: Path | None =
         raise ConfigError(f"{source} {shown!r}: {redact_uri(str(exc))}: expected a URL like "
                           f"{scheme}://user@host/database") from None
     return text
+
+
+def check_trial_dirs(space: Any, overrides: Mapping[str, Any]) -> None:
+    """The trials' ``cache_dir`` and checkpoint root (the space's ``base_config``/``fixed`` values, then
+    ``--set``) accept files: one ConfigError naming the folder and the reason, before any study exists."""
+    from deepsports.config import build_config, check_writable_dirs, config_fields
+
+    values = {**space.base_values, **space.fixed, **overrides}
+    cache = build_config({"cache_dir": values.get("cache_dir", config_fields()["cache_dir"].default)}).cache_dir
+    check_writable_dirs(cache_dir=cache, checkpoint_dir=str(values.get("checkpoint_dir") or "checkpoints"),
+                        what="the trials' ")

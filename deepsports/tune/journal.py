@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from optuna.distributions import json_to_distribution
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
@@ -33,7 +34,7 @@ from optuna.trial import TrialState
 
 from deepsports.errors import JournalRecordError
 
-log = logging.getLogger("deepsports.study")
+log = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
 
@@ -169,7 +170,7 @@ def record_problem(record: Any) -> str | None:
     name, required, optional = _OPS[op]
     if not isinstance(record.get("worker_id"), str):
         return f"op_code {op} ({name}): worker_id missing or not text"
-    for key, (check, allowed) in required.items():
+    for key in required:
         if key not in record:
             return f"op_code {op} ({name}): key {key!r} missing (keys: {', '.join(sorted(record))})"
     for key, (check, allowed) in {**required, **optional}.items():

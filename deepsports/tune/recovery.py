@@ -18,7 +18,7 @@ RDB storages, Optuna's own heartbeat row). Before asking for a trial every worke
 * journal storages (Optuna has no heartbeat there): :func:`sweep_stale_journal_trials` fails RUNNING
   trials whose last sign of life (heartbeat attribute, else their start time) is older than
   ``grace_period`` by the sweeping worker's clock (nodes' clocks must agree to well within it), with
-  the reason in ``deepsports.fail_reason``.
+  the reason in ``deepsports.failure_reason``.
 
 Either way the failed trial's MLflow run is ended FAILED (tag ``deepsports.failure_reason``), and
 :func:`retry_trial` queues a WAITING copy with the same params (a new trial number), linked by the
@@ -44,14 +44,26 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tracking import runs as tracking
 from deepsports.errors import StorageError
 from deepsports.slurm.env import ClusterEnv
-from deepsports.tune.attrs import (CKPT_ATTR, EXPERIMENT_ATTR, HEARTBEAT_ATTR, PAUSED_AT_ATTR, PAUSED_BY_ATTR, PAUSES_ATTR,
-                                    REASON_ATTR, RESUMED_ATTR, RETRIED_BY_PREFIX, RETRIED_FROM_ATTR, RETRY_REASON_ATTR,
-                                    RUN_ATTR, TASK_ATTR, WORKER_ATTR)
+from deepsports.tags import (
+    CKPT_ATTR,
+    EXPERIMENT_ATTR,
+    HEARTBEAT_ATTR,
+    OPTUNA_TRIAL_STATE_TAG,
+    PAUSED_AT_ATTR,
+    PAUSED_BY_ATTR,
+    PAUSES_ATTR,
+    REASON_ATTR,
+    RETRIED_BY_PREFIX,
+    RETRIED_FROM_ATTR,
+    RETRY_REASON_ATTR,
+    RUN_ATTR,
+    WORKER_ATTR,
+)
+from deepsports.tracking import runs as tracking
 
-log = logging.getLogger("deepsports.recovery")
+log = logging.getLogger(__name__)
 
 
 
@@ -86,7 +98,7 @@ class TrialHeartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
-    def __enter__(self) -> "TrialHeartbeat":
+    def __enter__(self) -> TrialHeartbeat:
         self.beat()  # at once: a trial claimed from WAITING carries its old, stale heartbeat
         self._thread.start()
         return self
@@ -192,7 +204,7 @@ def end_dead_run(study: optuna.Study, trial: FrozenTrial, reason: str) -> str | 
         tracking.call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
                                  REASON_ATTR, reason[:5000])
         tracking.call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
-                                 "optuna.trial_state", "FAIL")
+                                 OPTUNA_TRIAL_STATE_TAG, "FAIL")
         tracking.call_with_retry("end dead run", tracker.uri, tracker.client.set_terminated, run_id, status="FAILED")
         from deepsports.tune.status import record_run_attempts  # status imports accounting, which imports us lazily
 

@@ -13,23 +13,31 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tracking import runs as tracking
 from deepsports.config import Config, build_config, config_fields
 from deepsports.errors import StorageError
 from deepsports.fileio import atomic_write
+from deepsports.tags import (
+    CONFIG_ATTR,
+    OPTUNA_STUDY_NAME_TAG,
+    PARENT_RUN_ATTR,
+    RETRAIN_OF_RUN_TAG,
+    RETRAIN_OF_TRIAL_TAG,
+    RUN_ATTR,
+)
+from deepsports.tracking import runs as tracking
 from deepsports.tune.study import open_storage, storage_label
-from deepsports.tune.attrs import CONFIG_ATTR, PARENT_RUN_ATTR, RUN_ATTR
 
-log = logging.getLogger("deepsports.study_report")
+log = logging.getLogger(__name__)
 
 #: Keys that belong to one trial's run, not to the configuration it trained.
 #: Keys of a trial's config that describe the trial's run, not the configuration: `best` resets them.
@@ -52,6 +60,10 @@ def load_existing_study(name: str, storage: str | os.PathLike) -> optuna.Study:
     """A study that must already exist (``deepsports best`` never creates one, nor an empty journal file)."""
     if "://" not in str(storage) and not Path(storage).expanduser().is_file():
         raise StorageError(f"no study storage at {str(storage)!r}: the journal file does not exist "
+                           "(give --storage as used by `deepsports tune`)")
+    database = tracking.sqlite_path(str(storage))
+    if database is not None and not database.expanduser().is_file():  # opening it would create an empty one
+        raise StorageError(f"no study storage at {storage_label(storage)!r}: the database file does not exist "
                            "(give --storage as used by `deepsports tune`)")
     backend = open_storage(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)]
@@ -165,6 +177,6 @@ def retrain_best(best: BestTrial, *, epochs: int | None = None, overrides: dict[
     if epochs is not None:
         changes["epochs"] = epochs
     config = best.config.replace(**changes)
-    tags = {"optuna.study_name": best.study_name, "deepsports.retrain_of_trial": str(best.number),
-            "deepsports.retrain_of_run": str(best.run_id)}
+    tags = {OPTUNA_STUDY_NAME_TAG: best.study_name, RETRAIN_OF_TRIAL_TAG: str(best.number),
+            RETRAIN_OF_RUN_TAG: str(best.run_id)}
     return train_fn(config, parent_run_id=best.parent_run_id, tags=tags, **train_kwargs)

@@ -50,15 +50,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from deepsports.tune._space_format import LIST_KINDS, PARAM_TYPES, TOP_LEVEL_KEYS, Param, Range, parse_document
 from deepsports.config import Config, build_config, config_fields, format_value, parse_value
 from deepsports.errors import ConfigError, SearchSpaceError
+from deepsports.tune._space_format import LIST_KINDS, PARAM_TYPES, TOP_LEVEL_KEYS, Param, Range, parse_document
 
 __all__ = ["PARAM_TYPES", "TOP_LEVEL_KEYS", "Param", "Range", "SearchSpace", "check_corners", "load_search_space",
            "resolve_search_space_path"]

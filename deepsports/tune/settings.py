@@ -9,8 +9,9 @@ config flags are derived from the config fields. Standard library only (plus con
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from deepsports.errors import ConfigError
 from deepsports.tune.checks import CAUSES, check_rerun, check_study_name  # standard library only, like this module

@@ -18,13 +18,27 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from deepsports.tags import (
+    ATTEMPT_TAG_PREFIX,
+    CKPT_ATTR,
+    HEARTBEAT_ATTR,
+    MAX_TRIALS_ATTR,
+    PARENT_RUN_ATTR,
+    PAUSED_AT_ATTR,
+    PAUSED_BY_ATTR,
+    REASON_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_CAUSE_ATTR,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RETRY_REASON_ATTR,
+    RUN_ATTR,
+    TASK_ATTR,
+)
 from deepsports.tune import accounting as acc
 from deepsports.tune.accounting import retried_from
-from deepsports.tune.attrs import (CKPT_ATTR, HEARTBEAT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, PAUSED_AT_ATTR,
-                                    PAUSED_BY_ATTR, REASON_ATTR, RERUN_BY_PREFIX, RERUN_OF_ATTR, RETRIED_BY_PREFIX,
-                                    RETRY_REASON_ATTR, RUN_ATTR, TASK_ATTR)
 
-log = logging.getLogger("deepsports.status")
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
@@ -59,7 +73,7 @@ def study_status(study: optuna.Study, storage_label: str = "", now: float | None
                      "dead_task": _last_task(attempts.get(retried_from(t), []))}
                     for t in trials if retried_from(t) is not None],
         "reruns": [{"trial": t.number, "rerun_of": int(t.user_attrs[RERUN_OF_ATTR]), "state": t.state.name,
-                    "cause": t.user_attrs.get("deepsports.rerun_cause")} for t in trials if RERUN_OF_ATTR in t.user_attrs],
+                    "cause": t.user_attrs.get(RERUN_CAUSE_ATTR)} for t in trials if RERUN_OF_ATTR in t.user_attrs],
         "compute": _compute(trials, attempts, now),
         "tasks": _tasks(attempts, now),
         "best": _best(trials),
@@ -130,8 +144,9 @@ def _compute(trials: list[FrozenTrial], attempts: dict[int, list[dict[str, Any]]
     starts = [float(a["start"]) for a in flat]
     ends = [now if a.get("end") is None else float(a["end"]) for a in flat]
     span = (max(ends) - min(starts)) if flat else 0.0
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and bool(attempts[t.number])
-                   for t in trials)
+    # Finished: a result (complete or pruned); a failed trial ended without one and is counted apart.
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and bool(attempts[t.number]) for t in trials)
+    failed = sum(t.state == TrialState.FAIL and bool(attempts[t.number]) for t in trials)
     return {"attempts": len(flat), "spent_s": round(sum(acc.spent_seconds(a, now) for a in flat), 3),
             "lost_s": round(lost["paused"] + lost["dead"], 3), "lost_preempted_s": round(lost["paused"], 3),
             "lost_dead_s": round(lost["dead"], 3),
@@ -139,7 +154,7 @@ def _compute(trials: list[FrozenTrial], attempts: dict[int, list[dict[str, Any]]
                                   if a["outcome"] == "failed"), 3),
             "epochs": sum(len(a.get("epochs") or []) for a in flat),
             "first_start": _iso(min(starts)) if flat else None, "last_end": _iso(max(ends)) if flat else None,
-            "span_s": round(span, 3), "trials_finished": finished,
+            "span_s": round(span, 3), "trials_finished": finished, "trials_failed": failed,
             "trials_per_hour": round(finished / (span / 3600), 3) if span > 0 else None}
 
 
@@ -173,6 +188,10 @@ def _best(trials: list[FrozenTrial]) -> dict[str, Any] | None:
 
 def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 120 else str(dt.timedelta(seconds=round(value)))
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -218,12 +237,15 @@ def render_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
     for r in doc["reruns"]:
         rows.append(("re-runs", f"trial {r['trial']} re-runs {r['rerun_of']} ({r['cause']}), {r['state']}"))
     rate = "n/a" if c["trials_per_hour"] is None else f"{c['trials_per_hour']:.1f}"
-    rows.append(("compute", f"spent {_seconds(c['spent_s'])} in {c['attempts']} attempts ({c['epochs']} epochs); lost "
+    rows.append(("compute", f"spent {_seconds(c['spent_s'])} in {_plural(c['attempts'], 'attempt')} "
+                            f"({_plural(c['epochs'], 'epoch')}); lost "
                             f"{_seconds(c['lost_s'])} (preempted {_seconds(c['lost_preempted_s'])}, dead workers "
                             f"{_seconds(c['lost_dead_s'])}); failed trials {_seconds(c['failed_s'])}"))
-    rows.append(("rate", f"{rate} trials/hour ({c['trials_finished']} finished in {_seconds(c['span_s'])})"))
+    failed = f", {c['trials_failed']} failed" if c.get("trials_failed") else ""
+    rows.append(("rate", f"{rate} finished trials/hour ({c['trials_finished']} complete or pruned{failed}, in "
+                         f"{_seconds(c['span_s'])})"))
     for task, t in doc["tasks"].items():
-        rows.append(("task", f"{task}: {t['attempts']} attempts, {t['pauses']} paused, {t['deaths']} died, spent "
+        rows.append(("task", f"{task}: {_plural(t['attempts'], 'attempt')}, {t['pauses']} paused, {t['deaths']} died, spent "
                              f"{_seconds(t['spent_s'])}, lost {_seconds(t['lost_s'])}"))
     best = doc["best"]
     rows.append(("best", "none yet" if best is None else f"{best['value']:.4f} (trial {best['trial']}, run {best['run_id']})"))
@@ -298,8 +320,8 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
     """Write the run's attempts: ``attempts.json``, the tag ``deepsports.attempts`` (how many), one tag
     ``deepsports.attempt.<i>`` each, and ``deepsports.first_failure_reason`` (never overwritten)."""
     from deepsports.errors import StorageError
+    from deepsports.tags import ATTEMPTS_TAG, FIRST_FAILURE_TAG
     from deepsports.tracking import runs as tracking
-    from deepsports.tune.attrs import ATTEMPTS_TAG, FIRST_FAILURE_TAG
 
     tracker = tracker or tracking.RunTracker()
     attempts = run_attempts(study, run_id, number)
@@ -307,7 +329,7 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
         return attempts
     tags = {ATTEMPTS_TAG: str(len(attempts))}
     for i, a in enumerate(attempts, 1):
-        tags[f"deepsports.attempt.{i}"] = (f"trial {a['trial']} on {a.get('task')}: {_iso(a['start'])} to "
+        tags[f"{ATTEMPT_TAG_PREFIX}{i}"] = (f"trial {a['trial']} on {a.get('task')}: {_iso(a['start'])} to "
                                            f"{_iso(a.get('end'))}, {a['outcome']}"
                                            + (f": {acc.first_line(a.get('reason'))}" if a.get("reason") else ""))
     first = next((a for a in attempts if a["outcome"] in ("failed", "dead")), None)

@@ -25,26 +25,40 @@ import random
 import socket
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tracking import runs as tracking
 from deepsports.config import config_fields
-from deepsports.errors import SearchSpaceError, StorageError
+from deepsports.errors import ConfigError, SearchSpaceError, StorageError
 from deepsports.slurm.env import ClusterEnv
-from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR,
-                                    SPACE_ATTR, SPACE_SHA_ATTR, WORKER_ATTR)
-from deepsports.tune.search_space import SearchSpace
+from deepsports.tags import (
+    EXPERIMENT_ATTR,
+    KIND_TAG,
+    OPTUNA_PRUNER_TAG,
+    OPTUNA_SAMPLER_TAG,
+    OPTUNA_STORAGE_TAG,
+    OPTUNA_STUDY_NAME_TAG,
+    PARENT_RUN_ATTR,
+    RUN_ATTR,
+    SPACE_ATTR,
+    SPACE_SHA_ATTR,
+    SPACE_SHA_TAG,
+    SPACE_TAG,
+    TRACKING_URI_ATTR,
+)
+from deepsports.tracking import runs as tracking
 from deepsports.tune.accounting import is_extra, retried_from  # noqa: F401 (retried_from re-exported)
+from deepsports.tune.search_space import SearchSpace
 from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
-log = logging.getLogger("deepsports.study")
+log = logging.getLogger(__name__)
 
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 _SCHEMA_ATTEMPTS = 6
@@ -70,7 +84,9 @@ def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, gr
     try:
         if not scheme:
             path = Path(text).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.parent.is_dir():  # a typo in a shared path must not start a fresh study somewhere new
+                raise ConfigError(f"study storage {text!r}: the folder {str(path.parent)!r} does not exist: create "
+                                  "it first, or fix the path (nothing was created)")
             from deepsports.tune.journal import TornTailJournalBackend
 
             return optuna.storages.JournalStorage(TornTailJournalBackend(str(path)))
@@ -93,6 +109,8 @@ def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, gr
                         raise StorageError(f"cannot open study storage {storage_label(text)!r}: "
                                            f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
                     time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+    except ConfigError:
+        raise
     except (OSError, ImportError, ValueError) as exc:
         raise StorageError(f"cannot open study storage {storage_label(text)!r}: {exc}") from exc
     raise AssertionError("unreachable")
@@ -198,11 +216,15 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise StorageError(f"study {name!r} in {label} minimises; DeepSports studies maximise validation "
                            "Spearman: choose another study name")
-    tags = {"deepsports.kind": "study", "optuna.study_name": name, "optuna.storage": label,
-            "deepsports.search_space": str(space.path), "deepsports.search_space_sha256": space.sha256,
-            "optuna.sampler": type(sampler).__name__, "optuna.pruner": type(pruner).__name__, **(parent_tags or {})}
+    tags = {KIND_TAG: "study", OPTUNA_STUDY_NAME_TAG: name, OPTUNA_STORAGE_TAG: label,
+            SPACE_TAG: str(space.path), SPACE_SHA_TAG: space.sha256,
+            OPTUNA_SAMPLER_TAG: type(sampler).__name__, OPTUNA_PRUNER_TAG: type(pruner).__name__, **(parent_tags or {})}
+    from deepsports.tune.parent import check_same_store, store_label  # parent imports recovery, which imports us
+
+    store = tracker_uri or tracking.tracking_uri()
     if created:
-        attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment}
+        attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment,
+                 TRACKING_URI_ATTR: store_label(store)}
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         # Under heavy load this can outlast a joiner's wait, and the joiner adopts the study meanwhile.
@@ -218,6 +240,8 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
         raise SearchSpaceError(f"study {name!r} in {label} samples the search space {attrs.get(SPACE_ATTR)} "
                                f"(sha256 {attrs[SPACE_SHA_ATTR][:16]}), but this worker loaded {space.path} "
                                f"(sha256 {space.sha256[:16]}): use the same file, or a new study name")
+    check_same_store(study, store)  # before this worker opens (or creates) its own store
+    study.set_user_attr(TRACKING_URI_ATTR, store_label(store))  # the same, or a study from before the record
     tracker = tracking.RunTracker(tracker_uri)
     if PARENT_RUN_ATTR in attrs:
         parent = attrs[PARENT_RUN_ATTR]

@@ -44,32 +44,76 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from mlflow.entities import Metric
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.tune import accounting, recovery
-from deepsports.tune import status as study_status
+from deepsports.config import format_value
+from deepsports.errors import (
+    CheckpointError,
+    ConfigError,
+    DeepSportsError,
+    DiskFullError,
+    PreemptedError,
+    SearchSpaceError,
+    StorageError,
+    TrainingError,
+)
+from deepsports.slurm.env import ClusterEnv
+from deepsports.tags import (
+    CKPT_ATTR,
+    CONFIG_ATTR,
+    EXPERIMENT_ATTR,
+    MAX_TRIALS_ATTR,
+    OPTUNA_MAX_TRIALS_TAG,
+    OPTUNA_PARAM_TAG_PREFIX,
+    OPTUNA_PRUNER_TAG,
+    OPTUNA_RETRY_OF_TAG,
+    OPTUNA_RETRY_TRIAL_NUMBER_TAG,
+    OPTUNA_SAMPLER_TAG,
+    OPTUNA_STORAGE_TAG,
+    OPTUNA_STUDY_NAME_TAG,
+    OPTUNA_TRIAL_NUMBER_TAG,
+    OPTUNA_TRIAL_STATE_TAG,
+    PARENT_RUN_ATTR,
+    REASON_ATTR,
+    RESUMED_ATTR,
+    RESUMED_FROM_TAG,
+    RUN_ATTR,
+    SPACE_SHA_TAG,
+    TASK_ATTR,
+    WORKER_ATTR,
+)
 from deepsports.tracking import runs as tracking
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.train.state import TrainHooks
-from deepsports.config import format_value
-from deepsports.errors import (CheckpointError, ConfigError, DeepSportsError, DiskFullError, PreemptedError,
-                               SearchSpaceError, StorageError, TrainingError)
-from deepsports.tune.search_space import SearchSpace, load_search_space
-from deepsports.slurm.env import ClusterEnv
+from deepsports.tune import accounting, recovery
+from deepsports.tune import parent as study_parent
+from deepsports.tune import status as study_status
 from deepsports.tune.checks import check_overrides
+from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.tune.settings import TuneSettings
-from deepsports.tune.attrs import (CKPT_ATTR, CONFIG_ATTR, EXPERIMENT_ATTR, MAX_TRIALS_ATTR, PARENT_RUN_ATTR, REASON_ATTR,
-                                    RUN_ATTR, WORKER_ATTR)
-from deepsports.tune.study import (StudySummary, constant, default_worker_id, make_pruner, make_sampler, open_storage,
-                                   open_study, retried_from, storage_label, summarize, worker_label, worker_seed)
+from deepsports.tune.study import (
+    StudySummary,
+    constant,
+    default_worker_id,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    open_study,
+    retried_from,
+    storage_label,
+    summarize,
+    worker_label,
+    worker_seed,
+)
 
-log = logging.getLogger("deepsports.tune")
+log = logging.getLogger(__name__)
 
 
 class PrunedTrial(optuna.TrialPruned):
@@ -110,9 +154,9 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     sampler = make_sampler(seed, settings.n_startup_trials)
     epochs = None if "epochs" in space.keys else int(constant(space, settings.overrides, "epochs"))
     pruner = make_pruner(settings.pruner, epochs, settings.pruner_startup_trials, settings.pruner_warmup_epochs)
-    tags = {"optuna.sampler": f"TPESampler(seed={settings.seed}, multivariate=True, group=True, constant_liar=True)",
-            "optuna.pruner": settings.pruner, "optuna.max_trials": str(settings.max_trials or "none"),
-            "optuna.storage": storage_label(settings.storage)}
+    tags = {OPTUNA_SAMPLER_TAG: f"TPESampler(seed={settings.seed}, multivariate=True, group=True, constant_liar=True)",
+            OPTUNA_PRUNER_TAG: settings.pruner, OPTUNA_MAX_TRIALS_TAG: str(settings.max_trials or "none"),
+            OPTUNA_STORAGE_TAG: storage_label(settings.storage)}
     study, _ = open_study(settings.study_name, storage, space, sampler=sampler, pruner=pruner,
                           overrides=settings.overrides, parent_tags=tags, parent_wait_s=settings.parent_wait_s)
     if settings.max_trials is not None and study.user_attrs.get(MAX_TRIALS_ATTR) != settings.max_trials:
@@ -121,7 +165,13 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
         queued = accounting.enqueue_reruns(study, settings.rerun_causes)
         log.info("re-running %d failed trials: %s", len(queued), ", ".join(f"{a} as {b}" for a, b in queued) or "none")
     worker = _Worker(settings, space, study, train_fn, stop_requested, recovery.task_identity(worker_id))
-    worker.run()
+    try:
+        worker.run()
+    except BaseException:
+        # A data error, Ctrl-C, a preemption, a crash: the parent follows the study (RUNNING while another
+        # worker's trial is alive, else KILLED/FAILED as the trials say), never RUNNING forever.
+        study_parent.settle_parent(study, worker.tracker, grace_s=settings.grace)
+        raise
     worker.close_parent_if_done()
     return summarize(study, worker.trials_run)
 
@@ -178,6 +228,7 @@ class _Worker:
                                                         self.label)
         state, value, failed = None, None, None
         with heartbeat:
+            study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
                 state = TrialState.COMPLETE
@@ -309,7 +360,7 @@ class _Worker:
         checkpoint_dir = frozen.user_attrs.get(CKPT_ATTR) or str(self._checkpoint_dir(trial.number))
         trial.set_user_attr(CKPT_ATTR, checkpoint_dir)
         trial.set_user_attr(WORKER_ATTR, self.label)
-        trial.set_user_attr(recovery.TASK_ATTR, self.identity)
+        trial.set_user_attr(TASK_ATTR, self.identity)
         overrides = {**self._artifact_defaults(), **self.settings.overrides, "checkpoint_dir": checkpoint_dir,
                      "run_name": f"{name}-trial-{trial.number:04d}",
                      "experiment_name": self.study.user_attrs[EXPERIMENT_ATTR]}
@@ -361,22 +412,22 @@ class _Worker:
             return
         uri, client = self.tracker.uri, self.tracker.client
         try:
-            tracking.call_with_retry("tag pruned trial run", uri, client.set_tag, run_id, "deepsports.failure_reason",
+            tracking.call_with_retry("tag pruned trial run", uri, client.set_tag, run_id, REASON_ATTR,
                                      "PrunedTrial: pruned on resume")
             tracking.call_with_retry("end pruned trial run", uri, client.set_terminated, run_id, status="KILLED")
         except StorageError as exc:  # bookkeeping must not stop the study
             log.warning("could not end the run of pruned trial %d: %s", frozen.number, exc)
 
     def _run_tags(self, trial: optuna.Trial, retry_of: int | None) -> dict[str, str]:
-        tags = {"optuna.study_name": self.settings.study_name, "optuna.trial_number": str(trial.number),
-                "optuna.storage": storage_label(self.settings.storage),
-                "deepsports.search_space_sha256": self.space.sha256,
-                **{f"optuna.param.{k}": format_value(v) for k, v in trial.params.items()}}
+        tags = {OPTUNA_STUDY_NAME_TAG: self.settings.study_name, OPTUNA_TRIAL_NUMBER_TAG: str(trial.number),
+                OPTUNA_STORAGE_TAG: storage_label(self.settings.storage),
+                SPACE_SHA_TAG: self.space.sha256,
+                **{f"{OPTUNA_PARAM_TAG_PREFIX}{k}": format_value(v) for k, v in trial.params.items()}}
         if retry_of is not None:
             # The run is the dead trial's: it keeps the number that created it, and every attempt is in
             # attempts.json (deepsports.tune.status.record_run_attempts).
-            tags.update({"optuna.retry_of": str(retry_of), "optuna.trial_number": str(retry_of),
-                         "optuna.retry_trial_number": str(trial.number)})
+            tags.update({OPTUNA_RETRY_OF_TAG: str(retry_of), OPTUNA_TRIAL_NUMBER_TAG: str(retry_of),
+                         OPTUNA_RETRY_TRIAL_NUMBER_TAG: str(trial.number)})
         # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
         tags.update(ClusterEnv.read().tags())
         return tags
@@ -405,10 +456,10 @@ class _Worker:
                 trial.report(value, epoch)
                 missed.append(epoch)
         resumed = {"checkpoint": str(path), "epoch": int(state["epoch"]), "step": int(state["step"])}
-        trial.set_user_attr(recovery.RESUMED_ATTR, resumed)
+        trial.set_user_attr(RESUMED_ATTR, resumed)
         self.ledger.record["resumed_epoch"] = resumed["epoch"]  # written with the attempt's next record
         log.info("trial %d resumes from %s (epoch %d, step %d)", trial.number, path, resumed["epoch"], resumed["step"])
-        return {"deepsports.resumed_from": f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}, missed
+        return {RESUMED_FROM_TAG: f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}, missed
 
     def _over_budget(self, trials: list[FrozenTrial], number: int) -> bool:
         """Race-free: numbers are unique and increasing, so every original trial up to ours is visible."""
@@ -433,7 +484,7 @@ class _Worker:
         try:
             run_id = recovery.find_trial_run(self.study, trial, self.tracker)
             if run_id:
-                tracking.call_with_retry("tag trial run", uri, client.set_tag, run_id, "optuna.trial_state",
+                tracking.call_with_retry("tag trial run", uri, client.set_tag, run_id, OPTUNA_TRIAL_STATE_TAG,
                                          trial.state.name)
             if trial.state == TrialState.COMPLETE:
                 best = max(t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))

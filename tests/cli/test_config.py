@@ -9,10 +9,18 @@ import pytest
 import yaml
 
 from deepsports.cli.main import build_parser, config_from_args
-from deepsports.config import (LOCATION_KEYS, ORIGINAL_ARGUMENTS, Config, build_config, config_fields, format_value, load_config,
-                               parse_value)
-from deepsports.errors import ConfigError
 from deepsports.cli.mlproject import render_mlproject
+from deepsports.config import (
+    LOCATION_KEYS,
+    ORIGINAL_ARGUMENTS,
+    Config,
+    build_config,
+    config_fields,
+    format_value,
+    load_config,
+    parse_value,
+)
+from deepsports.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -235,6 +235,7 @@ def test_version_and_every_exit_code_in_help_and_readme(tmp_path):
 
 def test_the_console_script_names_a_function():
     import importlib
+
     import tomllib
 
     from tests.e2e_helpers import REPO

@@ -11,8 +11,16 @@ import pickle
 import numpy as np
 import pytest
 
-from deepsports.data.annotations import (ClipAnnotation, annotation_fingerprint, load_annotations, load_split,
-                                         restricted_load, save_annotations, save_split, video_filename)
+from deepsports.data.annotations import (
+    ClipAnnotation,
+    annotation_fingerprint,
+    load_annotations,
+    load_split,
+    restricted_load,
+    save_annotations,
+    save_split,
+    video_filename,
+)
 from deepsports.errors import DataError, UnsafePickleError
 
 MTL_FIELDS = {"start_frame", "end_frame", "difficulty", "final_score", "position", "armstand", "rotation_type",

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from deepsports.config import build_config
 from deepsports.data import ClipDataset, build_datasets, prepare_cache, sample_indices, split_train_val
 from deepsports.data.annotations import ClipAnnotation, annotation_fingerprint, save_annotations, save_split
-from deepsports.data.cache import CacheIndex, CachedClip, write_clip
+from deepsports.data.cache import CachedClip, CacheIndex, write_clip
 from deepsports.data.dataset import intermediate_size
 from deepsports.errors import DataError
 from tests.data.test_prepare import make_counter_dataset, read_counter

@@ -19,8 +19,14 @@ import pytest
 
 from deepsports.data.annotations import load_annotations, load_split
 from deepsports.data.prepare import prepare_cache
-from deepsports.data.rehearsal import (BROADCAST_SIZE, MARGIN_FRAMES, REHEARSAL_FPS, STATUS_NAME, generate_rehearsal,
-                                       rehearsal_dive)
+from deepsports.data.rehearsal import (
+    BROADCAST_SIZE,
+    MARGIN_FRAMES,
+    REHEARSAL_FPS,
+    STATUS_NAME,
+    generate_rehearsal,
+    rehearsal_dive,
+)
 from deepsports.data.synth import MARKER, difficulty
 from deepsports.data.video import ClipRange, decode_clips
 from tests.e2e_helpers import deepsports_cmd, subprocess_env

@@ -16,8 +16,14 @@ import pytest
 from scipy.stats import spearmanr
 
 from deepsports.data.annotations import load_annotations, load_split, video_filename
-from deepsports.data.synth import (MARKER, SynthDataset, difficulty, ensure_synthetic_dataset,
-                                   generate_synthetic_dataset, synthetic_dataset_dir)
+from deepsports.data.synth import (
+    MARKER,
+    SynthDataset,
+    difficulty,
+    ensure_synthetic_dataset,
+    generate_synthetic_dataset,
+    synthetic_dataset_dir,
+)
 from deepsports.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,8 +7,16 @@ import torch
 
 from deepsports.config import ATTENTION_TYPES, BACKBONES, build_config
 from deepsports.errors import ConfigError
-from deepsports.model import (PRESETS, AQAModel, TimeSformer, build_model, count_parameters, get_preset,
-                              load_pretrained, trainable_parameter_count)
+from deepsports.model import (
+    PRESETS,
+    AQAModel,
+    TimeSformer,
+    build_model,
+    count_parameters,
+    get_preset,
+    load_pretrained,
+    trainable_parameter_count,
+)
 from deepsports.model.heads import DecoderHead, MLPHead
 
 SMALL = {"spatial_size": 32, "patch_size": 16, "frame_num": 2, "embed_dim": 32, "topology": [16, 8],

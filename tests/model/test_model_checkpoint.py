@@ -13,8 +13,14 @@ from timm.models.vision_transformer import VisionTransformer
 
 from deepsports.config import build_config
 from deepsports.errors import CheckpointError
-from deepsports.model import (TimeSformer, build_model, checkpoint_filter_fn, get_preset, load_pretrained,
-                              read_checkpoint)
+from deepsports.model import (
+    TimeSformer,
+    build_model,
+    checkpoint_filter_fn,
+    get_preset,
+    load_pretrained,
+    read_checkpoint,
+)
 from tests.model.test_model_reference import TEST_PRESET, official_state, randomise_, reference_features
 
 TINY = get_preset("tiny")
@@ -227,7 +233,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="arbitrary code.*system"):
         read_checkpoint(path)
     with pytest.raises(CheckpointError, match="arbitrary code"):
-        build_model(build_config({"spatial_size": 32, "frame_num": 4, "pretrained_model": str(path)})).model
+        build_model(build_config({"spatial_size": 32, "frame_num": 4, "pretrained_model": str(path)}))
     assert not marker.exists()
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from einops import rearrange, reduce, repeat
+from torch.utils.flop_counter import FlopCounterMode
 
 from deepsports.model import TimeSformer, attention_backend
 from deepsports.model.attention import attend

@@ -23,10 +23,10 @@ def main(argv: list[str]) -> int:
     (:class:`~deepsports.tune.settings.TuneSettings` fields), the fault hook in every trial it trains."""
     from deepsports.config import build_config
     from deepsports.errors import PreemptedError
-    from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.slurm.preemption import preemptible
 
     stop = argv[0]
-    with PreemptionFlag() as flag:
+    with preemptible() as flag:  # as `deepsports train` and `tune` do
         from deepsports.train.loop import train
         from deepsports.train.state import TrainHooks
 

@@ -242,15 +242,16 @@ def test_an_unreachable_storage_is_a_storage_error_with_the_password_redacted(wo
 
 
 def test_best_of_a_study_that_does_not_exist_names_it_and_the_studies_there(workdir):
-    from deepsports.tune.study import open_storage
-
     import optuna
+
+    from deepsports.tune.study import open_storage
 
     storage = workdir / "study.journal"
     optuna.create_study(storage=open_storage(storage), study_name="real")
-    code, stderr = _cli("best", "nope", "--storage", str(storage))
-    assert code == 6 and f"no study 'nope' in {storage} (studies there: real)" in _error_line(stderr), stderr
-    assert not (workdir / "experiments").exists()
+    for command in ("best", "status"):  # one exit code for one mistake: 2, bad input
+        code, stderr = _cli(command, "nope", "--storage", str(storage))
+        assert code == 2 and f"no study 'nope' in {storage} (studies there: real)" in _error_line(stderr), stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["study.journal"]  # no experiments/, no mlflow.db
 
 
 # --------------------------------------------------------------------------------------------

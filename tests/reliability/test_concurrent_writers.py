@@ -19,9 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from deepsports.tags import PARENT_RUN_ATTR, RUN_ATTR
 from deepsports.tune.study import open_storage
-
-from deepsports.tune.attrs import PARENT_RUN_ATTR, RUN_ATTR
 from tests.e2e_helpers import REPO, deepsports_cmd, subprocess_env
 
 pytestmark = pytest.mark.slow

@@ -18,9 +18,9 @@ from optuna.trial import TrialState
 
 from deepsports.data.cache import write_clip
 from deepsports.errors import DiskFullError
+from deepsports.tags import PAUSED_BY_ATTR
 from deepsports.tracking.runs import RunTracker
 from deepsports.train.checkpoints import load_checkpoint
-from deepsports.tune.attrs import PAUSED_BY_ATTR
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, subprocess_env, tiny_overrides
 

@@ -28,8 +28,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from deepsports.tags import RESUME_EXACT_TAG, RESUME_INEXACT_TAG
 from deepsports.train.checkpoints import load_checkpoint, save_checkpoint
-from deepsports.train.loop import RESUME_EXACT_TAG, RESUME_INEXACT_TAG
 from tests.e2e_helpers import TINY, copy_store, deepsports_cmd, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from deepsports.tags import PAUSED_BY_ATTR, RUN_ATTR, WORKER_ATTR
 from deepsports.train.loop import EPOCH_METRICS
-from deepsports.tune.attrs import PAUSED_BY_ATTR, RUN_ATTR, WORKER_ATTR
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, subprocess_env, tiny_overrides
 
@@ -79,7 +79,7 @@ def test_train_with_loader_workers_pauses_on_a_group_signal_and_resumes(tmp_path
     for sig, epoch in ((signal.SIGTERM, 1), (signal.SIGUSR1, 2)):
         proc = subprocess.Popen(cmd, env=_env(uri), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
-        _signal_group_when(proc, lambda: (ckpt / f"epoch-{epoch:04d}.pt").exists()
+        _signal_group_when(proc, lambda proc=proc, epoch=epoch: (ckpt / f"epoch-{epoch:04d}.pt").exists()
                            and len(_loader_workers(proc.pid)) >= 2, sig)
         _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 75, (sig, err[-6000:])

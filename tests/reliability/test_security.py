@@ -18,8 +18,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from deepsports.data.synth import generate_synthetic_dataset
-from deepsports.tune.study import storage_label
 from deepsports.tracking.runs import RunTracker
+from deepsports.tune.study import storage_label
 from tests.e2e_helpers import REPO, as_args, deepsports_cmd, subprocess_env, tiny_overrides
 
 SECRET = "hunter2-not-for-logs"

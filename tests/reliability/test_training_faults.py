@@ -22,10 +22,10 @@ from optuna.trial import TrialState
 
 from deepsports.config import build_config
 from deepsports.data import build_datasets
-from deepsports.tune.study import open_storage
-from deepsports.tune.attrs import REASON_ATTR, RUN_ATTR
+from deepsports.tags import REASON_ATTR, RUN_ATTR
 from deepsports.train.loop import train
 from deepsports.tune.status import study_status
+from deepsports.tune.study import open_storage
 from deepsports.tune.worker import TuneSettings, tune
 from tests.e2e_helpers import TINY
 

@@ -2,7 +2,7 @@
 trial numbered ``$FAULT_FROM`` or more (not a retry, not a resume; one in the whole study, whichever
 worker starts it: the file ``$FAULT_MARKER`` says it happened) runs out of memory at its second step
 (``train``'s fault hook, as in tests/reliability/test_training_faults.py). Everything else is the CLI's own path: its parser, the
-preemption flag, the requeue of a stopped SLURM task and its exit codes."""
+stop flag and what a stopped SLURM task does (deepsports.slurm.preemption) and its exit codes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import torch
 from deepsports.cli import studies
 from deepsports.cli.main import build_parser
 from deepsports.errors import DeepSportsError, PreemptedError
-from deepsports.slurm.jobs import requeue_if_slurm
-from deepsports.slurm.preemption import PreemptionFlag
+from deepsports.slurm.preemption import preemptible
 from deepsports.train.loop import train
 from deepsports.tune.worker import tune
 
@@ -42,16 +41,15 @@ def _train(config, **kwargs):
 
 def main() -> int:
     args = build_parser().parse_args(["tune", *sys.argv[1:]])
-    with PreemptionFlag() as flag:
-        try:
-            tune(studies._tune_settings(args), stop_requested=flag.requested, train_fn=_train)
-        except PreemptedError as exc:
-            requeue_if_slurm()
-            print(f"deepsports: interrupted: {exc}", file=sys.stderr)
-            return exc.exit_code
-        except DeepSportsError as exc:
-            print(f"deepsports: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+    try:
+        with preemptible() as stop:
+            tune(studies._tune_settings(args), stop_requested=stop.requested, train_fn=_train)
+    except PreemptedError as exc:
+        print(f"deepsports: interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except DeepSportsError as exc:
+        print(f"deepsports: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

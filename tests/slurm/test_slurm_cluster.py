@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -62,10 +61,10 @@ def _profile(tmp_path: Path, **values):
 
 ARRAY_WORKER = """
 import json, sys, time
-from deepsports.slurm.preemption import PreemptionFlag
+from deepsports.signals import StopFlag
 from deepsports.slurm.jobs import slurm_env
 
-with PreemptionFlag() as flag:
+with StopFlag() as flag:
     start = time.time()
     while time.time() - start < 2.0 and not flag.requested():
         time.sleep(0.05)
@@ -113,14 +112,14 @@ def test_array_of_four_runs_at_most_two_at_once(slurm_cluster, tmp_path):
 PREEMPTIBLE_WORKER = """
 import json, os, sys, time
 from pathlib import Path
-from deepsports.slurm.preemption import PreemptionFlag
+from deepsports.signals import StopFlag
 from deepsports.slurm.jobs import requeue_self, slurm_env
 
 out, total = Path(sys.argv[1]), int(sys.argv[2])
 env = slurm_env()
 task, restart = env["SLURM_ARRAY_TASK_ID"], int(env["SLURM_RESTART_COUNT"])
 state = out / f"counter_{task}.json"
-with PreemptionFlag() as flag:
+with StopFlag() as flag:
     step = json.loads(state.read_text())["next_step"] if state.exists() else 0
     while step < total:
         if flag.requested():

@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import optuna
@@ -21,21 +20,29 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.slurm.jobs import build_profile, render_script, submit
+from deepsports.tags import (
+    ATTEMPTS_ATTR,
+    CKPT_ATTR,
+    PARENT_RUN_ATTR,
+    PAUSED_BY_ATTR,
+    RESUMED_ATTR,
+    RUN_ATTR,
+    TASK_ATTR,
+    WORKER_ATTR,
+)
 from deepsports.train.loop import EPOCH_METRICS
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, CKPT_ATTR, PARENT_RUN_ATTR, PAUSED_BY_ATTR, RESUMED_ATTR, RUN_ATTR,
-                                   TASK_ATTR, WORKER_ATTR)
+from tests.e2e_helpers import REPO
 from tests.slurm.test_slurm_tune import _active, _children_by_trial, _study, _submit, _tasks, _wait
-from tests.e2e_helpers import REPO, PYTHON_BIN
 
 pytestmark = pytest.mark.slurm
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 EARLY_WORKER = """
 import json, sys
-from deepsports.slurm.preemption import PreemptionFlag
+from deepsports.signals import StopFlag
 from deepsports.slurm.jobs import slurm_env
 
-with PreemptionFlag() as flag:
+with StopFlag() as flag:
     pass
 task = slurm_env()["SLURM_ARRAY_TASK_ID"]
 with open(f"{sys.argv[1]}/task_{task}.json", "w") as f:

@@ -18,13 +18,24 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from deepsports.errors import ConfigError, TrainingError
-from deepsports.slurm.preemption import PreemptionFlag
-from deepsports.slurm.jobs import (KINDS, PROFILE_DIR, TEMPLATE_DIR, SlurmError, build_profile, load_profile,
-                              render_script, requeue_self, slurm_env, submit, task_job_id, time_limit_seconds,
-                              worker_command)
+from deepsports.signals import StopFlag
+from deepsports.slurm.jobs import (
+    KINDS,
+    PROFILE_DIR,
+    TEMPLATE_DIR,
+    SlurmError,
+    build_profile,
+    load_profile,
+    render_script,
+    requeue_self,
+    slurm_env,
+    submit,
+    task_job_id,
+    time_limit_seconds,
+    worker_command,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_PROFILES = sorted(PROFILE_DIR.glob("*.yaml"))
@@ -75,6 +86,7 @@ def test_unquoted_time_stays_text(tmp_path):
     ("workdir: '`rm -rf ~`'\n", "workdir"),
     ("logdir: $DEEPSPORTS_SURELY_UNSET_VAR/logs\n", "logdir"),
     ("partition: 'gpu; rm'\n", "partition"),
+    ("signal: KILL\n", "signal"),
 ])
 def test_bad_profile_values_name_file_and_key(tmp_path, text, key):
     path = _write_profile(tmp_path, text)
@@ -112,8 +124,11 @@ def test_rendered_scripts_carry_signal_requeue_exec(tmp_path, profile_path, kind
     assert lines[0] == "#!/usr/bin/env bash"
     assert f"#SBATCH --signal=B:USR1@{profile.grace_seconds}" in lines
     assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines
-    launcher = '"${launch[@]}" ' if kind == "train" else ""  # empty unless the profile asks for several tasks
+    # Blocked across the exec (pending until Python's handler takes them); srun, when the profile asks for
+    # several tasks, forwards them itself.
+    launcher = '"${block[@]}" "${launch[@]}" ' if kind == "train" else "env --block-signal=USR1 --block-signal=TERM "
     assert lines[-1] == f"exec {launcher}python -m deepsports.cli {kind} epochs=1"
+    assert "trap '' USR1 TERM" in lines and "export DEEPSPORTS_STOP_SIGNAL=USR1" in lines
     assert "launch=(srun" not in script and ("#SBATCH --ntasks-per-node=1" if kind == "train" else "#SBATCH --ntasks=1") in lines
     assert "set -euo pipefail" in lines
     # sbatch reads #SBATCH lines only before the first command.
@@ -135,11 +150,24 @@ def test_rendered_scripts_carry_signal_requeue_exec(tmp_path, profile_path, kind
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_warning_signal_of_the_profile_is_rendered_everywhere(kind):
+    """NCCL catches SIGUSR1: a profile picks another time-limit warning, in sbatch's option, the traps and the
+    worker's environment (test_slurm_field_signals.py runs one on the cluster)."""
+    profile = build_profile({"signal": "SIGUSR2", "grace_seconds": 90}, "test")
+    assert profile.signal == "USR2"
+    script = render_script(kind, profile, worker_command(kind))
+    lines = script.splitlines()
+    assert "#SBATCH --signal=B:USR2@90" in lines and "trap '' USR2 TERM" in lines
+    assert "trap 'deepsports_early_signals+=\" USR2\"' USR2" in lines and "export DEEPSPORTS_STOP_SIGNAL=USR2" in lines
+    assert "USR1" not in script
+
+
 def test_templates_hold_no_user_paths():
     for template in TEMPLATE_DIR.glob("*.sbatch"):
         text = template.read_text()
         assert not re.search(r"/home|/Users/|/scratch|/work/|~/", text), template
-        assert "{{command}}" in text and "--signal=B:USR1@{{grace_seconds}}" in text
+        assert "{{command}}" in text and "--signal=B:{{signal}}@{{grace_seconds}}" in text
         assert re.search(r"^exec .*\{\{command\}\}$", text, re.M), template
 
 
@@ -151,7 +179,8 @@ def test_a_multi_task_train_profile_launches_ddp_through_srun(tmp_path):
     assert "#SBATCH --gres=gpu:a100:4" in lines
     assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in lines
     assert any(line.startswith("launch=(srun --kill-on-bad-exit=1") for line in lines)
-    assert lines[-1] == 'exec "${launch[@]}" python -m deepsports.cli train epochs=1'
+    assert lines[-1] == 'exec "${block[@]}" "${launch[@]}" python -m deepsports.cli train epochs=1'
+    assert '[ "${#launch[@]}" -eq 0 ] || block=()  # srun forwards the signals itself' in lines
     path = tmp_path / "train.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
@@ -215,8 +244,8 @@ def test_exec_makes_the_worker_the_signalled_process(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent("""
         import sys, time
-        from deepsports.slurm.preemption import PreemptionFlag
-        with PreemptionFlag() as flag:
+        from deepsports.signals import StopFlag
+        with StopFlag() as flag:
             print("ready", flush=True)
             deadline = time.monotonic() + 30
             while not flag.requested() and time.monotonic() < deadline:
@@ -272,7 +301,7 @@ def test_flag_records_first_signal_and_restores_handlers():
 
     old = signal.signal(signal.SIGUSR1, previous)
     try:
-        with PreemptionFlag() as flag:
+        with StopFlag() as flag:
             assert not flag.requested() and flag.signal_name is None
             os.kill(os.getpid(), signal.SIGUSR1)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -291,7 +320,7 @@ def test_flag_refuses_other_threads_and_double_install():
 
     def install():
         try:
-            PreemptionFlag().install()
+            StopFlag().install()
         except TrainingError as exc:
             errors.append(exc)
 
@@ -300,7 +329,7 @@ def test_flag_refuses_other_threads_and_double_install():
     thread.start()
     thread.join()
     assert len(errors) == 1 and "main thread" in str(errors[0])
-    with PreemptionFlag() as flag:
+    with StopFlag() as flag:
         with pytest.raises(TrainingError, match="already installed"):
             flag.install()
 
@@ -308,8 +337,8 @@ def test_flag_refuses_other_threads_and_double_install():
 def test_sigterm_to_a_subprocess_sets_its_flag(tmp_path):
     program = textwrap.dedent("""
         import sys, time
-        from deepsports.slurm.preemption import PreemptionFlag
-        with PreemptionFlag() as flag:
+        from deepsports.signals import StopFlag
+        with StopFlag() as flag:
             print("ready", flush=True)
             deadline = time.monotonic() + 30
             while not flag.requested() and time.monotonic() < deadline:
@@ -337,7 +366,7 @@ def test_forked_children_leave_the_stop_signal_to_the_main_process():
     """A DataLoader-style forked worker inherits the handler (before its worker_init_fn runs): SLURM's
     SIGTERM to every process must neither kill it nor raise its copy of the flag; the main process acts."""
     ctx = multiprocessing.get_context("fork")
-    with PreemptionFlag() as flag:
+    with StopFlag() as flag:
         ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
         child = ctx.Process(target=_report_after_signal, args=(ready, go, out))
         child.start()

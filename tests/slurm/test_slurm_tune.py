@@ -21,11 +21,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.tune.attrs import TASK_ATTR
-from deepsports.tune.study import open_storage, retried_from
-from deepsports.tune.attrs import PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
+from deepsports.tags import PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, TASK_ATTR
 from deepsports.train.loop import EPOCH_METRICS
-from tests.e2e_helpers import TUNE_SPACE, PYTHON_BIN, REPO, TINY, deepsports_cmd, run_checked, subprocess_env
+from deepsports.tune.study import open_storage, retried_from
+from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, deepsports_cmd, run_checked, subprocess_env
 
 pytestmark = pytest.mark.slurm
 optuna.logging.set_verbosity(optuna.logging.WARNING)

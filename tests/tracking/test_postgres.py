@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.config import LOCATION_KEYS, config_fields
-from deepsports.tune.attrs import PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
+from deepsports.tags import PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
 from deepsports.train.loop import EPOCH_METRICS
 from tests.e2e_helpers import REPO, deepsports_cmd, free_port, run_checked, subprocess_env
 

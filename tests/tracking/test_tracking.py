@@ -14,8 +14,15 @@ import torch
 from mlflow import MlflowClient
 
 from deepsports.errors import StorageError
-from deepsports.tracking.runs import (RetryPolicy, RunTracker, call_with_retry, enable_sqlite_wal, redact_uri, sqlite_path,
-                                 tracking_uri)
+from deepsports.tracking.runs import (
+    RetryPolicy,
+    RunTracker,
+    call_with_retry,
+    enable_sqlite_wal,
+    redact_uri,
+    sqlite_path,
+    tracking_uri,
+)
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, max_total_sleep_s=1.0)
 
@@ -35,6 +42,13 @@ def store(tmp_path_factory):
 def tracker(store, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return RunTracker(store["uri"])
+
+
+def test_opening_a_new_store_leaves_nothing_but_the_database_beside_it(store):
+    # The first open is serialised by a flock on the folder itself: no 0-byte mlflow.db.init-lock is left in
+    # every working directory (issue #25); WAL's -wal/-shm files are SQLite's own.
+    left = {p.name for p in store["db"].parent.iterdir()} - {"mlflow.db", "mlflow.db-wal", "mlflow.db-shm"}
+    assert left == set()
 
 
 def _start(tracker: RunTracker, store, **kwargs) -> str:

@@ -95,8 +95,8 @@ def test_artifacts_are_uploaded_to_the_server_not_the_client(server, trained):
     listing = _get(server["uri"], "/api/2.0/mlflow/artifacts/list", run_id=run_id)
     names = {f["path"] for f in listing.get("files", [])}
     assert {"config.yaml", "split.json"} <= names, names
-    with urllib.request.urlopen(f"{server['uri']}/get-artifact?{urllib.parse.urlencode({'path': 'config.yaml', 'run_uuid': run_id})}",
-                                timeout=30) as response:
+    query = urllib.parse.urlencode({"path": "config.yaml", "run_uuid": run_id})
+    with urllib.request.urlopen(f"{server['uri']}/get-artifact?{query}", timeout=30) as response:
         served = response.read()
     assert yaml.safe_load(served)["frame_num"] == int(trained["overrides"]["frame_num"])
     stored = list((server["state"] / "artifacts").rglob(f"{run_id}/artifacts/config.yaml"))

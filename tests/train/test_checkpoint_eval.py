@@ -40,6 +40,8 @@ def test_evaluate_reproduces_the_logged_test_metrics_exactly(trained):
         assert key in logged, key
     out = _evaluate(tmp_path, uri, summary["run_id"])
     assert out["differs_from_logged"] == {}
+    # The downloaded copy is deleted when evaluate returns: the JSON names the artifact, which stays.
+    assert out["checkpoint"] == f"runs:/{summary['run_id']}/checkpoints/best.pt"
     run = client.get_run(out["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == summary["run_id"]
@@ -59,6 +61,7 @@ def test_evaluate_a_checkpoint_directory_on_val_matches_the_best_epoch(trained):
     at_best = [m.value for m in history if m.step == summary["best_epoch"]]
     assert out["val_spearman"] == at_best[0] == summary["best_val_spearman"]
     assert out["source_run_id"] == summary["run_id"] and out["epoch"] == summary["best_epoch"]
+    assert out["checkpoint"] == str((tmp_path / "ckpt" / "best.pt").resolve())
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from deepsports.train.checkpoints import (CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state,
-                                      save_checkpoint)
 from deepsports.errors import CheckpointError
+from deepsports.train.checkpoints import (
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 
 def _training_objects(seed: int = 0):

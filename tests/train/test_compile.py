@@ -11,9 +11,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from deepsports.config import build_config
+from deepsports.model import build_model
 from deepsports.train.checkpoints import load_checkpoint
 from deepsports.train.loop import train
-from deepsports.model import build_model
 from tests.e2e_helpers import TINY
 
 

@@ -12,9 +12,18 @@ import pytest
 import torch
 
 from deepsports.config import build_config
-from deepsports.train.distributed import (SINGLE, DistEnv, GlobalBatchModel, ShardedBatchSampler, detect, setup,
-                                    shard_sizes, steps_per_epoch, wrap_ddp)
 from deepsports.errors import ConfigError
+from deepsports.train.distributed import (
+    SINGLE,
+    DistEnv,
+    GlobalBatchModel,
+    ShardedBatchSampler,
+    detect,
+    setup,
+    shard_sizes,
+    steps_per_epoch,
+    wrap_ddp,
+)
 from tests.e2e_helpers import as_args, deepsports_cmd, free_port, run_checked, subprocess_env, tiny_overrides
 
 DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID",
@@ -123,9 +132,9 @@ def _step_data():
 
 
 def _one_step(env: DistEnv) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+    from deepsports.model import build_model
     from deepsports.train.distributed import gather_rows
     from deepsports.train.losses import aqa_loss
-    from deepsports.model import build_model
 
     config = build_config(STEP_CONFIG)
     torch.manual_seed(0)  # same init and the same head-dropout masks on every rank

@@ -11,7 +11,7 @@ from tests.e2e_helpers import REPO
 
 SCRIPT = textwrap.dedent("""
     import os, signal, subprocess, sys, torch
-    from deepsports.slurm.preemption import PreemptionFlag
+    from deepsports.signals import StopFlag
     from deepsports.train.evaluation import make_loader
 
     class Slow(torch.utils.data.Dataset):
@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
 
     sig = getattr(signal, sys.argv[1])
     rounds = 5
-    with PreemptionFlag() as flag:
+    with StopFlag() as flag:
         for _ in range(rounds):
             # The sender is another process, as in the field (SLURM's stepd, `kill -- -<pgid>`, `timeout`).
             killer = subprocess.Popen(["sh", "-c", f"read go; kill -{sig.name[3:]} -{os.getpgrp()}"],

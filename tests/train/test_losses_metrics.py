@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-from deepsports.train import losses
 from deepsports.errors import TrainingError
+from deepsports.train import losses
 from deepsports.train.losses import aqa_loss, final_scores, soft_spearman
 from deepsports.train.metrics import regression_metrics, relative_l2, spearman
 from deepsports.train.plots import PREDICTION_COLUMNS, plot_curves, plot_scatter, write_predictions_csv

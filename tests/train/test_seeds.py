@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
+from deepsports.train.seeds import aggregate, metric_range
 from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, run_checked, subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -34,12 +35,27 @@ def _check_aggregates(client: MlflowClient, parent, seeds: list[int]) -> None:
         values = np.array([r.data.metrics[key] for r in children])
         sd = np.std(values, ddof=1)
         half = stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+        low, high = metric_range(key)  # the interval within the metric's range
         m = parent.data.metrics
         assert m[f"{key}_mean"] == pytest.approx(values.mean(), rel=1e-12), key
         assert m[f"{key}_std"] == pytest.approx(sd, rel=1e-12), key
-        assert m[f"{key}_seeds_ci_low"] == pytest.approx(values.mean() - half, rel=1e-9, abs=1e-12), key
-        assert m[f"{key}_seeds_ci_high"] == pytest.approx(values.mean() + half, rel=1e-9, abs=1e-12), key
+        assert m[f"{key}_seeds_ci_low"] == pytest.approx(max(low, values.mean() - half), rel=1e-9, abs=1e-12), key
+        assert m[f"{key}_seeds_ci_high"] == pytest.approx(min(high, values.mean() + half), rel=1e-9, abs=1e-12), key
     assert not any(k.endswith("_ci_low_mean") for k in parent.data.metrics)  # bootstrap bounds are not averaged
+
+
+def test_seed_intervals_stay_within_the_metrics_range():
+    # Two seeds (t = 12.7): the field saw Spearman [-1.12, 1.28] and a negative MSE bound.
+    spearman = aggregate([0.60, 0.99], bounds=metric_range("test_spearman"))
+    assert (spearman["seeds_ci_low"], spearman["seeds_ci_high"]) == (-1.0, 1.0)
+    mse = aggregate([0.01, 0.5], bounds=metric_range("test_mse"))
+    assert mse["seeds_ci_low"] == 0.0 and mse["seeds_ci_high"] > 0.5
+    assert metric_range("test_rel_l2_dd") == metric_range("test_difficulty_mae") == (0.0, math.inf)
+    assert metric_range("best_val_spearman") == metric_range("test_spearman_dd") == (-1.0, 1.0)
+    loss = aggregate([-0.2, 0.1], bounds=metric_range("test_loss"))  # a loss minus a Spearman: no bound
+    assert loss["seeds_ci_low"] < -0.2 and loss["seeds_ci_high"] > 0.1
+    narrow = aggregate([0.80, 0.81, 0.82], bounds=metric_range("test_spearman"))  # inside: untouched
+    assert narrow["seeds_ci_low"] == aggregate([0.80, 0.81, 0.82])["seeds_ci_low"] > 0.7
 
 
 def test_train_seeds_logs_siblings_and_their_aggregates_once(tmp_path, tiny_cache_dir, store_uri):

@@ -14,8 +14,16 @@ from mlflow.tracking import MlflowClient
 
 from deepsports.config import LOCATION_KEYS, config_fields
 from deepsports.train.loop import EPOCH_METRICS
-from tests.e2e_helpers import (PYTHON_BIN, REPO, copy_store, free_port, run_checked, subprocess_env, tiny_overrides,
-                               wait_for)
+from tests.e2e_helpers import (
+    PYTHON_BIN,
+    REPO,
+    copy_store,
+    free_port,
+    run_checked,
+    subprocess_env,
+    tiny_overrides,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

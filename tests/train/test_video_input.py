@@ -8,8 +8,6 @@ their magnitude, so ``|float32 result - exact| <= eps * (|x * scale| + |bias| + 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from deepsports.data import ClipDataset
 from deepsports.data.annotations import ClipAnnotation
-from deepsports.data.cache import CacheIndex, CachedClip, write_clip
+from deepsports.data.cache import CachedClip, CacheIndex, write_clip
 from deepsports.data.dataset import NORMALIZE_MEAN, NORMALIZE_STD, input_affine, intermediate_size
 from deepsports.errors import DataError
 from deepsports.train.video_input import VideoInput

@@ -14,9 +14,9 @@ from optuna.trial import TrialState
 
 from deepsports.config import build_config
 from deepsports.data import build_datasets
+from deepsports.tags import RUN_ATTR
 from deepsports.tune.search_space import load_search_space
 from deepsports.tune.study import make_pruner, make_sampler, open_storage, open_study
-from deepsports.tune.attrs import RUN_ATTR
 from deepsports.tune.worker import TuneSettings, tune
 from tests.e2e_helpers import TINY
 

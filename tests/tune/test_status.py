@@ -21,14 +21,21 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.errors import ConfigError, PreemptedError
+from deepsports.tags import (
+    ATTEMPTS_ATTR,
+    EPOCH_END_PREFIX,
+    HEARTBEAT_ATTR,
+    RERUN_BY_PREFIX,
+    RERUN_OF_ATTR,
+    RETRIED_BY_PREFIX,
+    RUN_ATTR,
+)
 from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
-from deepsports.tune.attrs import (ATTEMPTS_ATTR, EPOCH_END_PREFIX, HEARTBEAT_ATTR, RERUN_BY_PREFIX,
-                                    RERUN_OF_ATTR, RETRIED_BY_PREFIX, RUN_ATTR)
 from deepsports.tune.checks import check_causes
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.status import study_status
 from deepsports.tune.study import open_storage, retried_from
-from deepsports.tune.settings import TuneSettings
 from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env, wait_for
 
@@ -105,7 +112,9 @@ def test_status_json_accounts_for_every_attempt_failure_and_second(study_dir):
     failed = trials[1]["attempts"][0]
     assert failed["outcome"] == "failed" and "out of memory" in failed["reason"]
     assert doc["compute"]["failed_s"] == pytest.approx(failed["end"] - failed["start"], abs=1e-2)
-    assert doc["compute"]["trials_finished"] == 3 and doc["compute"]["trials_per_hour"] > 0
+    # Finished = a result (complete or pruned); the failed trial is counted apart, not in the rate.
+    assert doc["compute"]["trials_finished"] == 2 and doc["compute"]["trials_failed"] == 1
+    assert doc["compute"]["trials_per_hour"] == pytest.approx(2 / (doc["compute"]["span_s"] / 3600), rel=1e-3)
     complete = [t for t in doc["trials"] if t["state"] == "COMPLETE"]
     best = max(complete, key=lambda t: t["value"])
     assert doc["best"] == {"trial": best["number"], "value": best["value"], "run_id": best["run_id"]}

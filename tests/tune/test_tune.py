@@ -15,15 +15,21 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.config import load_config
-from deepsports.errors import PreemptedError, SearchSpaceError, StorageError
-from deepsports.tune.recovery import StaleTrialRetry, task_identity
-from deepsports.tune.attrs import PAUSED_BY_ATTR, RESUMED_ATTR
-from deepsports.tune.search_space import load_search_space
-from deepsports.tune.attrs import CKPT_ATTR, PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR
-from deepsports.tune.study import (create_parent_run, make_pruner, make_sampler, open_storage, open_study,
-                                   store_parent_run, worker_seed)
-from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots
+from deepsports.errors import ConfigError, PreemptedError, SearchSpaceError, StorageError
+from deepsports.tags import CKPT_ATTR, PARENT_RUN_ATTR, PAUSED_BY_ATTR, REASON_ATTR, RESUMED_ATTR, RUN_ATTR
 from deepsports.train.loop import load_training_checkpoint, train
+from deepsports.tune.recovery import StaleTrialRetry, task_identity
+from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots
+from deepsports.tune.search_space import load_search_space
+from deepsports.tune.study import (
+    create_parent_run,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    open_study,
+    store_parent_run,
+    worker_seed,
+)
 from deepsports.tune.worker import TuneSettings, tune
 from tests.e2e_helpers import TINY, subprocess_env
 
@@ -66,6 +72,10 @@ def _children(client: MlflowClient, parent: str) -> list:
 # --------------------------------------------------------------------------------------------
 
 def test_storages_from_paths_and_urls(tmp_path):
+    with pytest.raises(ConfigError, match=r"the folder '.*/sub' does not exist: create it first"):
+        open_storage(tmp_path / "sub" / "study.journal")  # a typo in a shared path starts no fresh study
+    assert not (tmp_path / "sub").exists()
+    (tmp_path / "sub").mkdir()
     journal = open_storage(tmp_path / "sub" / "study.journal")
     assert isinstance(journal, optuna.storages.JournalStorage)
     rdb = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=5, max_retry=2)
@@ -237,7 +247,7 @@ def test_two_worker_processes_share_one_study_up_to_max_trials(tmp_path, trackin
                               env=subprocess_env(tracking_uri, OMP_NUM_THREADS="1"), cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for worker in (0, 1)]
     outputs = [proc.communicate(timeout=600) for proc in procs]
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-6000:]
 
     study = optuna.load_study(study_name="s", storage=open_storage(storage))
@@ -253,7 +263,8 @@ def test_two_worker_processes_share_one_study_up_to_max_trials(tmp_path, trackin
     client = MlflowClient(tracking_uri)
     parent = study.user_attrs[PARENT_RUN_ATTR]
     experiment = client.get_run(parent).info.experiment_id
-    parents = client.search_runs([experiment], filter_string="tags.`optuna.study_name` = 's' and tags.`deepsports.kind` = 'study'")
+    parents = client.search_runs([experiment],
+                                 filter_string="tags.`optuna.study_name` = 's' and tags.`deepsports.kind` = 'study'")
     assert [r.info.run_id for r in parents] == [parent]
     children = _children(client, parent)
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == list(range(max_trials))

@@ -19,10 +19,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.tune.attrs import PAUSED_BY_ATTR, RESUMED_ATTR, RETRIED_FROM_ATTR, TASK_ATTR
+from deepsports.tags import (
+    PARENT_RUN_ATTR,
+    PAUSED_BY_ATTR,
+    RESUMED_ATTR,
+    RETRIED_FROM_ATTR,
+    RUN_ATTR,
+    TASK_ATTR,
+    WORKER_ATTR,
+)
 from deepsports.tune.study import open_storage, retried_from
-from deepsports.tune.attrs import PARENT_RUN_ATTR, RUN_ATTR, WORKER_ATTR
-from tests.e2e_helpers import TUNE_SPACE, TINY, deepsports_cmd, subprocess_env
+from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
