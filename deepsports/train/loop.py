@@ -52,8 +52,9 @@ from deepsports.train.distributed import (
 )
 from deepsports.train.evaluation import EpochSampler, eval_loader, loader_seed, make_loader, predict
 from deepsports.train.losses import aqa_loss
+from deepsports.train.metric_log import EpochMetricLog, LogOnce
 from deepsports.train.optim import build_optimizer, build_scheduler
-from deepsports.train.reporting import EpochMetricLog, LogOnce, log_config, log_final_artifacts
+from deepsports.train.reporting import log_config, log_final_artifacts
 from deepsports.train.runtime import seed_everything, select_runtime, setup_logging, warnings_only
 from deepsports.train.state import (
     RESUME_FORMAT,

@@ -22,7 +22,7 @@ from deepsports.data import DataBundle
 from deepsports.tracking.runs import NullTracker, RunTracker
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.train.distributed import DistEnv, GlobalBatchModel
-from deepsports.train.reporting import EpochMetricLog, LogOnce
+from deepsports.train.metric_log import EpochMetricLog, LogOnce
 from deepsports.train.runtime import Runtime
 
 #: Version of what a checkpoint holds for an exact resume (2: one RNG state per rank, loaders seeded
