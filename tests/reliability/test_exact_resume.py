@@ -2,7 +2,8 @@
 the same run never stopped: every logged metric history (but wall-clock figures), the best epoch, the
 final test metrics and the final weights, compared with ``==``.
 
-Each attempt is a fresh process (``tests/reliability/resume_worker.py``) that signals its own process
+Each attempt is a fresh process (``tests/reliability/resume_worker.py``, forked from a server that
+imported the libraries once: ``tests/reliability/forked_attempts.py``) that signals its own process
 group at the N-th call of ``train``'s fault hook at a named point: SIGTERM/SIGUSR1 (the loop checkpoints
 and exits 75) or SIGKILL (the next attempt resumes from the last complete checkpoint and recomputes).
 Four tiny configurations share the axes: ``num_workers`` 0 and 2, ``data_aug`` on and off, every random
@@ -16,11 +17,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import random
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from deepsports.tags import RESUME_EXACT_TAG, RESUME_INEXACT_TAG
 from deepsports.train.checkpoints import load_checkpoint, save_checkpoint
 from tests.e2e_helpers import TINY, copy_store, deepsports_cmd, free_port, subprocess_env
+from tests.reliability import forked_attempts
 
 pytestmark = pytest.mark.slow
 
@@ -81,24 +81,9 @@ class Sequence:
 
     def attempt(self, run: str, stop: str) -> int:
         """One attempt of run ``run`` stopped at ``stop``; returns rank 0's exit code."""
-        env = subprocess_env(self.uri, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "tests.reliability.resume_worker", stop, *self.args(run)]
-        if self.ranks == 1:
-            proc = subprocess.run(cmd, env=env, cwd=self.directory, capture_output=True, text=True,
-                                  start_new_session=True, timeout=600)
-            codes, err = [proc.returncode], proc.stderr
-        else:
-            port = str(free_port())
-            procs: list[subprocess.Popen] = []
-            for rank in range(self.ranks):  # one process group: a signal to it reaches both ranks
-                rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.ranks),
-                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-                group = procs[0].pid if procs else 0
-                procs.append(subprocess.Popen(cmd, env=rank_env, cwd=self.directory, stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True,
-                                              preexec_fn=lambda g=group: os.setpgid(0, g)))
-            outs = [p.communicate(timeout=600) for p in procs]
-            codes, err = [p.returncode for p in procs], outs[0][1] + outs[1][1][-2000:]
+        env = subprocess_env(self.uri, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+        codes, err = forked_attempts.run([stop, *self.args(run)], env, self.directory, self.directory / f"{run}.log",
+                                         self.ranks)
         self.attempts.append((stop, *codes, err[-3000:]))
         return codes[0]
 

@@ -3,16 +3,15 @@ whose trials are paused by signals and picked up by the next worker, and whose w
 (its trial retried by the next worker), reaches the trial values, pruned/complete states and best
 trial of the same study never interrupted.
 
-Every worker is a fresh process (``tests/reliability/resume_worker.py --tune``) that signals its own
-process group at the N-th training step it runs, counted over its trials.
+Every worker is a fresh process (``tests/reliability/resume_worker.py --tune``, forked as in
+``tests/reliability/forked_attempts.py``) that signals its own process group at the N-th training
+step it runs, counted over its trials.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from optuna.trial import TrialState
 from deepsports.tune.accounting import is_extra
 from deepsports.tune.study import open_storage, retried_from
 from tests.e2e_helpers import TINY, TUNE_SPACE, copy_store, subprocess_env
+from tests.reliability import forked_attempts
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,10 @@ def _settings(directory: Path, cache_dir: Path) -> dict:
 def _workers(directory: Path, uri: str, settings: dict, stops: list[str]) -> list[tuple[str, int, str]]:
     """One worker per stop, one after another (after a SIGKILL, once the dead trial's heartbeat is stale)."""
     done = []
-    for stop in stops:
-        proc = subprocess.run([sys.executable, "-m", "tests.reliability.resume_worker", stop, "--tune",
-                               json.dumps(settings)], env=subprocess_env(uri, OMP_NUM_THREADS="1"), cwd=directory,
-                              capture_output=True, text=True, start_new_session=True, timeout=900)
-        done.append((stop, proc.returncode, proc.stderr[-3000:]))
+    for i, stop in enumerate(stops):
+        codes, err = forked_attempts.run([stop, "--tune", json.dumps(settings)],
+                                         subprocess_env(uri, OMP_NUM_THREADS="1"), directory, directory / f"worker-{i}.log")
+        done.append((stop, codes[0], err))
         if stop.endswith("KILL"):
             time.sleep(GRACE_S + 2 * HEARTBEAT_S)
     return done
