@@ -41,7 +41,8 @@ def run_array(work: Path, cache: Path, concurrency: int, trials: int, settings: 
     import optuna
     from optuna.trial import TrialState
 
-    from deepsports.slurm.jobs import build_profile, render_script, submit, worker_command
+    from deepsports.slurm.jobs import render_script, submit, worker_command
+    from deepsports.slurm.profile import build_profile
     from deepsports.tune.study import open_storage
 
     work.mkdir(parents=True)

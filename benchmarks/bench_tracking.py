@@ -43,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import optuna  # noqa: E402
 from _common import finish, machine, median, positive_int, print_machine  # noqa: E402
 
-import deepsports.tracking.runs as tracking  # noqa: E402
+import deepsports.train.loop  # noqa: E402
 from deepsports.config import build_config  # noqa: E402
 from deepsports.data import build_datasets  # noqa: E402
+from deepsports.tracking import runs  # noqa: E402
 from deepsports.train.loop import train  # noqa: E402
 from deepsports.train.state import TrainHooks  # noqa: E402
 from deepsports.tune.study import open_storage  # noqa: E402
@@ -58,7 +59,7 @@ PHASES = ("setup", "loop", "end")
 
 def null_tracker_class() -> type:
     """The no-op tracker train() gives non-zero DDP ranks; the untracked runs put it in RunTracker's place."""
-    found = getattr(tracking, "NullTracker", None)
+    found = getattr(runs, "NullTracker", None)
     if found is None:
         raise SystemExit("bench_tracking: deepsports.tracking.NullTracker not found (this checkout predates it)")
     return found
@@ -121,12 +122,12 @@ def _timed_tracker(base: type, probe: _Probe, seconds: dict[str, float]) -> type
 
 @contextlib.contextmanager
 def _tracker_class(cls: type) -> Iterator[None]:
-    original = tracking.RunTracker
-    tracking.RunTracker = cls  # train.py looks it up as tracking.RunTracker at each call
+    original = deepsports.train.loop.RunTracker
+    deepsports.train.loop.RunTracker = cls  # train() looks it up in its module at each call
     try:
         yield
     finally:
-        tracking.RunTracker = original
+        deepsports.train.loop.RunTracker = original
 
 
 def run_once(mode: str, values: dict[str, Any], work: Path, index: int, study: optuna.Study | None,
@@ -139,7 +140,7 @@ def run_once(mode: str, values: dict[str, Any], work: Path, index: int, study: o
     prune_said = []
     trial = None
     if mode == "tracked":
-        cls = _timed_tracker(tracking.RunTracker, probe, tracker_seconds)
+        cls = _timed_tracker(runs.RunTracker, probe, tracker_seconds)
         start = time.perf_counter()
         trial = study.ask()
         optuna_seconds["ask"] = time.perf_counter() - start

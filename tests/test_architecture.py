@@ -38,18 +38,16 @@ ALLOWED = {
     "__init__": {"config", "errors"},
 }
 
-#: train/ sees the cluster only through the environment reader and the preemption flag.
-TRAIN_MAY_USE_FROM_SLURM = {"deepsports.slurm", "deepsports.slurm.env", "deepsports.slurm.preemption"}
-
-#: The one reader of the cluster environment (stdlib and errors only): every room may ask it, as it
-#: may read config; tracking tags each run with the job's ids through it.
+#: The one reader of the cluster environment (stdlib and errors only). train/ sees the cluster only through
+#: it (ranks, job ids); tracking/ is told the job's ids (RunTracker.start's ``cluster``), it never reads them.
 ENV_READER = "deepsports.slurm.env"
+TRAIN_MAY_USE_FROM_SLURM = {ENV_READER}
 
-#: Modules at the bottom that every room may use: the cluster-environment reader above, fileio (the
-#: one atomic writer and the one torch-file reader; standard library at import time), locate (the
-#: shipped named files), signals (process signals) and tags (every run tag and study attribute name).
+#: Modules at the bottom that every room may use: fileio (the one atomic writer and the one torch-file
+#: reader; standard library at import time), locate (the shipped named files), _lazy (package faces),
+#: signals (process signals) and tags (every run tag and study attribute name).
 TAGS = "deepsports.tags"
-BOTTOM = {ENV_READER, "deepsports.fileio", "deepsports.locate", "deepsports._lazy", "deepsports.signals", TAGS}
+BOTTOM = {"deepsports.fileio", "deepsports.locate", "deepsports._lazy", "deepsports.signals", TAGS}
 
 
 def _module_name(path: Path) -> str:
@@ -164,7 +162,7 @@ def test_imports_point_one_way():
             if other not in ALLOWED[room]:
                 wrong.append(f"{module} -> {target}")
             elif room == "train" and other == "slurm" and target not in TRAIN_MAY_USE_FROM_SLURM:
-                wrong.append(f"{module} -> {target} (train/ may use slurm.env and slurm.preemption only)")
+                wrong.append(f"{module} -> {target} (train/ may use slurm.env only)")
     assert wrong == []
 
 
@@ -188,7 +186,8 @@ def test_only_slurm_reads_the_cluster_environment():
 
 def test_the_bottom_modules_import_only_errors():
     graph = _graph()
-    assert {module: graph[module] - {"deepsports.errors"} for module in BOTTOM} == dict.fromkeys(BOTTOM, set())
+    bottom = BOTTOM | {ENV_READER}
+    assert {module: graph[module] - {"deepsports.errors"} for module in bottom} == dict.fromkeys(bottom, set())
 
 
 def _calls(tree: ast.Module, names: set[tuple[str, str]]) -> list[int]:

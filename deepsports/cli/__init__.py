@@ -12,7 +12,7 @@ from deepsports._lazy import lazy_exports
 
 _EXPORTS = {
     'build_parser': 'main',
-    'config_from_args': 'main',
+    'config_from_args': 'config_args',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,7 +12,7 @@ from deepsports.config import Config, config_fields, format_value, load_config
 from deepsports.errors import ConfigError
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
                         help="experiment YAML: a path or a name under experiments/ (e.g. seed_best)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=3 topology=512,256")

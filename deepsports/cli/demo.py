@@ -19,8 +19,8 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
     """Run the demo; returns the exit code of ``mlflow run`` (0 on success)."""
     from mlflow.tracking import MlflowClient
 
-    from deepsports.tracking import runs as tracking
-    from deepsports.tracking.runs import redact_uri, sqlite_path, tracking_uri
+    from deepsports.tracking.runs import RunTracker
+    from deepsports.tracking.uris import redact_uri, sqlite_path, tracking_uri
 
     project_dir = Path(__file__).resolve().parents[2]
     if not (project_dir / "MLproject").is_file():
@@ -33,7 +33,7 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
         # `mlflow run` runs the entry point in the project folder: the store and checkpoints stay here.
         uri = f"sqlite:///{database.resolve()}"
     # Created before `mlflow run` (whose entry point runs in the project folder); artifacts go beside the store.
-    tracking.RunTracker(uri).ensure_experiment("deepsports")
+    RunTracker(uri).ensure_experiment("deepsports")
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, DEEPSPORTS_CHECKPOINT_ROOT=str(Path("checkpoints").resolve()))
     # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deepsports.cli.config_args import _add_config_arguments, config_from_args  # noqa: F401 (public here too)
+from deepsports.cli.config_args import add_config_arguments, config_from_args
 from deepsports.errors import ConfigError, DeepSportsError, PreemptedError
 
 if TYPE_CHECKING:
@@ -137,7 +137,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 EXIT_CODES = (
     (0, "success"),
     (1, "an unexpected error (a bug: please report the traceback)"),
-    (2, "bad input: a config value, flag, file name, search space, study name or storage (nothing was started)"),
+    (2, "bad input: a config value, flag, file name, search space, study name or storage, a folder that cannot be "
+        "written or does not exist (nothing was started)"),
     (3, "data: annotations, splits, videos or the clip cache missing or malformed"),
     (4, "checkpoint: unreadable, unsafe, or not fitting the model"),
     (5, "training failed: non-finite loss, out of memory, a data-loader worker died"),
@@ -146,7 +147,8 @@ EXIT_CODES = (
     (7, "SLURM: sbatch/scontrol missing or refused the request"),
     (8, "the checkpoint_dir is in use by another live process (named: pid, host, since)"),
     (75, "stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume "
-         "(under SLURM the job requeued itself)"),
+         "(under SLURM the job requeued itself on its time-limit warning; SLURM requeues it after a preemption; "
+         "a `scancel` ends it)"),
     (130, "interrupted by Ctrl-C"),
 )
 
@@ -174,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one configuration, tracked in MLflow")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train seeds seed..seed+N-1 as sibling runs under one parent that logs the mean, sd and "
                         "95%% interval of every test metric")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("prepare", help="decode the videos once into the clip cache (resumable)")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.add_argument("--skip-bad", action="store_true", help="record corrupt videos/clips and go on")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("config", help="print the resolved config as YAML")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("demo", help="train through the MLflow Project on synthetic data and say where to look")

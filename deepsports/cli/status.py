@@ -44,23 +44,25 @@ def study_tracking_uri(study, *, needed: bool) -> str | None:
     (and ``$MLFLOW_TRACKING_URI`` is set to it, for the runs this command makes); else None and a warning."""
     from deepsports.errors import StorageError
     from deepsports.tags import PARENT_RUN_ATTR, TRACKING_URI_ATTR
-    from deepsports.tracking import runs as tracking
+    from deepsports.tracking.runs import RunTracker
+    from deepsports.tracking.store import call_with_retry
+    from deepsports.tracking.uris import tracking_uri
     from deepsports.tune import parent as study_parent
 
     if not needed and study_parent.parent_state(study.get_trials(deepcopy=False), None,
                                                  study_parent.DEFAULT_GRACE_S) == "RUNNING":
         return None  # a worker is alive: the parent is right as it is (and MLflow need not load)
-    recorded = study.user_attrs.get(TRACKING_URI_ATTR) or study_parent.store_label(tracking.tracking_uri())
+    recorded = study.user_attrs.get(TRACKING_URI_ATTR) or study_parent.store_label(tracking_uri())
     hint = f"set MLFLOW_TRACKING_URI={recorded} (the store the study logs to) and run the same command again"
     try:
         uri = study_parent.study_store(study)
         if uri is None:
             raise ConfigError(f"study {study.study_name!r}: its MLflow store {recorded} does not exist here: {hint}")
-        tracker = tracking.RunTracker(uri)
+        tracker = RunTracker(uri)
         parent = study.user_attrs.get(PARENT_RUN_ATTR)
         if parent is not None:
             try:
-                tracking.call_with_retry("find study run", tracker.uri, tracker.client.get_run, parent)
+                call_with_retry("find study run", tracker.uri, tracker.client.get_run, parent)
             except StorageError as exc:
                 raise ConfigError(f"study {study.study_name!r}: its parent run {parent} is not in the MLflow store "
                                   f"{study_parent.store_label(uri)}: {hint}") from exc

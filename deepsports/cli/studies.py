@@ -145,10 +145,11 @@ def _tag_project_run(parent_run_id: str) -> None:
     """Inside ``mlflow run -e tune`` the project's own run points at the study's parent run."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id and run_id != parent_run_id:
-        from deepsports.tracking import runs as tracking
+        from deepsports.slurm.env import run_tags
+        from deepsports.tracking.runs import RunTracker
 
-        tracker = tracking.RunTracker()
-        tracker.start(run_id=run_id)
+        tracker = RunTracker()
+        tracker.start(run_id=run_id, cluster=run_tags())
         tracker.set_tags({STUDY_PARENT_RUN_TAG: parent_run_id})
 
 
@@ -273,8 +274,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
-    from deepsports.tracking.runs import tracking_uri
-    from deepsports.tracking.store import redact_uri
+    from deepsports.tracking.uris import redact_uri, tracking_uri
 
     profile = slurm.load_profile(args.profile)
     rest = list(args.args)
@@ -338,7 +338,7 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile
     from deepsports.config import parse_overrides
     from deepsports.tune.checks import resolve_storage
     from deepsports.tune.search_space import load_search_space
-    from deepsports.tune.study import DEFAULT_STORAGE
+    from deepsports.tune.settings import DEFAULT_STORAGE
 
     parser = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
     _add_tune_arguments(parser)

@@ -50,7 +50,7 @@ from deepsports.data.annotations import (
     save_split,
     shipped_annotation_files,
 )
-from deepsports.data.synth import MARKER, _sample_scene, difficulty
+from deepsports.data.synth import MARKER, difficulty, sample_scene
 from deepsports.data.synth_render import Canvas, Dive, Scene, background, render_clip
 from deepsports.errors import ConfigError, DataError
 from deepsports.fileio import atomic_write
@@ -154,7 +154,7 @@ def _encode_video(job: _VideoJob) -> tuple[int, int, float]:
 
     started = time.monotonic()
     height, width = job.size
-    scene: Scene = _sample_scene(np.random.default_rng([job.seed, job.video]), height, width)
+    scene: Scene = sample_scene(np.random.default_rng([job.seed, job.video]), height, width)
     canvas = Canvas(background(scene))
     filler = av.VideoFrame.from_ndarray(canvas.bg_uint8, format="rgb24").reformat(format="yuv420p")
     filler_gop = _encode_gop([filler] * KEYINT, job.size)

@@ -164,7 +164,7 @@ def _sample_dive(rng: np.random.Generator) -> tuple[Dive, np.ndarray]:
     return dive, marks
 
 
-def _sample_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
+def sample_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     u = height / 128
     board_y = float(rng.uniform(63, 66)) * u
     stands = []
@@ -189,7 +189,7 @@ def _plan(n_clips: int, seed: int, height: int, width: int) -> tuple[list[_Video
                                                                         list[tuple[int, int]]]:
     rng = np.random.default_rng(seed)
     n_videos = min(10, max(2, math.ceil(n_clips / 8)))
-    scenes = [_sample_scene(rng, height, width) for _ in range(n_videos)]
+    scenes = [sample_scene(rng, height, width) for _ in range(n_videos)]
     plans = []
     for index, scene in enumerate(scenes):
         frame = int(rng.integers(3, 8))  # lead-in: the hold frame before the first clip exists

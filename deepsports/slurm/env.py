@@ -120,6 +120,12 @@ class ClusterEnv:
         return None
 
 
+def run_tags() -> dict[str, str]:
+    """The SLURM ids every MLflow run records (``slurm.job_id``, ...: those SLURM set in this job step;
+    the restart count only once SLURM set it), for :meth:`deepsports.tracking.runs.RunTracker.start`."""
+    return ClusterEnv.read().tags(restart_count_default=False)
+
+
 def _int(name: str, value: str | None) -> int | None:
     if value in (None, ""):
         return None

@@ -92,9 +92,9 @@ def stop_cause(stop: Preemptible, env: ClusterEnv | None = None) -> tuple[str, s
     env = env or ClusterEnv.read()
     name = stop.flag.signal_name or "a stop signal"
     if stop.parent is not None and parent_is_gone(stop.parent):
-        return "step-died", "its job step is gone (slurmstepd died)"
+        return "step-died", f"{name}: its job step is gone (slurmstepd died)"
     if stop.flag.signal == warning_signal():
-        return "warning", f"the time-limit warning {name}"
+        return "warning", f"{name}, the time-limit warning"
     try:
         info = job_info(env.task_job_id or "")
     except SlurmError as exc:
@@ -140,7 +140,7 @@ def after_stop(stop: Preemptible) -> str | None:
     try:
         requeued = requeue_self()
     except SlurmError as exc:
-        print(f"deepsports: warning: SLURM task {job} stopped by {words} was not requeued: {exc}", file=sys.stderr)
+        print(f"deepsports: warning: SLURM task {job} (stopped by {words}) was not requeued: {exc}", file=sys.stderr)
         return None
     print(f"deepsports: requeued SLURM task {requeued} (stopped by {words})", file=sys.stderr)
     return requeued

@@ -19,9 +19,9 @@ _EXPORTS = {
     'environment_tags': 'runs',
     'is_transient': 'store',
     'log_model': 'runs',
-    'redact_uri': 'store',
-    'sqlite_path': 'store',
-    'tracking_uri': 'store',
+    'redact_uri': 'uris',
+    'sqlite_path': 'uris',
+    'tracking_uri': 'uris',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -40,7 +40,6 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 
 from deepsports.errors import PreemptedError, StorageError
-from deepsports.slurm.env import ClusterEnv
 from deepsports.tags import (
     FAILURE_REASON_TAG,
     GIT_COMMIT_TAG,
@@ -52,21 +51,9 @@ from deepsports.tags import (
     RESUMES_TAG,
     VERSION_TAG,
 )
-from deepsports.tracking.store import (  # noqa: F401
-    DEFAULT_TRACKING_URI,
-    RetryPolicy,
-    _default_tracking_uri,
-    _first_line,
-    absolute_uri,
-    call_with_retry,
-    check_store_folder,
-    default_retry_policy,
-    enable_sqlite_wal,
-    is_transient,
-    redact_uri,
-    sqlite_path,
-    tracking_uri,
-)
+from deepsports.tracking import uris
+from deepsports.tracking.store import RetryPolicy, call_with_retry, default_retry_policy, enable_sqlite_wal
+from deepsports.tracking.uris import check_store_folder, redact_uri, sqlite_path, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +76,10 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def environment_tags() -> dict[str, str]:
-    """Code version, host and SLURM ids of this process (git state of the deepsports source tree;
-    ``git_dirty`` ignores untracked files such as a local mlflow.db)."""
+def environment_tags(cluster: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Code version and host of this process (git state of the deepsports source tree; ``git_dirty``
+    ignores untracked files such as a local mlflow.db), and the compute job's ids the caller read
+    (``cluster``: ``slurm.job_id``, ...; tracking is told them, it does not read the cluster)."""
     from deepsports import __version__
 
     commit = _git("rev-parse", "HEAD")
@@ -100,8 +88,7 @@ def environment_tags() -> dict[str, str]:
             GIT_DIRTY_TAG: "unknown" if status is None else str(bool(status)).lower(),
             HOST_TAG: socket.gethostname(), VERSION_TAG: __version__,
             PYTHON_TAG: sys.version.split()[0]}
-    # The SLURM ids present (SLURM sets them in every job step); restart count only once SLURM set it.
-    tags.update(ClusterEnv.read().tags(restart_count_default=False))
+    tags.update(cluster or {})
     return tags
 
 
@@ -271,8 +258,9 @@ class RunTracker:
 
     def start(self, experiment_name: str = "deepsports", run_name: str | None = None,
               parent_run_id: str | None = None, run_id: str | None = None,
-              tags: Mapping[str, str] | None = None, artifact_location: str | None = None) -> str:
-        """Open the run and return its id.
+              tags: Mapping[str, str] | None = None, artifact_location: str | None = None,
+              cluster: Mapping[str, str] | None = None) -> str:
+        """Open the run and return its id; ``cluster``: the job's ids to tag it with (see :func:`environment_tags`).
 
         * ``run_id`` given: resume that run (status back to RUNNING; params/metrics kept).
         * else ``$MLFLOW_RUN_ID`` set and no ``parent_run_id``: adopt the run ``mlflow run`` created
@@ -307,7 +295,7 @@ class RunTracker:
                              run_name=run_name)
             self.run_id = run.info.run_id
             new_tags = {RESUMES_TAG: "0"}
-        self.set_tags({**new_tags, **environment_tags(), **dict(tags or {})})
+        self.set_tags({**new_tags, **environment_tags(cluster), **dict(tags or {})})
         log.info("MLflow run %s in %s", self.run_id, redact_uri(self.uri))
         return self.run_id
 
@@ -466,7 +454,7 @@ def log_model(model, example_input, run_id: str, *, tracking_uri: str | None = N
     import torch
     from mlflow.models import infer_signature
 
-    uri = tracking_uri or _default_tracking_uri()
+    uri = tracking_uri or uris.tracking_uri()
     example = example_input.detach().cpu().float().numpy() if hasattr(example_input, "detach") \
         else np.asarray(example_input, dtype=np.float32)
     with torch.no_grad():

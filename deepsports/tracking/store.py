@@ -21,15 +21,10 @@ import sqlalchemy.exc  # an MLflow dependency
 from mlflow.exceptions import MlflowException
 
 from deepsports.errors import StorageError, disk_full
-from deepsports.tracking.uris import (  # noqa: F401
-    DEFAULT_TRACKING_URI,
-    _default_tracking_uri,
-    absolute_uri,
+from deepsports.tracking.uris import (
     check_store_folder,
-    check_uri_scheme,
     redact_uri,
     sqlite_path,
-    tracking_uri,
 )
 
 log = logging.getLogger(__name__)
@@ -39,8 +34,6 @@ _T = TypeVar("_T")
 # What a store call raises when the store (not our code) fails. SQLAlchemy errors escape unwrapped
 # from MLflow's engine creation; requests errors from artifact uploads to a server.
 _STORE_ERRORS = (MlflowException, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, requests.RequestException, OSError)
-
-# --- URIs (deepsports.tracking.uris, re-exported) ---
 
 def _filesystem_type(path: Path) -> str:
     """The mount type holding ``path`` (from /proc/mounts; '' where unknown)."""

@@ -20,9 +20,6 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-_default_tracking_uri = tracking_uri  # log_model's parameter of the same name shadows the function
-
-
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^/\s]*)@")
 # Query parameters (``?password=``) and libpq keyword DSNs (``host=db password=x``) alike.
 _SECRET_PARAM = re.compile(r"(?P<key>(?:^|[?&;\s])(?:password|passwd|pwd|sslpassword|token|secret|api_key|access_key)=)"

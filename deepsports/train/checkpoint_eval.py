@@ -90,7 +90,7 @@ def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, 
     check_source_form(source)
     run = _source_run(tracker, source)
     if run is None:
-        from deepsports.tracking.store import redact_uri
+        from deepsports.tracking.uris import redact_uri
 
         raise ConfigError(f"evaluate: run {source!r} is not in the tracking store {redact_uri(tracker.uri)}")
     from deepsports.tracking.store import call_with_retry
@@ -130,9 +130,10 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
     if resamples < 100:
         raise ConfigError(f"evaluate: --resamples {resamples} is too few for a 95 % interval: expected >= 100")
     check_source_form(source)  # before opening the store: a typo fails fast
-    from deepsports.tracking import runs as tracking
+    from deepsports.slurm.env import run_tags
+    from deepsports.tracking.runs import RunTracker
 
-    tracker = tracking.RunTracker()
+    tracker = RunTracker()
     with tempfile.TemporaryDirectory(prefix="deepsports-evaluate-") as tmp:
         tmp_dir = Path(tmp)
         path, run = resolve_checkpoint(source, tracker, tmp_dir / "download")
@@ -155,7 +156,7 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
         if run is not None:
             experiment = tracker.client.get_experiment(run.info.experiment_id).name
         tracker.start(experiment_name=experiment, run_name=f"evaluate-{split}-{(source_run_id or 'ckpt')[:8]}",
-                      parent_run_id=run.info.run_id if run is not None else None, tags=tags)
+                      parent_run_id=run.info.run_id if run is not None else None, tags=tags, cluster=run_tags())
         with tracker:
             log_config(tracker, config)
             metrics = _predict_and_log(config, state, split, tracker, epoch, tmp_dir, resamples)

@@ -25,6 +25,7 @@ from deepsports.config import Config, build_config, check_installed
 from deepsports.data import build_datasets
 from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
 from deepsports.model import build_model
+from deepsports.slurm.env import run_tags
 from deepsports.tags import (
     BEST_EPOCH_TAG,
     CHECKPOINT_DIR_TAG,
@@ -38,7 +39,7 @@ from deepsports.tags import (
     TRAINABLE_PARAMS_TAG,
     WORLD_SIZE_TAG,
 )
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import NullTracker, RunTracker
 from deepsports.train import distributed
 from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from deepsports.train.dir_lock import checkpoint_dir_lock
@@ -186,7 +187,7 @@ def _finished_result(config: Config, env: DistEnv, resume_state: dict | None, re
         return None
     if int(resume_state["step"]) != 0 or int(resume_state["epoch"]) <= config.epochs:
         return None  # epochs left to train (or more epochs asked for than were run)
-    run = tracking.RunTracker().fetch_run(resume_run_id)
+    run = RunTracker().fetch_run(resume_run_id)
     if run.info.status != "FINISHED":
         return None  # killed during its final evaluation: resume finishes it
     best = BestResult.from_state(resume_state["best"])
@@ -206,15 +207,15 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
         log.info("run %s already finished: nothing trained or logged", finished.run_id)
         return finished
     if env.is_main:
-        tracker = tracking.RunTracker()
+        tracker = RunTracker()
         run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
                                parent_run_id=parent_run_id, run_id=resume_run_id,
                                tags={**(tags or {}), **({WORLD_SIZE_TAG: str(env.world_size)}
-                                                         if env.enabled else {})})
+                                                         if env.enabled else {})}, cluster=run_tags())
     # Every rank learns the run id and the checkpoint to resume from rank 0, and reads it itself.
     run_id, resume_path = distributed.broadcast_object(env, (run_id if env.is_main else None, resume_path))
     if not env.is_main:
-        tracker = tracking.NullTracker(run_id)
+        tracker = NullTracker(run_id)
     if not env.is_main and resume_path is not None:
         resume_state = load_checkpoint(resume_path)
     if ckpt_dir is None:
@@ -241,7 +242,7 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
     return result
 
 
-def _train_tracked(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
+def _train_tracked(config: Config, env: DistEnv, tracker: RunTracker, run_id: str, ckpt_dir: Path,
                    resume_path: Path | None, resume_state: dict | None, hooks: TrainHooks) -> TrainResult:
     run = _build_run(config, env, tracker, run_id, ckpt_dir, resume_state, hooks)
     _restore(run, resume_path, resume_state)
@@ -257,7 +258,7 @@ def _train_tracked(config: Config, env: DistEnv, tracker: tracking.RunTracker, r
                        resumed_from_epoch=(resume_state or {}).get("epoch", 1) - 1)
 
 
-def _build_run(config: Config, env: DistEnv, tracker: tracking.RunTracker, run_id: str, ckpt_dir: Path,
+def _build_run(config: Config, env: DistEnv, tracker: RunTracker, run_id: str, ckpt_dir: Path,
                resume_state: dict | None, hooks: TrainHooks) -> Run:
     """Data, model, optimizer and friends, the same on every rank (seeded alike)."""
     seed_everything(config.seed, config.deterministic)  # the same seed on every rank: identical init

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from deepsports.tags import MODEL_URI_TAG
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import NullTracker, RunTracker
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ class LogOnce:
     else (tags, artifacts: the same names are overwritten) goes to the wrapped tracker unchanged.
     """
 
-    def __init__(self, tracker: tracking.RunTracker | tracking.NullTracker):
+    def __init__(self, tracker: RunTracker | NullTracker):
         self._tracker = tracker
         self._steps: dict[str, set[int]] = {}
 
@@ -55,7 +55,7 @@ class EpochMetricLog:
     checkpoint holds but MLflow missed (killed between checkpoint and logging) is logged on resume.
     """
 
-    def __init__(self, tracker: tracking.RunTracker, keys: tuple[str, ...]):
+    def __init__(self, tracker: RunTracker, keys: tuple[str, ...]):
         self.tracker, self.keys = tracker, keys
         # One query per key on a resumed run: any key may hold steps the others lack (an older version's
         # logging, a failed batch); a fresh run answers with empty histories.

@@ -119,7 +119,8 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
         log.warning("--seeds 2: the 95 %% interval of the mean of 2 seeds is mean +- 12.7 x sd / sqrt(2) (Student-t "
                     "with 1 degree of freedom): expect it to span most of a metric's range; 3 seeds give +- 4.3 x "
                     "sd / sqrt(3), 5 seeds +- 2.8 x sd / sqrt(5)")
-    from deepsports.tracking import runs as tracking
+    from deepsports.slurm.env import run_tags
+    from deepsports.tracking.runs import RunTracker
     from deepsports.train import distributed
     from deepsports.train.reporting import log_config
 
@@ -131,10 +132,10 @@ def train_seeds(config: Config, n_seeds: int, *, parent_run_id: str | None = Non
     record = _load_record(ckpt_dir, n_seeds, config)
     seeds = [config.seed + i for i in range(n_seeds)]
     base_name = config.run_name or "train"
-    tracker = tracking.RunTracker()
+    tracker = RunTracker()
     parent = tracker.start(experiment_name=config.experiment_name, run_name=f"{base_name}-{n_seeds}seeds",
                            parent_run_id=parent_run_id, run_id=record["parent_run_id"],
-                           tags={**(tags or {}), SEEDS_TAG: ",".join(map(str, seeds))})
+                           tags={**(tags or {}), SEEDS_TAG: ",".join(map(str, seeds))}, cluster=run_tags())
     record.update(parent_run_id=parent, n_seeds=n_seeds, first_seed=config.seed)
     _save_record(ckpt_dir, record)
     with tracker:

@@ -37,7 +37,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from deepsports.errors import ConfigError, StorageError
 from deepsports.tags import MAX_TRIALS_ATTR, PARENT_RUN_ATTR, TRACKING_URI_ATTR
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import call_with_retry
 from deepsports.tracking.uris import absolute_uri, redact_uri, sqlite_path, tracking_uri
 from deepsports.tune import accounting
 from deepsports.tune.recovery import last_sign_of_life
@@ -72,7 +73,7 @@ def parent_state(trials: list[FrozenTrial], max_trials: int | None, grace_s: flo
     return "FAILED" if last_failed else "FINISHED"
 
 
-def settle_parent(study: optuna.Study, tracker: tracking.RunTracker | None = None, *,
+def settle_parent(study: optuna.Study, tracker: RunTracker | None = None, *,
                   grace_s: float = DEFAULT_GRACE_S, only_if_running: bool = False) -> str | None:
     """Give the parent run the state :func:`parent_state` says; returns it (None: no parent, or it could not
     be read or written, which is logged: bookkeeping never stops a command).
@@ -83,17 +84,17 @@ def settle_parent(study: optuna.Study, tracker: tracking.RunTracker | None = Non
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if not parent:
         return None
-    tracker = tracker or tracking.RunTracker()
+    tracker = tracker or RunTracker()
     state = parent_state(study.get_trials(deepcopy=False), study.user_attrs.get(MAX_TRIALS_ATTR), grace_s)
     try:
-        current = tracking.call_with_retry("read study run", tracker.uri, tracker.client.get_run, parent).info.status
+        current = call_with_retry("read study run", tracker.uri, tracker.client.get_run, parent).info.status
         if current == state or (only_if_running and current != "RUNNING"):
             return current
         if state == "RUNNING":
-            tracking.call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent,
+            call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent,
                                      status="RUNNING")
         else:
-            tracking.call_with_retry("end study run", tracker.uri, tracker.client.set_terminated, parent,
+            call_with_retry("end study run", tracker.uri, tracker.client.set_terminated, parent,
                                      status=state)
     except StorageError as exc:
         log.warning("could not settle the state of study %r's parent run %s: %s", study.study_name, parent, exc)
@@ -104,13 +105,13 @@ def settle_parent(study: optuna.Study, tracker: tracking.RunTracker | None = Non
     return state
 
 
-def mark_running(study: optuna.Study, tracker: tracking.RunTracker) -> None:
+def mark_running(study: optuna.Study, tracker: RunTracker) -> None:
     """A worker starts a trial: the parent is RUNNING (a reader may have settled it meanwhile)."""
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if not parent:
         return
     try:
-        tracking.call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
+        call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
     except StorageError as exc:
         log.warning("could not mark study %r's parent run %s RUNNING: %s", study.study_name, parent, exc)
 

@@ -61,7 +61,8 @@ from deepsports.tags import (
     RUN_ATTR,
     WORKER_ATTR,
 )
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import call_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -176,36 +177,36 @@ def claim_waiting(study: optuna.Study, identity: str) -> optuna.Trial | None:
 # Dead workers
 # --------------------------------------------------------------------------------------------
 
-def find_trial_run(study: optuna.Study, trial: FrozenTrial, tracker: tracking.RunTracker) -> str | None:
+def find_trial_run(study: optuna.Study, trial: FrozenTrial, tracker: RunTracker) -> str | None:
     """The MLflow run of a trial: its user attribute, else the run tagged with its study and number
     (a trial that died before its first epoch never stored the id)."""
     if trial.user_attrs.get(RUN_ATTR):
         return trial.user_attrs[RUN_ATTR]
     client = tracker.client
-    experiment = tracking.call_with_retry("get experiment", tracker.uri, client.get_experiment_by_name,
+    experiment = call_with_retry("get experiment", tracker.uri, client.get_experiment_by_name,
                                           study.user_attrs.get(EXPERIMENT_ATTR, "deepsports"))
     if experiment is None:
         return None
     # A retry's own run (the dead trial had none) carries the number of the trial it retries.
     number = trial.system_attrs.get("failed_trial", trial.number)
     query = f"tags.`optuna.study_name` = '{study.study_name}' and tags.`optuna.trial_number` = '{number}'"
-    runs = tracking.call_with_retry("find trial run", tracker.uri, client.search_runs, [experiment.experiment_id],
+    runs = call_with_retry("find trial run", tracker.uri, client.search_runs, [experiment.experiment_id],
                                     filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def end_dead_run(study: optuna.Study, trial: FrozenTrial, reason: str) -> str | None:
     """End the dead trial's MLflow run FAILED with the reason (a retry may resume it later)."""
-    tracker = tracking.RunTracker()
+    tracker = RunTracker()
     try:
         run_id = find_trial_run(study, trial, tracker)
         if run_id is None:
             return None
-        tracking.call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
+        call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
                                  REASON_ATTR, reason[:5000])
-        tracking.call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
+        call_with_retry("tag dead run", tracker.uri, tracker.client.set_tag, run_id,
                                  OPTUNA_TRIAL_STATE_TAG, "FAIL")
-        tracking.call_with_retry("end dead run", tracker.uri, tracker.client.set_terminated, run_id, status="FAILED")
+        call_with_retry("end dead run", tracker.uri, tracker.client.set_terminated, run_id, status="FAILED")
         from deepsports.tune.status import record_run_attempts  # status imports accounting, which imports us lazily
 
         record_run_attempts(study, run_id, tracker, trial.number)

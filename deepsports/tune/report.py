@@ -34,7 +34,9 @@ from deepsports.tags import (
     RETRAIN_OF_TRIAL_TAG,
     RUN_ATTR,
 )
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import call_with_retry
+from deepsports.tracking.uris import sqlite_path
 from deepsports.tune.study import open_storage, storage_label
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def load_existing_study(name: str, storage: str | os.PathLike) -> optuna.Study:
     if "://" not in str(storage) and not Path(storage).expanduser().is_file():
         raise StorageError(f"no study storage at {str(storage)!r}: the journal file does not exist "
                            "(give --storage as used by `deepsports tune`)")
-    database = tracking.sqlite_path(str(storage))
+    database = sqlite_path(str(storage))
     if database is not None and not database.expanduser().is_file():  # opening it would create an empty one
         raise StorageError(f"no study storage at {storage_label(storage)!r}: the database file does not exist "
                            "(give --storage as used by `deepsports tune`)")
@@ -159,11 +161,11 @@ def log_study_plots(study: optuna.Study, tracker_uri: str | None = None) -> list
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent is None:
         raise StorageError(f"study {study.study_name!r} has no MLflow parent run (user attribute {PARENT_RUN_ATTR!r})")
-    tracker = tracking.RunTracker(tracker_uri)
+    tracker = RunTracker(tracker_uri)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_study_plots(study, tmp)
         if files:
-            tracking.call_with_retry("log study plots", tracker.uri, tracker.client.log_artifacts, parent, tmp,
+            call_with_retry("log study plots", tracker.uri, tracker.client.log_artifacts, parent, tmp,
                                      "study_plots")
     return [f"study_plots/{f.name}" for f in files]
 

@@ -279,21 +279,22 @@ def publish_status(study: optuna.Study, storage_label: str = "", tracker=None) -
     from mlflow.entities import Metric
 
     from deepsports.errors import StorageError
-    from deepsports.tracking import runs as tracking
+    from deepsports.tracking.runs import RunTracker
+    from deepsports.tracking.store import call_with_retry
 
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if not parent:
         return None
-    tracker = tracker or tracking.RunTracker()
+    tracker = tracker or RunTracker()
     doc = study_status(study, storage_label)
     stamp, step = int(time.time() * 1000), doc["compute"]["trials_finished"]
     metrics = [Metric(k, v, stamp, step) for k, v in status_metrics(doc).items()]
     try:
         client = tracker.client
-        tracking.call_with_retry("log study status", tracker.uri, client.log_batch, parent, metrics=metrics)
-        tracking.call_with_retry("log study status", tracker.uri, client.log_text, parent,
+        call_with_retry("log study status", tracker.uri, client.log_batch, parent, metrics=metrics)
+        call_with_retry("log study status", tracker.uri, client.log_text, parent,
                                  json.dumps(doc, indent=2, default=str), "study_status.json")
-        tracking.call_with_retry("log study status", tracker.uri, client.log_text, parent, render_markdown(doc),
+        call_with_retry("log study status", tracker.uri, client.log_text, parent, render_markdown(doc),
                                  "study_status.md")
     except StorageError as exc:  # bookkeeping must not stop the study
         log.warning("could not refresh the study status on the parent run: %s", exc)
@@ -321,9 +322,10 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
     ``deepsports.attempt.<i>`` each, and ``deepsports.first_failure_reason`` (never overwritten)."""
     from deepsports.errors import StorageError
     from deepsports.tags import ATTEMPTS_TAG, FIRST_FAILURE_TAG
-    from deepsports.tracking import runs as tracking
+    from deepsports.tracking.runs import RunTracker
+    from deepsports.tracking.store import call_with_retry
 
-    tracker = tracker or tracking.RunTracker()
+    tracker = tracker or RunTracker()
     attempts = run_attempts(study, run_id, number)
     if not attempts:
         return attempts
@@ -336,12 +338,12 @@ def record_run_attempts(study: optuna.Study, run_id: str, tracker=None, number: 
     client = tracker.client
     try:
         if first is not None:
-            existing = tracking.call_with_retry("read run", tracker.uri, client.get_run, run_id).data.tags
+            existing = call_with_retry("read run", tracker.uri, client.get_run, run_id).data.tags
             if FIRST_FAILURE_TAG not in existing:
                 tags[FIRST_FAILURE_TAG] = f"trial {first['trial']} ({first['outcome']}): {first.get('reason')}"[:5000]
         for key, value in tags.items():
-            tracking.call_with_retry("tag attempts", tracker.uri, client.set_tag, run_id, key, value)
-        tracking.call_with_retry("log attempts", tracker.uri, client.log_text, run_id,
+            call_with_retry("tag attempts", tracker.uri, client.set_tag, run_id, key, value)
+        call_with_retry("log attempts", tracker.uri, client.log_text, run_id,
                                  json.dumps(attempts, indent=2), "attempts.json")
     except StorageError as exc:
         log.warning("could not record the attempts of MLflow run %s: %s", run_id, exc)

@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from deepsports.config import config_fields
 from deepsports.errors import ConfigError, SearchSpaceError, StorageError
-from deepsports.slurm.env import ClusterEnv
+from deepsports.slurm.env import ClusterEnv, run_tags
 from deepsports.tags import (
     EXPERIMENT_ATTR,
     KIND_TAG,
@@ -53,7 +53,9 @@ from deepsports.tags import (
     SPACE_TAG,
     TRACKING_URI_ATTR,
 )
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import call_with_retry
+from deepsports.tracking.uris import redact_uri, tracking_uri
 from deepsports.tune.accounting import is_extra, retried_from  # noqa: F401 (retried_from re-exported)
 from deepsports.tune.search_space import SearchSpace
 from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
@@ -70,7 +72,7 @@ _SCHEMA_ATTEMPTS = 6
 
 def storage_label(storage: str | os.PathLike) -> str:
     """The storage as shown in tags and messages (passwords redacted)."""
-    return tracking.redact_uri(str(storage))
+    return redact_uri(str(storage))
 
 
 def open_storage(storage: str | os.PathLike, *, heartbeat_interval: int = 60, grace_period: int | None = None,
@@ -221,7 +223,7 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
             OPTUNA_SAMPLER_TAG: type(sampler).__name__, OPTUNA_PRUNER_TAG: type(pruner).__name__, **(parent_tags or {})}
     from deepsports.tune.parent import check_same_store, store_label  # parent imports recovery, which imports us
 
-    store = tracker_uri or tracking.tracking_uri()
+    store = tracker_uri or tracking_uri()
     if created:
         attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment,
                  TRACKING_URI_ATTR: store_label(store)}
@@ -242,11 +244,11 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
                                f"(sha256 {space.sha256[:16]}): use the same file, or a new study name")
     check_same_store(study, store)  # before this worker opens (or creates) its own store
     study.set_user_attr(TRACKING_URI_ATTR, store_label(store))  # the same, or a study from before the record
-    tracker = tracking.RunTracker(tracker_uri)
+    tracker = RunTracker(tracker_uri)
     if PARENT_RUN_ATTR in attrs:
         parent = attrs[PARENT_RUN_ATTR]
         # A finished study that gets more trials runs again.
-        tracking.call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
+        call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
         log.info("joined study %r in %s, MLflow parent run %s", name, label, parent)
         return study, parent
     log.warning("study %r has no MLflow parent run after %.0f s (did its creator die?): adopting it", name,
@@ -269,17 +271,17 @@ def store_parent_run(study: optuna.Study, mine: str, tracker_uri: str | None = N
             time.sleep(settle_s)
         stored = study.user_attrs[PARENT_RUN_ATTR]
     if stored != mine:
-        tracker = tracking.RunTracker(tracker_uri)
-        tracking.call_with_retry("delete duplicate parent run", tracker.uri, tracker.client.delete_run, mine)
+        tracker = RunTracker(tracker_uri)
+        call_with_retry("delete duplicate parent run", tracker.uri, tracker.client.delete_run, mine)
     return stored
 
 
 def create_parent_run(space: SearchSpace, experiment: str, name: str, tags: Mapping[str, str],
                       tracker_uri: str | None = None) -> str:
     """The study's MLflow run (left RUNNING); the search-space file and its description are artifacts."""
-    tracker = tracking.RunTracker(tracker_uri)
+    tracker = RunTracker(tracker_uri)
     with _without_env_run():
-        run_id = tracker.start(experiment_name=experiment, run_name=name, tags=tags)
+        run_id = tracker.start(experiment_name=experiment, run_name=name, tags=tags, cluster=run_tags())
     tracker.log_text(space.path.read_text(), f"search_space/{space.path.name}")
     tracker.log_text(space.describe() + "\n", "search_space/describe.txt")
     return run_id

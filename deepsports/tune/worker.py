@@ -89,12 +89,14 @@ from deepsports.tags import (
     TASK_ATTR,
     WORKER_ATTR,
 )
-from deepsports.tracking import runs as tracking
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import call_with_retry
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.train.state import TrainHooks
 from deepsports.tune import accounting, recovery
 from deepsports.tune import parent as study_parent
 from deepsports.tune import status as study_status
+from deepsports.tune.accounting import retried_from
 from deepsports.tune.checks import check_overrides
 from deepsports.tune.search_space import SearchSpace, load_search_space
 from deepsports.tune.settings import TuneSettings
@@ -106,7 +108,6 @@ from deepsports.tune.study import (
     make_sampler,
     open_storage,
     open_study,
-    retried_from,
     storage_label,
     summarize,
     worker_label,
@@ -184,7 +185,7 @@ class _Worker:
         self.settings, self.space, self.study, self.train_fn = settings, space, study, train_fn
         self.stop_requested = stop_requested or (lambda: False)
         self.identity = identity
-        self.tracker = tracking.RunTracker()
+        self.tracker = RunTracker()
         self.label = worker_label()
         self.trials_run = 0
         self.same_failures: list[str] = []  # reasons of this worker's latest failed trials, all alike
@@ -412,9 +413,9 @@ class _Worker:
             return
         uri, client = self.tracker.uri, self.tracker.client
         try:
-            tracking.call_with_retry("tag pruned trial run", uri, client.set_tag, run_id, REASON_ATTR,
+            call_with_retry("tag pruned trial run", uri, client.set_tag, run_id, REASON_ATTR,
                                      "PrunedTrial: pruned on resume")
-            tracking.call_with_retry("end pruned trial run", uri, client.set_terminated, run_id, status="KILLED")
+            call_with_retry("end pruned trial run", uri, client.set_terminated, run_id, status="KILLED")
         except StorageError as exc:  # bookkeeping must not stop the study
             log.warning("could not end the run of pruned trial %d: %s", frozen.number, exc)
 
@@ -484,12 +485,12 @@ class _Worker:
         try:
             run_id = recovery.find_trial_run(self.study, trial, self.tracker)
             if run_id:
-                tracking.call_with_retry("tag trial run", uri, client.set_tag, run_id, OPTUNA_TRIAL_STATE_TAG,
+                call_with_retry("tag trial run", uri, client.set_tag, run_id, OPTUNA_TRIAL_STATE_TAG,
                                          trial.state.name)
             if trial.state == TrialState.COMPLETE:
                 best = max(t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
                 stamp = int(time.time() * 1000)
-                tracking.call_with_retry("log study metrics", uri, client.log_batch,
+                call_with_retry("log study metrics", uri, client.log_batch,
                                          self.study.user_attrs[PARENT_RUN_ATTR],
                                          metrics=[Metric("trial_value", float(trial.value), stamp, trial.number),
                                                   Metric("best_value", float(best), stamp, trial.number)])
@@ -504,12 +505,14 @@ class _Worker:
         study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
 
     def close_parent_if_done(self) -> None:
-        """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it)."""
+        """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it); else RUNNING
+        while another worker's trial beats, KILLED when what is left waits for a later worker."""
         if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            study_parent.settle_parent(self.study, self.tracker, grace_s=self.settings.grace)
             return
         study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
         try:
-            tracking.call_with_retry("end study run", self.tracker.uri, self.tracker.client.set_terminated,
+            call_with_retry("end study run", self.tracker.uri, self.tracker.client.set_terminated,
                                      self.study.user_attrs[PARENT_RUN_ATTR], status="FINISHED")
         except StorageError as exc:
             log.warning("could not end the study's parent run: %s", exc)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deepsports.cli.main import build_parser, config_from_args
+from deepsports.cli.config_args import config_from_args
+from deepsports.cli.main import build_parser
 from deepsports.cli.mlproject import render_mlproject
 from deepsports.config import (
     LOCATION_KEYS,

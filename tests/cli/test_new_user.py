@@ -92,7 +92,8 @@ def test_non_finite_numbers_are_refused_up_front(tmp_path):
 @pytest.mark.parametrize("key, value", [("learning_rate", "-inf"), ("weight_decay", "nan"), ("momentum", "1e999"),
                                         ("dropout", "0.1,inf"), ("loss_mse_weight", float("inf"))])
 def test_the_parser_refuses_every_non_finite_spelling(key, value):
-    from deepsports.config import ConfigError, parse_value
+    from deepsports.config import parse_value
+    from deepsports.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a finite number"):
         parse_value(key, value)
@@ -189,7 +190,7 @@ def test_named_configs_search_spaces_and_profiles_work_from_any_directory(tmp_pa
     assert run(tmp_path, "config", "--config", "seed_best", "root_dir=/data").returncode == 0
     script = run(tmp_path, "submit", "tune", "--profile", "local", "--dry-run", "--", "head", "--study", "s")
     assert script.returncode == 0 and "#SBATCH --partition=debug" in script.stdout, script.stderr
-    assert "exec python -m deepsports.cli tune head --study s" in script.stdout
+    assert "exec env --block-signal=USR1 --block-signal=TERM python -m deepsports.cli tune head --study s" in script.stdout
     # A file of the same name here wins over the shipped one.
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "demo.yaml").write_text("epochs: 3\n")

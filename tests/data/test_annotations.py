@@ -16,11 +16,11 @@ from deepsports.data.annotations import (
     annotation_fingerprint,
     load_annotations,
     load_split,
-    restricted_load,
     save_annotations,
     save_split,
     video_filename,
 )
+from deepsports.data.safe_pickle import restricted_load
 from deepsports.errors import DataError, UnsafePickleError
 
 MTL_FIELDS = {"start_frame", "end_frame", "difficulty", "final_score", "position", "armstand", "rotation_type",

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepsports.cli.main import main
-from deepsports.config import ConfigError, build_config, config_fields, format_value, parse_value
+from deepsports.config import build_config, config_fields, format_value, parse_value
 from deepsports.data.cache import is_temp_file
 from deepsports.data.safe_pickle import restricted_load
-from deepsports.errors import SearchSpaceError
+from deepsports.errors import ConfigError, SearchSpaceError
 from deepsports.tune.search_space import load_search_space
 from tests.e2e_helpers import REPO, TINY, deepsports_cmd, subprocess_env
 

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.tags import PAUSED_BY_ATTR, RUN_ATTR, WORKER_ATTR
+from deepsports.tags import PARENT_RUN_ATTR, PAUSED_BY_ATTR, RUN_ATTR, WORKER_ATTR
 from deepsports.train.loop import EPOCH_METRICS
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, subprocess_env, tiny_overrides
@@ -124,12 +124,15 @@ def test_tune_workers_pause_on_a_group_sigterm_and_the_same_command_resumes_them
     study = optuna.load_study(study_name="s", storage=open_storage(storage))
     paused = study.get_trials(deepcopy=False)
     assert [t.state for t in paused] == [TrialState.WAITING] * 2 and all(PAUSED_BY_ATTR in t.user_attrs for t in paused)
+    parent = study.user_attrs[PARENT_RUN_ATTR]
+    assert MlflowClient(uri).get_run(parent).info.status == "KILLED"  # no worker alive, paused work left
 
     again = subprocess.run(cmd, env=_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-6000:]
     client = MlflowClient(uri)
     trials = optuna.load_study(study_name="s", storage=open_storage(storage)).get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert client.get_run(parent).info.status == "FINISHED"
     for trial in trials:
         assert client.get_run(trial.user_attrs[RUN_ATTR]).info.status == "FINISHED"
         _each_epoch_once(client, trial.user_attrs[RUN_ATTR])

@@ -105,7 +105,8 @@ def test_mlflow_ui_and_server_launched_by_our_scripts_listen_on_localhost_only()
     assert 'HOST="${DEEPSPORTS_MLFLOW_HOST:-127.0.0.1}"' in script
     assert '--host "$HOST"' in script
     # The command `deepsports submit` prints for users: mlflow ui's own default host is 127.0.0.1.
-    from deepsports.slurm.jobs import load_profile, watch_hints
+    from deepsports.slurm.jobs import watch_hints
+    from deepsports.slurm.profile import load_profile
 
     hints = [h for h in watch_hints("1", load_profile("local"), "sqlite:///x.db") if "mlflow ui" in h]
     assert hints and not [h for h in hints if "--host" in h and "--host 127.0.0.1" not in h], hints

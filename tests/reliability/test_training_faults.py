@@ -24,9 +24,10 @@ from deepsports.config import build_config
 from deepsports.data import build_datasets
 from deepsports.tags import REASON_ATTR, RUN_ATTR
 from deepsports.train.loop import train
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.status import study_status
 from deepsports.tune.study import open_storage
-from deepsports.tune.worker import TuneSettings, tune
+from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from deepsports.slurm.jobs import build_profile, render_script, submit
+from deepsports.slurm.jobs import render_script, submit
+from deepsports.slurm.profile import build_profile
 
 pytestmark = pytest.mark.slurm
 
@@ -187,3 +188,34 @@ def test_usr1_checkpoints_requeues_and_resumes_the_task(slurm_cluster, tmp_path)
     # --open-mode=append: the requeued run continued the task's log.
     log = (tmp_path / "logs" / f"test-preempt_{job}_{victim}.log").read_text()
     assert "restart 0," in log and "restart 1," in log
+
+
+def test_a_hung_controller_costs_a_job_seconds_not_its_grace_period(slurm_cluster, tmp_path, monkeypatch):
+    """sbatch, scontrol requeue and scontrol show job against a controller that accepts and never answers
+    (scontrol itself would wait MessageTimeout, 10 s, then retry): each fails in our time limit, one line."""
+    import socket
+    import threading
+
+    from deepsports.slurm.jobs import SlurmError, job_info, requeue_self
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        held = []
+        threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+        conf = Path(subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True,
+                                   timeout=30).stdout.split("SLURM_CONF", 1)[1].split("=", 1)[1].split()[0])
+        hung = tmp_path / "slurm.conf"
+        hung.write_text(re.sub(r"(?m)^SlurmctldPort=.*$", f"SlurmctldPort={server.getsockname()[1]}",
+                               conf.read_text()))
+        monkeypatch.setenv("SLURM_CONF", str(hung))
+        monkeypatch.setenv("DEEPSPORTS_SLURM_TIMEOUT", "1.5")
+        script = render_script("train", _profile(tmp_path), ["true"])
+        for call, command in ((lambda: submit(script, cwd=tmp_path), "sbatch"),
+                              (lambda: requeue_self({"SLURM_JOB_ID": "1"}), "scontrol requeue 1"),
+                              (lambda: job_info("1"), "scontrol -o show")):
+            start = time.monotonic()
+            with pytest.raises(SlurmError, match="did not answer within 1.5 s") as info:
+                call()
+            assert time.monotonic() - start < 5 and command in str(info.value) and "\n" not in str(info.value)
+        assert held  # the controller was reached, and held the line

@@ -10,7 +10,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from deepsports.slurm.jobs import build_profile, render_script, submit, worker_command
+from deepsports.slurm.jobs import render_script, submit, worker_command
+from deepsports.slurm.profile import build_profile
 from tests.e2e_helpers import as_args, tiny_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deepsports.errors import ConfigError
-from deepsports.slurm.env import ClusterEnv, Ranks
+from deepsports.slurm.env import ClusterEnv, Ranks, run_tags
 
 #: An array task's batch step before any requeue (SLURM sets no SLURM_RESTART_COUNT then).
 ARRAY_TASK = {"SLURM_JOB_ID": "42", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "2",
@@ -70,5 +70,5 @@ def test_read_takes_the_process_environment_and_every_reader_agrees(monkeypatch)
     assert (env.master_addr, env.master_port) == ("node1", "29500")
     assert slurm_env() == env.job_vars() and task_job_id() == task_identity() == "40_2"
     assert default_worker_id() == 2 and worker_label().endswith(" slurm 40/2/42")
-    assert {k: v for k, v in environment_tags().items() if k.startswith("slurm.")} == env.tags()
+    assert {k: v for k, v in environment_tags(run_tags()).items() if k.startswith("slurm.")} == env.tags()
     assert (detect().rank, detect().world_size, detect().launcher) == (0, 2, "srun")

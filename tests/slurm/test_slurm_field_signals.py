@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -19,7 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from deepsports.slurm.jobs import build_profile, render_script, submit
+from deepsports.slurm.jobs import render_script, submit
+from deepsports.slurm.profile import build_profile
 from deepsports.tags import (
     ATTEMPTS_ATTR,
     CKPT_ATTR,
@@ -38,14 +40,21 @@ pytestmark = pytest.mark.slurm
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 EARLY_WORKER = """
-import json, sys
+import json, os, sys, time
+out, task = sys.argv[1], os.environ["SLURM_ARRAY_TASK_ID"]
+if task == "1":
+    # Python runs, its handler is not installed yet (the imports of a real worker take 0.3 s to seconds): the
+    # signal lands in the window after the batch shell's `trap ''` and the exec.
+    open(f"{out}/started_{task}", "w").close()
+    deadline = time.time() + 60
+    while not os.path.exists(f"{out}/sent_{task}") and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
 from deepsports.signals import StopFlag
-from deepsports.slurm.jobs import slurm_env
 
 with StopFlag() as flag:
     pass
-task = slurm_env()["SLURM_ARRAY_TASK_ID"]
-with open(f"{sys.argv[1]}/task_{task}.json", "w") as f:
+with open(f"{out}/task_{task}.json", "w") as f:
     json.dump({"signal": flag.signal_name}, f)
 """
 
@@ -65,29 +74,36 @@ def _signal(task: str, name: str, times: int) -> None:
 
 
 def test_signals_before_python_runs_are_kept_and_handed_to_the_worker(slurm_cluster, tmp_path):
+    """Task 0: the profile's warning signal (USR2 here: NCCL jobs keep USR1 for NCCL) five times while the batch
+    shell sets up, before Python runs. Task 1: SIGTERM after the exec, before Python's handler exists (the
+    window the template's ``trap ''`` once dropped signals in: now they stay blocked, pending, until it does)."""
     (tmp_path / "worker.py").write_text(EARLY_WORKER)
     out = tmp_path / "out"
     out.mkdir()
     profile = build_profile({
         "partition": "debug", "time": "5", "cpus_per_task": 1, "mem": "200M", "grace_seconds": 30,
-        "array_size": 2, "array_concurrency": 2, "logdir": str(tmp_path / "logs"),
+        "array_size": 2, "array_concurrency": 2, "logdir": str(tmp_path / "logs"), "signal": "USR2",
         # The batch shell's set-up (a venv, modules) before Python runs, here lasting until the template's
         # trap has noted a signal (at most 60 s): the signals land before Python however loaded the machine.
-        "setup_lines": ['for _ in $(seq 600); do [ -n "$deepsports_early_signals" ] && break; sleep 0.1; done'],
+        "setup_lines": ['[ "$SLURM_ARRAY_TASK_ID" = 1 ] || for _ in $(seq 600); do '
+                        '[ -n "$deepsports_early_signals" ] && break; sleep 0.1; done'],
         "env": {"PYTHONPATH": str(REPO)}}, "test")
     script = render_script("tune", profile, [sys.executable, str(tmp_path / "worker.py"), str(out)],
                            job_name="test-early")
+    assert "#SBATCH --signal=B:USR2@30" in script.splitlines()
     job = submit(script, cwd=tmp_path)
     logs = tmp_path / "logs"
     _wait(lambda: all(t.get("JobState") == "RUNNING" for t in _tasks(job).values()) and len(_tasks(job)) == 2, 60,
           "both tasks to start", job, logs)
-    _signal(f"{job}_0", "USR1", 5)
-    _signal(f"{job}_1", "TERM", 5)
+    _signal(f"{job}_0", "USR2", 5)
+    _wait(lambda: (out / "started_1").exists(), 60, "task 1's Python to start", job, logs)
+    _signal(f"{job}_1", "TERM", 1)
+    (out / "sent_1").touch()
     _wait(lambda: not _active(job), 90, "the array to finish", job, logs)
     tasks = _tasks(job)
-    for task in ("0", "1"):  # not FAILED with signal 10 / 15
+    for task in ("0", "1"):  # not FAILED with signal 12 / 15
         assert (tasks[task]["JobState"], tasks[task]["ExitCode"]) == ("COMPLETED", "0:0"), tasks[task]
-    assert json.loads((out / "task_0.json").read_text()) == {"signal": "SIGUSR1"}
+    assert json.loads((out / "task_0.json").read_text()) == {"signal": "SIGUSR2"}
     assert json.loads((out / "task_1.json").read_text()) == {"signal": "SIGTERM"}
 
 
@@ -155,3 +171,64 @@ def test_requeue_and_a_usr1_storm_on_a_throttled_array_pause_and_resume_trials(s
     assert sorted(r.info.run_id for runs in children.values() for r in runs) == sorted(
         t.user_attrs[RUN_ATTR] for t in trials.values())
     assert "DataLoader worker" not in text and "Traceback" not in text
+
+
+#: Seconds within which a worker whose step daemon was SIGKILLed has ended, with its loader workers: the
+#: parent-death signal stops it at once (it checkpoints, pauses its trial, requeues its task), a SIGKILL
+#: follows 60 s later if it is still running.
+STEP_DEATH_S = 30
+
+
+def test_scancel_ends_tasks_for_good_and_a_dead_step_takes_its_worker_along(slurm_cluster, tmp_path, cache_dir):
+    """A plain ``scancel`` of one task, then of the whole array, ends them for good with their trials paused
+    (the SIGTERM of a cancel is told from a requeue's by the controller's restart count). ``kill -9`` of a
+    task's ``slurmstepd`` leaves no worker outside SLURM and no ghost task holding a slot of the array."""
+    storage = str(tmp_path / "study.journal")
+    job, _uri = _submit(tmp_path, cache_dir, storage, array_size=2, concurrency=2, max_trials=2, epochs=60,
+                        drop=("num_workers",))  # the default, 2 loader workers per trial
+    logs = tmp_path / "logs"
+
+    def training(count: int, restart: str = "0"):
+        try:
+            running = _study(storage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except (KeyError, ValueError):
+            return None
+        busy = [t for t in running if t.intermediate_values and TASK_ATTR in t.user_attrs
+                and _tasks(job)[t.user_attrs[TASK_ATTR].rsplit("_", 1)[1]].get("Restarts") == restart
+                and _loader_workers(t) >= 2]
+        return busy if len(busy) == count else None
+
+    stepped, cancelled = _wait(lambda: training(2), 180, "two trials training", job, logs)
+    worker = psutil.Process(int(stepped.user_attrs[WORKER_ATTR].split()[0].rsplit(":", 1)[1]))
+    stepd = worker.parent()
+    assert stepd.name().startswith("slurmstepd")
+    left = [worker, *worker.children(recursive=True)]
+    subprocess.run(["scancel", cancelled.user_attrs[TASK_ATTR]], check=True, timeout=60)
+    stepd.kill()
+    killed = time.monotonic()
+    gone, alive = psutil.wait_procs(left, timeout=STEP_DEATH_S)
+    assert alive == [] and time.monotonic() - killed < STEP_DEATH_S
+
+    task_of = {t.number: t.user_attrs[TASK_ATTR].rsplit("_", 1)[1] for t in (stepped, cancelled)}
+    # The cancelled task ended for good; the dead step's task requeued itself: no ghost RUNNING in its slot.
+    _wait(lambda: _tasks(job)[task_of[cancelled.number]]["JobState"] == "CANCELLED", 60, "the cancelled task to end",
+          job, logs)
+    _wait(lambda: _tasks(job)[task_of[stepped.number]]["Restarts"] == "1", 30, "the dead step's task to requeue",
+          job, logs)
+    assert _tasks(job)[task_of[cancelled.number]]["Restarts"] == "0"
+    # It comes back, resumes a paused trial; then `scancel <array>` ends it for good too.
+    (resumed,) = _wait(lambda: training(1, restart="1"), 120, "the requeued task to resume a trial", job, logs)
+    assert resumed.user_attrs[TASK_ATTR] == stepped.user_attrs[TASK_ATTR]
+    subprocess.run(["scancel", job], check=True, timeout=60)
+    _wait(lambda: not _active(job), 60, "the array to end", job, logs)
+    tasks = _tasks(job)
+    assert {t: (tasks[t]["JobState"], tasks[t]["Restarts"]) for t in task_of.values()} == {
+        task_of[stepped.number]: ("CANCELLED", "1"), task_of[cancelled.number]: ("CANCELLED", "0")}
+    trials = _study(storage).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.WAITING] * 2 and all(PAUSED_BY_ATTR in t.user_attrs
+                                                                         for t in trials)
+    text = "\n".join(p.read_text() for p in logs.glob("*.log"))
+    said = [line for line in text.splitlines() if "SLURM task" in line]
+    assert sum("was cancelled (scancel" in line for line in said) == 2 and "slurmstepd died" in text, said
+    assert "Traceback" not in text and not [p for p in psutil.process_iter(["cmdline"])
+                                            if storage in " ".join(p.info["cmdline"] or ())]

@@ -23,19 +23,16 @@ from deepsports.errors import ConfigError, TrainingError
 from deepsports.signals import StopFlag
 from deepsports.slurm.jobs import (
     KINDS,
-    PROFILE_DIR,
     TEMPLATE_DIR,
     SlurmError,
-    build_profile,
-    load_profile,
     render_script,
     requeue_self,
     slurm_env,
     submit,
     task_job_id,
-    time_limit_seconds,
     worker_command,
 )
+from deepsports.slurm.profile import PROFILE_DIR, build_profile, load_profile, time_limit_seconds
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_PROFILES = sorted(PROFILE_DIR.glob("*.yaml"))

@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 
 from deepsports.slurm import jobs as slurm
 from deepsports.tags import REASON_ATTR, RESUMED_ATTR, RETRIED_FROM_ATTR, RUN_ATTR, TASK_ATTR
-from deepsports.tune.study import open_storage, retried_from
+from deepsports.tune.accounting import retried_from
+from deepsports.tune.study import open_storage
 from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
 from tests.slurm.test_slurm_tune import _active, _epochs_logged_once, _tasks, _wait
 

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 
 from deepsports.tags import PARENT_RUN_ATTR, REASON_ATTR, RUN_ATTR, TASK_ATTR
 from deepsports.train.loop import EPOCH_METRICS
-from deepsports.tune.study import open_storage, retried_from
+from deepsports.tune.accounting import retried_from
+from deepsports.tune.study import open_storage
 from tests.e2e_helpers import PYTHON_BIN, REPO, TINY, TUNE_SPACE, deepsports_cmd, run_checked, subprocess_env
 
 pytestmark = pytest.mark.slurm

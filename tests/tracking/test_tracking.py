@@ -14,15 +14,10 @@ import torch
 from mlflow import MlflowClient
 
 from deepsports.errors import StorageError
-from deepsports.tracking.runs import (
-    RetryPolicy,
-    RunTracker,
-    call_with_retry,
-    enable_sqlite_wal,
-    redact_uri,
-    sqlite_path,
-    tracking_uri,
-)
+from deepsports.slurm.env import run_tags
+from deepsports.tracking.runs import RunTracker
+from deepsports.tracking.store import RetryPolicy, call_with_retry, enable_sqlite_wal
+from deepsports.tracking.uris import redact_uri, sqlite_path, tracking_uri
 
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2, max_total_sleep_s=1.0)
 
@@ -100,7 +95,8 @@ def test_store_is_in_wal_mode(store):
 def test_new_run_has_context_tags_and_slurm_ids(tracker, store, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
-    run_id = _start(tracker, store, run_name="tagged", tags={"deepsports.device": "cpu"})
+    # The caller reads the job's ids (slurm.env) and tells the tracker: tracking never reads the cluster.
+    run_id = _start(tracker, store, run_name="tagged", tags={"deepsports.device": "cpu"}, cluster=run_tags())
     tags = _run(store, run_id).data.tags
     assert tags["mlflow.runName"] == "tagged"
     for key in ("mlflow.source.name", "mlflow.source.type", "mlflow.user", "deepsports.git_commit",

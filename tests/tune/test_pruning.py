@@ -16,8 +16,9 @@ from deepsports.config import build_config
 from deepsports.data import build_datasets
 from deepsports.tags import RUN_ATTR
 from deepsports.tune.search_space import load_search_space
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.study import make_pruner, make_sampler, open_storage, open_study
-from deepsports.tune.worker import TuneSettings, tune
+from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -32,10 +32,11 @@ from deepsports.tags import (
 )
 from deepsports.train.loop import train
 from deepsports.tune import accounting, recovery
+from deepsports.tune.accounting import retried_from
 from deepsports.tune.checks import check_causes
 from deepsports.tune.settings import TuneSettings
 from deepsports.tune.status import study_status
-from deepsports.tune.study import open_storage, retried_from
+from deepsports.tune.study import open_storage
 from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env, wait_for
 
@@ -128,6 +129,8 @@ def test_status_screen_and_the_parent_run_say_the_same(study_dir):
     assert lines[1].startswith("trials") and "2 COMPLETE, 0 PRUNED, 1 FAIL, 0 RUNNING, 0 WAITING" in lines[1]
     assert any(line.startswith("failed") and "out of memory: 1 (trials 1)" in line for line in lines), lines
     assert any(line.startswith("pauses") and "1 (per task:" in line for line in lines), lines
+    (rate,) = [line for line in lines if line.startswith("rate")]
+    assert " finished trials/hour (2 complete or pruned, 1 failed, in " in rate, rate
     doc = json.loads(_status(path, uri, "--json").stdout)
     client = MlflowClient(uri)
     parent = client.get_run(doc["parent_run_id"])
@@ -163,6 +166,29 @@ def test_bad_input_exits_2_with_one_line(study_dir):
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("deepsports: error:"), proc.stderr
     with pytest.raises(ConfigError, match="'gremlins'"):
         check_causes(["gremlins"])
+
+
+def test_best_and_status_from_another_folder_use_the_store_the_study_recorded(study_dir, tmp_path):
+    """A user in another folder, no MLFLOW_TRACKING_URI set: the study says where its runs are (issue #25 saw
+    exit 6, "Run with id=... not found", and an empty mlflow.db and experiments/ created where the user stood)."""
+    path, settings, uri = study_dir
+    env = subprocess_env(uri)
+    env.pop("MLFLOW_TRACKING_URI")
+    storage = str(path / "study.journal")
+    status = subprocess.run(deepsports_cmd("status", "s", "--storage", storage), env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    assert list(tmp_path.iterdir()) == []
+    best = subprocess.run(deepsports_cmd("best", "s", "--storage", storage), env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert best.returncode == 0, best.stderr[-3000:]
+    assert "Warning" not in best.stderr and "site-packages" not in best.stderr, best.stderr  # no library noise
+    out = json.loads(best.stdout)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["experiments", "experiments/s_best.yaml"]
+    client = MlflowClient(uri)
+    logged = {a.path for a in client.list_artifacts(out["parent_run_id"], "study_plots")}
+    assert {f"study_plots/{name}" for name in ("optimization_history.png", "intermediate_values.png")} <= logged
+    assert client.get_run(out["parent_run_id"]).info.status == "FINISHED"
 
 
 def test_rerun_failed_reruns_only_the_failed_trial_and_submit_missing_then_submits_nothing(study_dir):

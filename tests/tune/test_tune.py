@@ -21,6 +21,7 @@ from deepsports.train.loop import load_training_checkpoint, train
 from deepsports.tune.recovery import StaleTrialRetry, task_identity
 from deepsports.tune.report import best_trial, export_best, load_existing_study, log_study_plots
 from deepsports.tune.search_space import load_search_space
+from deepsports.tune.settings import TuneSettings
 from deepsports.tune.study import (
     create_parent_run,
     make_pruner,
@@ -30,7 +31,7 @@ from deepsports.tune.study import (
     store_parent_run,
     worker_seed,
 )
-from deepsports.tune.worker import TuneSettings, tune
+from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, subprocess_env
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -28,7 +28,8 @@ from deepsports.tags import (
     TASK_ATTR,
     WORKER_ATTR,
 )
-from deepsports.tune.study import open_storage, retried_from
+from deepsports.tune.accounting import retried_from
+from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
