@@ -26,7 +26,7 @@ Stages (each appends its figures to ``DIR/results.json``, so a long run can be r
   test evaluation: the test Spearman the rehearsal reaches.
 
 ``--quick`` runs every stage on a shortened subset (videos 13 and 14, three clips each; tiny loader and
-training settings): the smoke test of ``tests/data/test_bench_fullscale.py``.
+training settings): the smoke test of ``tests/benchmarks/test_bench_fullscale.py``.
 """
 
 from __future__ import annotations

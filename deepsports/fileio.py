@@ -44,24 +44,6 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def uncreatable_folder(path: str | os.PathLike) -> str | None:
-    """Why this user could not make folder ``path`` (or write in it), or None when it is, or its nearest
-    existing ancestor is, a writable folder. Creates nothing."""
-    path = Path(path).expanduser()
-    for folder in (path, *path.parents):
-        try:
-            if not folder.exists():
-                continue
-        except OSError as exc:  # e.g. a parent that may not be searched
-            return f"{str(folder)!r} cannot be looked at ({exc.strerror or exc})"
-        if not folder.is_dir():
-            return f"{str(folder)!r} is a file, not a folder"
-        if not os.access(folder, os.W_OK | os.X_OK):
-            return f"the folder {str(folder)!r} is not writable by this user"
-        return None
-    return None
-
-
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, temp_prefix: str | None = None,
                  temp_suffix: str = ".tmp", what: str | None = None) -> Path:
     """Call ``write(binary file)`` on a temp file next to ``path``, fsync it, rename it over ``path``.

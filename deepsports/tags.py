@@ -50,6 +50,7 @@ SPACE_ATTR = "deepsports.search_space"
 SPACE_SHA_ATTR = "deepsports.search_space_sha256"
 EXPERIMENT_ATTR = "deepsports.experiment_name"
 TRACKING_URI_ATTR = "deepsports.tracking_uri"        # the MLflow store the study logs to (absolute, redacted)
+PARENT_STATE_ATTR = "deepsports.parent_run_state"  # the state a worker last gave the parent run
 MAX_TRIALS_ATTR = "deepsports.max_trials"            # the last max_trials a worker was given
 #: "<prefix><original number>" -> number of its retry / re-run. Optuna refuses any write to a finished
 #: trial, so the link from a FAIL trial forward lives on the study.
@@ -69,6 +70,8 @@ RETRIED_FROM_ATTR = "deepsports.retried_from"        # number of the dead trial 
 RETRY_REASON_ATTR = "deepsports.retry_reason"
 RESUMED_ATTR = "deepsports.resumed_from"             # the checkpoint a resumed trial started from
 TASK_ATTR = "deepsports.task"                        # task_identity() of the worker running the trial
+#: One entry per attempt that found the trial's checkpoint folder gone: {at, checkpoint_dir, epochs, attempt}
+CKPT_LOST_ATTR = "deepsports.checkpoint_lost"
 #: Study accounting (deepsports.tune.accounting): every attempt of a trial, and the links of re-runs.
 ATTEMPTS_ATTR = "deepsports.attempts"                # JSON list, one record per attempt (start, end, task...)
 EPOCH_END_PREFIX = "deepsports.epoch_end."           # "<prefix><attempt>.<epoch>" -> time.time() the epoch ended
@@ -81,6 +84,7 @@ KIND_TAG = "deepsports.kind"                         # "study" on a study's pare
 SPACE_TAG = SPACE_ATTR
 SPACE_SHA_TAG = SPACE_SHA_ATTR
 RESUMED_FROM_TAG = RESUMED_ATTR
+CKPT_LOST_TAG = CKPT_LOST_ATTR                       # a run trained again from epoch 1: its checkpoint folder was gone
 STUDY_PARENT_RUN_TAG = "deepsports.study_parent_run_id"  # a worker's own run -> the study's parent run
 RETRAIN_OF_TRIAL_TAG = "deepsports.retrain_of_trial"
 RETRAIN_OF_RUN_TAG = "deepsports.retrain_of_run"

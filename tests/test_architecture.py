@@ -246,6 +246,62 @@ def test_tag_literal_finder():
     assert _tag_literals(tree, {"deepsports.cli", "deepsports.data"}) == ["deepsports.config.", "deepsports.resumes"]
 
 
+def _defined_names(tree: ast.Module) -> set[str]:
+    """Names a module defines at top level (functions, classes, assignments), not those it imports."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def test_package_faces_name_the_module_that_defines_each_name():
+    """A package's ``_EXPORTS`` (PEP 562 face) points each name at its definition, not at a re-export."""
+    modules = _modules()
+    wrong = []
+    for package, (path, tree) in modules.items():
+        if path.name != "__init__.py":
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["_EXPORTS"]:
+                for name, where in ast.literal_eval(node.value).items():
+                    if name not in _defined_names(modules[f"{package}.{where}"][1]):
+                        wrong.append(f"{package}.{name} -> {where}")
+    assert wrong == []
+
+
+#: The one module that touches Optuna's private attributes (``study._storage``, ``trial._trial_id``...).
+OPTUNA_COMPAT = "deepsports.tune._optuna_compat"
+#: Other private attributes of an object not its own class's that a module reads, each with its reason.
+PRIVATE_ATTRIBUTES = {
+    ("deepsports.signals", "_exit"): "os._exit: how a forked DataLoader worker leaves (the standard library's, public)",
+    ("deepsports.cli.studies", "_subparsers"): "argparse keeps the subcommand parsers there (no public accessor)",
+    ("deepsports.cli.studies", "_group_actions"): "argparse keeps the subcommand parsers there (no public accessor)",
+    ("deepsports.tracking.runs", "_log_batch"): "MetricBuffer sends through its RunTracker (one module, one writer)",
+}
+
+
+def _foreign_privates(tree: ast.Module) -> list[tuple[int, str]]:
+    """``(line, attribute)`` of each ``x._name`` where ``x`` is not ``self``/``cls`` (dunders aside)."""
+    return sorted((node.lineno, node.attr) for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")))
+
+
+def test_private_attributes_of_other_objects_only_where_named():
+    """Optuna's private API (``study._storage``, ``trial._trial_id``) lives in tune/_optuna_compat.py alone."""
+    found = {module: [(line, attr) for line, attr in _foreign_privates(tree) if (module, attr) not in PRIVATE_ATTRIBUTES]
+             for module, (_path, tree) in _modules().items() if module != OPTUNA_COMPAT}
+    assert {module: lines for module, lines in found.items() if lines} == {}
+    compat = {attr for _line, attr in _foreign_privates(_modules()[OPTUNA_COMPAT][1])}
+    assert compat == {"_storage", "_study_id", "_trial_id"}  # the finder sees them there
+    tree = ast.parse("a = study._storage\nb = self._x\nc = t._trial_id\nd = x.__class__\ne = cls._y")
+    assert _foreign_privates(tree) == [(1, "_storage"), (3, "_trial_id")]
+
+
 #: Modules that configure the package's root logger (``deepsports``, the parent of every module's logger).
 ROOT_LOGGER_MODULES = {"deepsports.train.runtime": "setup_logging: the level and the one handler"}
 

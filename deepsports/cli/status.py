@@ -49,9 +49,8 @@ def study_tracking_uri(study, *, needed: bool) -> str | None:
     from deepsports.tracking.uris import tracking_uri
     from deepsports.tune import parent as study_parent
 
-    if not needed and study_parent.parent_state(study.get_trials(deepcopy=False), None,
-                                                 study_parent.DEFAULT_GRACE_S) == "RUNNING":
-        return None  # a worker is alive: the parent is right as it is (and MLflow need not load)
+    if not needed and not study_parent.may_be_stale(study):
+        return None  # a worker is alive, or the last one settled the parent: MLflow need not load
     recorded = study.user_attrs.get(TRACKING_URI_ATTR) or study_parent.store_label(tracking_uri())
     hint = f"set MLFLOW_TRACKING_URI={recorded} (the store the study logs to) and run the same command again"
     try:
@@ -115,6 +114,7 @@ def missing_work(tune_args: argparse.Namespace, storage: str, profile, *, dry_ru
     if "://" not in storage and not Path(storage).expanduser().is_file():
         return tune_args.max_trials  # nothing run yet
     import optuna
+    from optuna.trial import TrialState
 
     from deepsports.tune import accounting
     from deepsports.tune.study import open_storage
@@ -123,13 +123,31 @@ def missing_work(tune_args: argparse.Namespace, storage: str, profile, *, dry_ru
         study = optuna.load_study(study_name=tune_args.study_name, storage=open_storage(storage))
     except KeyError:
         return tune_args.max_trials
+    from deepsports.tune.recovery import stale_trials, will_retry
+
     reruns = 0
     if tune_args.rerun_failed:
         reruns = len(accounting.rerunnable(study, causes)) if dry_run else len(accounting.enqueue_reruns(study, causes))
     trials = study.get_trials(deepcopy=False)
-    left = accounting.work_left(trials, tune_args.max_trials, reruns if dry_run else 0)
+    # The job's workers judge staleness by their own grace period: so does this count.
+    grace = float(tune_args.grace_period or 2 * tune_args.heartbeat_interval)
+    stale = stale_trials(trials, grace)
+    retried = [t for t in stale if will_retry(t, tune_args.max_retry)]
+    left = accounting.work_left(trials, tune_args.max_trials, reruns if dry_run else 0, stale=len(retried))
+    if retried:
+        print(f"study {tune_args.study_name!r}: trial(s) {', '.join(str(t.number) for t in retried)} RUNNING without "
+              f"a heartbeat for more than the grace period ({grace:.0f} s): their workers are dead; the new task "
+              "fails and retries them")
     if left == 0:
+        stale_numbers = {t.number for t in stale}
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.number not in stale_numbers]
         states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        print(f"study {tune_args.study_name!r} is complete ({states['COMPLETE']} complete, {states['PRUNED']} pruned, "
-              f"{states['FAIL']} failed of max_trials={tune_args.max_trials}; nothing runs or waits): nothing submitted")
+        done = (f"{states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed of "
+                f"max_trials={tune_args.max_trials}")
+        if running:
+            print(f"study {tune_args.study_name!r} has no work for a new task ({done}; {len(running)} trial(s) "
+                  f"running with a heartbeat within {grace:.0f} s, no trial waits): nothing submitted; if their "
+                  "workers die, run --missing again after the grace period")
+        else:
+            print(f"study {tune_args.study_name!r} is complete ({done}; nothing runs or waits): nothing submitted")
     return left

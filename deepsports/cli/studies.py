@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from deepsports.cli.status import add_status_parser, enqueue_reruns, existing_study, missing_work, study_tracking_uri
-from deepsports.errors import ConfigError, PreemptedError
+from deepsports.errors import ConfigError
 from deepsports.tags import STUDY_PARENT_RUN_TAG
 
 
@@ -87,7 +85,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         _check_tune_args(args)  # once, before any worker, storage or study exists
         if args.rerun_failed:  # queued once here, before the workers race to queue them
             enqueue_reruns(args.study_name, args.storage, args.rerun_causes)
-        code = _run_local_workers(args)
+        from deepsports.tune.supervisor import run_local_workers
+
+        code = run_local_workers(list(args.argv), args.workers)
         if code == 0:
             _print_study_summary(args)
         return code
@@ -153,87 +153,6 @@ def _tag_project_run(parent_run_id: str) -> None:
         tracker.set_tags({STUDY_PARENT_RUN_TAG: parent_run_id})
 
 
-def _run_local_workers(args: argparse.Namespace) -> int:
-    """``--workers N``: N processes of this same command, each one worker (worker ids 0..N-1).
-
-    This process plays the scheduler's part: a worker that was stopped alone (SIGUSR1/SIGTERM sent to
-    its pid; it paused its trial and exited 75) is started again with the same worker id, as SLURM
-    requeues a task, and resumes the paused trial. A signal sent to this process goes to every worker
-    and nobody restarts.
-    """
-    import time
-
-    from deepsports.signals import warning_signal
-
-    base = _strip_option(list(args.argv), "--workers")
-    cores = os.cpu_count() or 1
-    threads = str(max(1, cores // args.workers))
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
-    env.pop("MLFLOW_RUN_ID", None)  # the project run belongs to this parent process
-
-    def start(worker_id: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "deepsports.cli", *base, "--worker-id", str(worker_id),
-                                 "--under-workers"], env=env)
-
-    running = {worker_id: start(worker_id) for worker_id in range(args.workers)}
-    restarts = dict.fromkeys(running, 0)
-    codes: dict[int, int] = {}
-    stopping = []
-
-    def forward(signum, _frame):
-        stopping.append(signum)
-        for proc in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    forwarded = (warning_signal(), signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)  # blocked by a SLURM job script until handled
-    try:
-        while running:
-            for worker_id, proc in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                if code == PreemptedError.exit_code and not stopping and restarts[worker_id] < _MAX_LOCAL_RESTARTS:
-                    restarts[worker_id] += 1
-                    print(f"deepsports: tune worker {worker_id} was stopped (exit {code}); restarting it "
-                          f"(restart {restarts[worker_id]})", file=sys.stderr)
-                    running[worker_id] = start(worker_id)
-                    continue
-                codes[worker_id] = code
-                del running[worker_id]
-            time.sleep(0.2)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    failed = [code for code in codes.values() if code != 0]
-    if failed:
-        print(f"deepsports: {len(failed)} of {len(codes)} tune workers failed (exit codes "
-              f"{[codes[w] for w in sorted(codes)]})", file=sys.stderr)
-        return 75 if all(code == 75 for code in failed) else max(failed)
-    return 0
-
-
-#: How often ``--workers N`` restarts one stopped worker (a worker stopped more often stays stopped).
-_MAX_LOCAL_RESTARTS = 10
-
-
-def _strip_option(argv: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-            continue
-        if item == name:
-            skip = True
-            continue
-        if item.startswith(name + "="):
-            continue
-        out.append(item)
-    return out
-
-
 def _cmd_best(args: argparse.Namespace) -> int:
     from deepsports.tune.checks import check_study_name
 
@@ -274,21 +193,23 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from deepsports.slurm import jobs as slurm
+    from deepsports.slurm.folders import check_job_cache_dir, check_job_journal
+    from deepsports.slurm.profile import load_profile
     from deepsports.tracking.uris import redact_uri, tracking_uri
 
-    profile = slurm.load_profile(args.profile)
+    profile = load_profile(args.profile)
     rest = list(args.args)
     kwargs: dict[str, Any] = {}
     if args.kind == "tune":
         storage, where, cache = _check_submitted_tune(rest, args.storage, profile)
         kwargs.update(array_size=args.array_size, array_concurrency=args.array_concurrency,
                       study_storage=args.storage if args.storage is not None or "--storage" in rest else storage)
-        _check_job_journal(storage, where, profile)
+        check_job_journal(storage, where, profile)
     elif args.array_size or args.array_concurrency or args.storage or args.missing:
         raise ConfigError("--array-size, --array-concurrency, --storage and --missing apply to `submit tune` only")
     else:
         cache = _check_submitted_config(args.kind, rest, args.build_parser)
-    _check_job_cache_dir(args.kind, cache, profile)
+    check_job_cache_dir(args.kind, cache, profile)
     if args.missing:
         job = _strict(argparse.ArgumentParser(prog="deepsports tune", add_help=False), "tune")
         _add_tune_arguments(job)
@@ -365,56 +286,6 @@ def _check_submitted_tune(rest: list[str], storage_flag: str | None, profile
         if "cache_dir" in values:
             return storage, where, (str(values["cache_dir"]), origin)
     return storage, where, None
-
-
-def _job_dir(profile) -> Path | None:
-    """The folder a job's relative paths start from (its workdir, else the submit directory); None when the
-    workdir names variables known only on the node."""
-    if not profile.workdir:
-        return Path.cwd()
-    folder = os.path.expandvars(profile.workdir)
-    return None if "$" in folder else Path(folder).expanduser()
-
-
-def _check_job_journal(storage: str, where: str, profile) -> None:
-    """A journal file the job can write: it exists writable, or its folder exists or can be made (exit 2)."""
-    from deepsports.fileio import uncreatable_folder
-
-    if "://" in storage:
-        return  # a server, or sqlite (its folder must exist: checked by resolve_storage)
-    base = _job_dir(profile)
-    if base is None:
-        return
-    path = base / Path(storage).expanduser()
-    if path.exists():
-        problem = None if os.access(path, os.W_OK) else f"{str(path)!r} is not writable by this user"
-    else:
-        problem = uncreatable_folder(path.parent)
-    if problem:
-        raise ConfigError(f"study storage {storage!r}{where} cannot be created: {problem}; give a journal path in a "
-                          "folder this user can write (the job would fail on the node)")
-
-
-def _check_job_cache_dir(kind: str, cache: tuple[str, str] | None, profile) -> None:
-    """The job's cache_dir exists or can be made (exit 2), checked here instead of failing on the node."""
-    from deepsports.config import config_fields
-    from deepsports.fileio import uncreatable_folder
-
-    if cache is None:
-        if profile.env.get("DEEPSPORTS_CACHE_DIR"):
-            cache = (profile.env["DEEPSPORTS_CACHE_DIR"], f"DEEPSPORTS_CACHE_DIR of {profile.source}")
-        elif os.environ.get("DEEPSPORTS_CACHE_DIR"):
-            cache = (os.environ["DEEPSPORTS_CACHE_DIR"], "$DEEPSPORTS_CACHE_DIR")
-        else:
-            cache = (str(config_fields()["cache_dir"].default), "the default")
-    value, source = cache
-    base = _job_dir(profile)
-    if base is None or "$" in value:
-        return
-    problem = uncreatable_folder(base / Path(value).expanduser())
-    if problem:
-        raise ConfigError(f"submit {kind}: cache_dir {value!r} ({source}) cannot be created: {problem}; give a "
-                          "folder this user can write with --set cache_dir=... (the job would fail on the node)")
 
 
 def _check_submitted_config(kind: str, rest: list[str], build_parser: Callable[[], argparse.ArgumentParser]

@@ -11,7 +11,7 @@ A pickle can run arbitrary code when loaded, so these files are only ever read b
 :func:`restricted_load`, which refuses every global except the handful of builtin containers and
 numpy scalar constructors such files may contain. Users who would rather avoid pickle entirely can
 convert once to JSON or CSV (``.json`` / ``.csv`` paths are accepted everywhere a ``.pkl`` is).
-:func:`restricted_load` lives in :mod:`deepsports.data.safe_pickle` and is re-exported here.
+:func:`restricted_load` lives in :mod:`deepsports.data.safe_pickle`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from deepsports.errors import DataError
 from deepsports.fileio import atomic_write
 
 __all__ = ["ClipAnnotation", "MtlAqaFiles", "shipped_annotation_files", "load_annotations", "load_split",
-           "save_annotations", "save_split", "restricted_load", "video_filename", "annotation_fingerprint",
+           "save_annotations", "save_split", "video_filename", "annotation_fingerprint",
            "REQUIRED_FIELDS", "INT_FIELDS"]
 
 #: Fields every annotation record must have.

@@ -229,7 +229,7 @@ def _raise_failure(futures: list[Future]) -> None:
 
 
 def _plan(root_dir: Path, annotations: Mapping[ClipKey, Any], keys: Iterable[ClipKey], directory: Path,
-          manifest: dict[str, Any], frame_size: tuple[int, int], skip_bad: bool
+          manifest: dict[str, Any], skip_bad: bool
           ) -> tuple[dict[int, list[ClipRange]], dict[ClipKey, CachedClip], dict[int, str], dict[ClipKey, str]]:
     """Split ``keys`` into clips to decode (by video), clips already cached, and known-bad ones."""
     by_video: dict[int, list[ClipKey]] = {}
@@ -318,8 +318,7 @@ def prepare_cache(root_dir: str | os.PathLike, annotations: Mapping[ClipKey, Any
             log.info("removed %d partial clip files left by an interrupted prepare in %s", removed, directory)
         manifest = load_manifest(directory, frame_size, root_dir)
         loaded = json.dumps(manifest, sort_keys=True)
-        todo, reused, bad_videos, bad_clips = _plan(root_dir, annotations, keys, directory, manifest, frame_size,
-                                                    skip_bad)
+        todo, reused, bad_videos, bad_clips = _plan(root_dir, annotations, keys, directory, manifest, skip_bad)
         if json.dumps(manifest, sort_keys=True) != loaded:  # a changed video drops its clips: record that first
             save_manifest(directory, manifest)
         cpus = _available_cpus()

@@ -20,25 +20,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from deepsports.errors import ConfigError, DeepSportsError
-from deepsports.slurm.env import SLURM_TAGS, ClusterEnv
+from deepsports.slurm.env import ClusterEnv
 from deepsports.slurm.profile import (
-    _NAME_RE,
-    PROFILE_DIR,
+    NAME_RE,
     SlurmProfile,
-    build_profile,
-    load_profile,
-    resolve_profile_path,
-    time_limit_seconds,
 )
 
-__all__ = ["KINDS", "PROFILE_DIR", "TEMPLATE_DIR", "SlurmError", "SlurmProfile", "build_profile", "load_profile",
-           "job_info", "render_script", "requeue_self", "resolve_profile_path", "slurm_env", "submit", "task_job_id",
-           "time_limit_seconds", "watch_hints", "worker_command"]
+__all__ = ["KINDS", "TEMPLATE_DIR", "SlurmError", "job_info", "render_script", "requeue_self", "slurm_env", "submit",
+           "task_job_id", "watch_hints", "worker_command"]
 
 KINDS = ("tune", "train", "prepare")
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "assets" / "slurm" / "templates"  # shipped (deepsports.locate)
-#: What a job knows about itself (``slurm_env``); the tuning workers tag their MLflow runs with these.
-SLURM_ENV_VARS = tuple(SLURM_TAGS)
 #: Seconds a SLURM command may take before it counts as failed: a hung controller must not eat the
 #: grace period of a job that is checkpointing (``$DEEPSPORTS_SLURM_TIMEOUT`` overrides it).
 COMMAND_TIMEOUT_S = 20.0
@@ -108,7 +100,7 @@ def render_script(kind: str, profile: SlurmProfile, command_args: Sequence[str],
         if type(value) is not int or value < 1:
             raise ConfigError(f"{key} = {value!r} is invalid: expected an integer >= 1")
     name = job_name or f"deepsports-{kind}"
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise ConfigError(f"job name {name!r} is invalid: expected letters, digits and _.,:@+- only")
 
     setup = ""

@@ -67,7 +67,8 @@ def _float_unless_colon(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
 _ProfileLoader.add_constructor("tag:yaml.org,2002:int", _int_unless_colon)
 _ProfileLoader.add_constructor("tag:yaml.org,2002:float", _float_unless_colon)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.,:@+-]+$")
+#: What a name handed to sbatch (partition, account, QOS, ...) may hold.
+NAME_RE = re.compile(r"^[A-Za-z0-9_.,:@+-]+$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _GPUS_RE = re.compile(r"^([A-Za-z0-9_.-]+:)?[1-9]\d*$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -109,7 +110,7 @@ def _int(source: str, key: str, value: Any, low: int, high: int | None = None) -
 def _name(source: str, key: str, value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.match(value):
         raise _bad(source, key, value, "a SLURM name without spaces or quotes")
     return value
 

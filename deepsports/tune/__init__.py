@@ -36,7 +36,7 @@ _EXPORTS = {
     'end_dead_run': 'recovery',
     'export_best': 'report',
     'find_trial_run': 'recovery',
-    'last_sign_of_life': 'recovery',
+    'last_sign_of_life': 'accounting',
     'load_existing_study': 'report',
     'load_search_space': 'search_space',
     'log_study_plots': 'report',

@@ -16,15 +16,26 @@ their square). :func:`attempts_of` joins them into each record's ``epochs`` list
 (``{"epoch": 1, "end": 1764222011.0, "seconds": 10.9}``, seconds since the previous epoch or the
 attempt's start).
 
+The record also holds the worker's ``heartbeat_s`` and ``grace_s`` (its heartbeat interval and grace
+period): ``deepsports status`` flags a RUNNING trial silent for longer than ``grace_s`` as stale.
+
 ``outcome`` is ``running``, ``complete``, ``pruned``, ``failed``, ``paused`` or ``dead``. A killed
 worker writes nothing more: its attempt stays ``running`` and is read as ``dead`` once the trial is
-no longer RUNNING (the sweep failed it), ending at the trial's last heartbeat (:func:`attempts_of`).
+no longer RUNNING (the sweep failed it). When it died is known to within one heartbeat interval: it
+was alive at its last sign of life (its last heartbeat or its last finished epoch, whichever came
+later) and dead before the heartbeat that never came (last heartbeat + ``heartbeat_s``); the dead
+attempt ends in the middle of that window (:func:`cut_off_end`), at most half an interval from the
+truth, and always after its last finished epoch.
 
 Compute lost (:func:`lost_seconds`) is the work an attempt did after the last checkpoint that the
 next attempt resumes from: for a dead attempt, from its last finished epoch (the epoch checkpoint is
-written just before the epoch's callback) to its last heartbeat; for a paused attempt, from the
-checkpoint the pause wrote (``checkpoint_at``) to its end. Failed, pruned and complete attempts lose
-nothing in that sense (a failed trial's compute is reported apart, as ``failed_s``).
+written just before the epoch's callback) to its end; for a paused attempt, from the checkpoint the
+pause wrote (``checkpoint_at``) to its end. Failed, pruned and complete attempts lose nothing in that
+sense (a failed trial's compute is reported apart, as ``failed_s``).
+
+An epoch that finished just before a stop (training checks the stop after the epoch's checkpoint, before
+its callback) gets its ``epoch_end`` record when the attempt is paused, at its checkpoint file's time
+(:meth:`AttemptLedger.record_checkpointed_epochs`): every finished epoch is counted once.
 """
 
 from __future__ import annotations
@@ -52,11 +63,10 @@ from deepsports.tags import (
     RETRIED_BY_PREFIX,
     RETRIED_FROM_ATTR,
 )
+from deepsports.tune._optuna_compat import add_trial, set_study_attr, storage_of
 from deepsports.tune.checks import CAUSES
 
 log = logging.getLogger(__name__)
-
-OUTCOMES = ("running", "complete", "pruned", "failed", "paused", "dead")
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,10 +76,13 @@ OUTCOMES = ("running", "complete", "pruned", "failed", "paused", "dead")
 class AttemptLedger:
     """The attempt record of one trial in this worker; every change is written to the trial at once."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, number: int, task: str, worker: str):
-        self.storage, self.trial_id = study._storage, trial_id
+    def __init__(self, study: optuna.Study, trial_id: int, number: int, task: str, worker: str,
+                 heartbeat_s: float | None = None, grace_s: float | None = None):
+        self.storage, self.trial_id = storage_of(study), trial_id
         self.record: dict[str, Any] = {"trial": number, "task": task, "worker": worker}
+        self.beats = {"heartbeat_s": heartbeat_s, "grace_s": grace_s}
         self._previous: list[dict[str, Any]] = []
+        self._epochs: set[int] = set()
         self.started = False
 
     def start(self, resumed_epoch: int | None = None) -> None:
@@ -77,9 +90,10 @@ class AttemptLedger:
         self._previous = [dict(a) for a in frozen.user_attrs.get(ATTEMPTS_ATTR, [])]
         for old in self._previous:  # an attempt still "running" in a trial we now hold was cut off
             if old.get("outcome") == "running":
-                old.update(outcome="dead", end=_last_beat(frozen, {**old, "epochs": _epochs(frozen, old)}))
+                old.update(outcome="dead", end=cut_off_end(frozen, {**old, "epochs": _epochs(frozen, old)}))
         self.record.update(attempt=len(self._previous) + 1, start=time.time(), end=None, outcome="running",
-                           reason=None, resumed_epoch=resumed_epoch, checkpoint_at=None)
+                           reason=None, resumed_epoch=resumed_epoch, checkpoint_at=None,
+                           **{key: value for key, value in self.beats.items() if value is not None})
         self._last_epoch_end = self.record["start"]
         self.started = True
         self._write()
@@ -87,9 +101,34 @@ class AttemptLedger:
     def epoch(self, epoch: int) -> None:
         if not self.started:
             return
-        self._last_epoch_end = time.time()
-        self.storage.set_trial_user_attr(self.trial_id, f"{EPOCH_END_PREFIX}{self.record['attempt']}.{int(epoch)}",
-                                         self._last_epoch_end)
+        self._write_epoch(int(epoch), time.time())
+
+    def _write_epoch(self, epoch: int, end: float) -> None:
+        self._last_epoch_end = end
+        self._epochs.add(epoch)
+        self.storage.set_trial_user_attr(self.trial_id, f"{EPOCH_END_PREFIX}{self.record['attempt']}.{epoch}", end)
+
+    def record_checkpointed_epochs(self, checkpoint_dir: str | os.PathLike) -> list[int]:
+        """Record the epochs this attempt finished whose callback never ran (a stop came between the epoch's
+        checkpoint and its callback), at their checkpoint file's time; returns their numbers."""
+        if not self.started or self.record["outcome"] != "running":
+            return []
+        after = max([*self._epochs, int(self.record.get("resumed_epoch") or 0)])
+        found = []
+        for path in Path(checkpoint_dir).glob("epoch-*.pt"):
+            stem = path.stem.removeprefix("epoch-")
+            try:
+                written = path.stat().st_mtime
+            except OSError:
+                continue
+            if stem.isdigit() and int(stem) > after and written >= float(self.record["start"]):
+                found.append((int(stem), written))
+        for epoch, written in sorted(found):
+            self._write_epoch(epoch, written)
+        if found:
+            log.info("trial %s: epoch(s) %s finished just before the stop: counted at their checkpoint's time",
+                     self.record["trial"], ", ".join(str(e) for e, _ in sorted(found)))
+        return [epoch for epoch, _ in sorted(found)]
 
     def finish(self, outcome: str, reason: str | None = None, checkpoint_at: float | None = None) -> None:
         """Close the attempt (before the trial is told or paused). Never raises for a finished trial."""
@@ -120,14 +159,28 @@ def newest_checkpoint_time(checkpoint_dir: str | os.PathLike) -> float | None:
 # Reading
 # --------------------------------------------------------------------------------------------
 
-def _last_beat(trial: FrozenTrial, attempt: dict[str, Any]) -> float:
-    """The end of a cut-off attempt: its last heartbeat (or last epoch, or start, whichever is latest)."""
+def last_sign_of_life(trial: FrozenTrial) -> float:
+    """The trial's last heartbeat, or its (re)start time when it has not beaten since."""
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return max(float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
+
+
+def cut_off_end(trial: FrozenTrial, attempt: dict[str, Any]) -> float:
+    """When a cut-off (dead) attempt ended: the middle between its last sign of life (last heartbeat, last
+    finished epoch or start, whichever is latest) and the heartbeat that never came (last heartbeat +
+    ``heartbeat_s``). Records without ``heartbeat_s`` (older workers) end at the last sign of life."""
     epochs = attempt.get("epochs") or []
     candidates = [float(attempt["start"]), *(float(e["end"]) for e in epochs[-1:])]
     beat = trial.user_attrs.get(HEARTBEAT_ATTR)
-    if beat is not None and float(beat) >= float(attempt["start"]):
+    if beat is not None and float(beat) >= float(attempt["start"]) - 1.0:
+        # A trial beats once as its attempt starts (just before the ledger's start): that beat is this attempt's.
         candidates.append(float(beat))
-    return max(candidates)
+    alive = max(candidates)
+    interval = attempt.get("heartbeat_s")
+    if beat is None or interval is None or float(beat) < float(attempt["start"]) - 1.0:
+        return alive
+    dead_by = float(beat) + float(interval)
+    return (alive + dead_by) / 2 if dead_by > alive else alive
 
 
 def _epochs(trial: FrozenTrial, attempt: dict[str, Any]) -> list[dict[str, Any]]:
@@ -149,7 +202,7 @@ def attempts_of(trial: FrozenTrial) -> list[dict[str, Any]]:
         attempt = dict(attempt)
         attempt["epochs"] = _epochs(trial, attempt)
         if attempt.get("outcome") == "running" and trial.state != TrialState.RUNNING:
-            attempt.update(outcome="dead", end=_last_beat(trial, attempt))
+            attempt.update(outcome="dead", end=cut_off_end(trial, attempt))
         out.append(attempt)
     return out
 
@@ -210,7 +263,7 @@ def links(study_attrs: dict[str, Any], prefix: str) -> dict[int, int]:
 
 def link(study: optuna.Study, prefix: str, original: int, new: int) -> None:
     """Record on the study that ``new`` retries/re-runs ``original`` (the finished trial cannot hold it)."""
-    study._storage.set_study_user_attr(study._study_id, f"{prefix}{original}", int(new))
+    set_study_attr(study, f"{prefix}{original}", int(new))
 
 
 def retried_from(trial: FrozenTrial) -> int | None:
@@ -252,18 +305,18 @@ def enqueue_reruns(study: optuna.Study, causes: Iterable[str] = ()) -> list[tupl
         template = optuna.trial.create_trial(
             state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
             user_attrs={RERUN_OF_ATTR: failed.number, RERUN_CAUSE_ATTR: cause})
-        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-        number = study._storage.get_trial_number_from_id(trial_id)
+        number = add_trial(study, template)
         link(study, RERUN_BY_PREFIX, failed.number, number)
         log.info("queued trial %d: a re-run of failed trial %d (%s)", number, failed.number, cause)
         out.append((failed.number, number))
     return out
 
 
-def work_left(trials: list[FrozenTrial], max_trials: int, reruns: int = 0) -> int:
+def work_left(trials: list[FrozenTrial], max_trials: int, reruns: int = 0, stale: int = 0) -> int:
     """Trials still to run: originals not yet created under ``max_trials``, plus every WAITING trial (paused,
-    retry, re-run), plus ``reruns`` about to be queued."""
+    retry, re-run), plus ``reruns`` about to be queued, plus ``stale`` RUNNING trials of dead workers (a new
+    worker's sweep fails them and runs their retries)."""
     originals = sum(not is_extra(t) and not (t.user_attrs.get(REASON_ATTR) or "").startswith("not run:")
                     for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
-    return max(0, max_trials - originals) + waiting + reruns
+    return max(0, max_trials - originals) + waiting + reruns + stale

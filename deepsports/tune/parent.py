@@ -36,7 +36,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from deepsports.errors import ConfigError, StorageError
-from deepsports.tags import MAX_TRIALS_ATTR, PARENT_RUN_ATTR, TRACKING_URI_ATTR
+from deepsports.tags import MAX_TRIALS_ATTR, PARENT_RUN_ATTR, PARENT_STATE_ATTR, TRACKING_URI_ATTR
 from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
 from deepsports.tracking.uris import absolute_uri, redact_uri, sqlite_path, tracking_uri
@@ -89,16 +89,16 @@ def settle_parent(study: optuna.Study, tracker: RunTracker | None = None, *,
     try:
         current = call_with_retry("read study run", tracker.uri, tracker.client.get_run, parent).info.status
         if current == state or (only_if_running and current != "RUNNING"):
+            record_state(study, current)
             return current
         if state == "RUNNING":
-            call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent,
-                                     status="RUNNING")
+            call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
         else:
-            call_with_retry("end study run", tracker.uri, tracker.client.set_terminated, parent,
-                                     status=state)
+            call_with_retry("end study run", tracker.uri, tracker.client.set_terminated, parent, status=state)
     except StorageError as exc:
         log.warning("could not settle the state of study %r's parent run %s: %s", study.study_name, parent, exc)
         return None
+    record_state(study, state)
     if current == "RUNNING" and state != "RUNNING":
         log.info("study %r: no worker is alive; its parent run %s is now %s (was RUNNING)", study.study_name,
                  parent, state)
@@ -114,6 +114,24 @@ def mark_running(study: optuna.Study, tracker: RunTracker) -> None:
         call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
     except StorageError as exc:
         log.warning("could not mark study %r's parent run %s RUNNING: %s", study.study_name, parent, exc)
+        return
+    record_state(study, "RUNNING")
+
+
+def record_state(study: optuna.Study, state: str) -> None:
+    """Keep the parent run's state in the study too (``deepsports.parent_run_state``), written when it changes:
+    a reader (``status``) then opens MLflow only when that says RUNNING and no worker beats (a worker that
+    died without settling it), not on every look."""
+    if study.user_attrs.get(PARENT_STATE_ATTR) != state:
+        study.set_user_attr(PARENT_STATE_ATTR, state)
+
+
+def may_be_stale(study: optuna.Study, grace_s: float = DEFAULT_GRACE_S) -> bool:
+    """Whether the parent run may be RUNNING with no worker alive (only then must a reader look in MLflow)."""
+    recorded = study.user_attrs.get(PARENT_STATE_ATTR)
+    if recorded is not None and recorded != "RUNNING":
+        return False  # a worker settled it; a worker starting since would have recorded RUNNING
+    return parent_state(study.get_trials(deepcopy=False), None, grace_s) != "RUNNING"
 
 
 # --------------------------------------------------------------------------------------------

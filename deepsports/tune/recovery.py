@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -48,6 +49,8 @@ from deepsports.errors import StorageError
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tags import (
     CKPT_ATTR,
+    CKPT_LOST_ATTR,
+    CKPT_LOST_TAG,
     EXPERIMENT_ATTR,
     HEARTBEAT_ATTR,
     OPTUNA_TRIAL_STATE_TAG,
@@ -63,26 +66,39 @@ from deepsports.tags import (
 )
 from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
+from deepsports.tune._optuna_compat import add_trial, set_study_attr, storage_of, trial_id_of, trials_in
+from deepsports.tune.accounting import last_sign_of_life
+from deepsports.tune.settings import WORKER_GROUP_ENV
 
 log = logging.getLogger(__name__)
 
 
 
 def task_identity(worker_id: int | None = None) -> str:
-    """Who runs this worker, stable across a requeue: ``<array job>_<task>`` (or the job id) under SLURM,
-    else ``<host>/worker-<id>`` (``deepsports tune --workers N`` restarts a worker with the same id)."""
-    return ClusterEnv.read().task_job_id or f"{socket.gethostname()}/worker-{worker_id or 0}"
+    """Who runs this worker, stable across a requeue and unique per worker: ``<array job>_<task>`` (or the
+    job id) under SLURM, else ``<host>:<pid>/worker-<id>``, the pid being that of the ``deepsports tune
+    --workers N`` process that started (and restarts) the worker with that id, else the worker's own: two
+    ``tune`` processes on one host never share an identity (nor take each other's paused trial for their own)."""
+    group = os.environ.get(WORKER_GROUP_ENV) or str(os.getpid())
+    return ClusterEnv.read().task_job_id or f"{socket.gethostname()}:{group}/worker-{worker_id or 0}"
 
 
-def last_sign_of_life(trial: FrozenTrial) -> float:
-    """The trial's last heartbeat, or its (re)start time when it has not beaten since."""
-    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-    return max(float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
+def stale_trials(trials: list[FrozenTrial], grace_period: float, now: float | None = None) -> list[FrozenTrial]:
+    """The RUNNING trials silent for longer than ``grace_period`` s: their worker is dead (or stalled), and the
+    next worker of the study to sweep fails and retries them."""
+    now = time.time() if now is None else now
+    return [t for t in trials if t.state == TrialState.RUNNING and now - last_sign_of_life(t) > grace_period]
+
+
+def will_retry(trial: FrozenTrial, max_retry: int | None) -> bool:
+    """Whether :func:`retry_trial` queues a retry of ``trial`` when it dies (``max_retry`` not used up)."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    return max_retry is None or len(history) <= max_retry
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
     """An RDB storage opened with a heartbeat interval (Optuna's own heartbeat and stale-trial check)."""
-    interval = getattr(study._storage, "get_heartbeat_interval", None)
+    interval = getattr(storage_of(study), "get_heartbeat_interval", None)
     return interval is not None and interval() is not None
 
 
@@ -113,7 +129,7 @@ class TrialHeartbeat:
             self._thread.join()
 
     def beat(self) -> None:
-        storage = self.study._storage
+        storage = storage_of(self.study)
         try:
             if uses_optuna_heartbeat(self.study):
                 storage.record_heartbeat(self.trial_id)
@@ -137,15 +153,15 @@ class TrialHeartbeat:
 def pause_trial(study: optuna.Study, trial: optuna.Trial, identity: str, checkpoint_dir: str,
                 run_id: str | None) -> None:
     """Record the pause, then move the trial RUNNING -> WAITING (same number, params, intermediate values)."""
-    storage = study._storage
-    frozen = storage.get_trial(trial._trial_id)
+    storage, trial_id = storage_of(study), trial_id_of(trial)
+    frozen = storage.get_trial(trial_id)
     attrs: dict[str, Any] = {PAUSED_AT_ATTR: time.time(), PAUSED_BY_ATTR: identity, CKPT_ATTR: checkpoint_dir,
                              PAUSES_ATTR: int(frozen.user_attrs.get(PAUSES_ATTR, 0)) + 1}
     if run_id:
         attrs[RUN_ATTR] = run_id
     for key, value in attrs.items():
-        storage.set_trial_user_attr(trial._trial_id, key, value)
-    storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+        storage.set_trial_user_attr(trial_id, key, value)
+    storage.set_trial_state_values(trial_id, TrialState.WAITING)
     log.info("paused trial %d (checkpoint %s, MLflow run %s): the next worker of the study resumes it",
              trial.number, checkpoint_dir, run_id)
 
@@ -156,21 +172,46 @@ def claim_waiting(study: optuna.Study, identity: str) -> optuna.Trial | None:
     The claim is the storage's atomic WAITING -> RUNNING transition: when two workers race for one
     trial exactly one gets it. None when nothing waits.
     """
-    storage = study._storage
-    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    storage = storage_of(study)
+    waiting = trials_in(study, TrialState.WAITING)
     waiting = sorted(waiting, key=lambda t: (t.user_attrs.get(PAUSED_BY_ATTR) != identity, t.number))
     for frozen in waiting:
         if uses_optuna_heartbeat(study):
             # A paused trial keeps its last heartbeat row: refresh it before the trial is RUNNING again,
             # or a sweeping worker could fail it as stale in the instant after our claim.
-            storage.record_heartbeat(frozen._trial_id)
+            storage.record_heartbeat(trial_id_of(frozen))
         try:
-            if not storage.set_trial_state_values(frozen._trial_id, TrialState.RUNNING):
+            if not storage.set_trial_state_values(trial_id_of(frozen), TrialState.RUNNING):
                 continue
         except UpdateFinishedTrialError:
             continue
-        return optuna.trial.Trial(study, frozen._trial_id)
+        return optuna.trial.Trial(study, trial_id_of(frozen))
     return None
+
+
+def keep_run_of_lost_checkpoint(trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path, config: Any,
+                                ledger: Any) -> dict[str, str]:
+    """A trial that trained before (it has an MLflow run) but whose checkpoint folder is gone (a scratch
+    purge) restarts from epoch 1 in the same MLflow run, said loudly: the epochs that run holds keep their
+    values (the re-run's are not logged again) and no second run carries the trial's number. ``ledger`` is
+    the attempt's :class:`~deepsports.tune.accounting.AttemptLedger`. Returns the MLflow tags to add."""
+    from deepsports.train.checkpoints import CheckpointManager  # torch: only once a trial runs
+
+    run_id = frozen.user_attrs.get(RUN_ATTR)
+    manager = CheckpointManager(ckpt_dir)
+    if not run_id or config.resume != "auto" or (ckpt_dir.is_dir() and (manager.latest_valid() is not None
+                                                                        or manager.recorded_run() is not None)):
+        return {}
+    epochs = max(frozen.intermediate_values, default=0)
+    log.warning("trial %d: its checkpoint folder %s is gone (purged or deleted): the checkpoint is LOST and "
+                "%d finished epoch(s) train again from epoch 1, in the same MLflow run %s (the values it holds "
+                "for those epochs are kept, the re-run's are not logged)", trial.number, ckpt_dir, epochs, run_id)
+    lost = {"at": time.time(), "checkpoint_dir": str(ckpt_dir), "epochs": epochs, "attempt": ledger.record.get("attempt")}
+    trial.set_user_attr(CKPT_LOST_ATTR, [*frozen.user_attrs.get(CKPT_LOST_ATTR, []), lost])
+    ledger.record["checkpoint_lost"] = epochs  # written with the attempt's next record
+    manager.record_run(run_id, config.to_dict())  # train() resumes the run this file names, from epoch 1
+    return {CKPT_LOST_TAG: f"checkpoint folder {ckpt_dir} gone before attempt {lost['attempt']}: "
+                           f"{epochs} epoch(s) trained again"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +261,7 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retry:
                 run_id: str | None = None) -> bool:
     """Queue a WAITING copy of a dead trial (same params) that resumes its checkpoint and MLflow run."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if max_retry is not None and len(history) > max_retry:
+    if not will_retry(trial, max_retry):
         log.warning("trial %d died %d times; not retried again (max_retry=%d)", history[0], len(history), max_retry)
         return False
     attrs = {RETRIED_FROM_ATTR: trial.number, RETRY_REASON_ATTR: reason[:2000]}
@@ -235,10 +276,9 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, reason: str, max_retry:
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=attrs,
         system_attrs={"failed_trial": history[0], "retry_history": history},
         intermediate_values=trial.intermediate_values)
-    retry_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    retry_number = add_trial(study, template)
     # The dead trial is finished (Optuna refuses writes to it): the link to its retry is a study attribute.
-    study._storage.set_study_user_attr(study._study_id, f"{RETRIED_BY_PREFIX}{trial.number}",
-                                       study._storage.get_trial_number_from_id(retry_id))
+    set_study_attr(study, f"{RETRIED_BY_PREFIX}{trial.number}", retry_number)
     log.warning("trial %d failed: %s; queued a retry with its params (checkpoints %s)", trial.number, reason,
                 attrs.get(CKPT_ATTR))
     return True
@@ -269,21 +309,19 @@ def sweep_stale_journal_trials(study: optuna.Study, grace_period: float, max_ret
     the journal applies the first FAIL and refuses the second).
     """
     now = time.time() if now is None else now
-    storage = study._storage
+    storage = storage_of(study)
     failed = []
-    for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in stale_trials(trials_in(study, TrialState.RUNNING), grace_period, now):
         silent = now - last_sign_of_life(trial)
-        if silent <= grace_period:
-            continue
         reason = (f"worker {trial.user_attrs.get(WORKER_ATTR, '?')} stopped beating: no heartbeat for "
                   f"{silent:.0f} s > grace period {grace_period:.0f} s (killed or node lost); swept by "
                   f"{socket.gethostname()}:{os.getpid()}")
         try:
-            storage.set_trial_user_attr(trial._trial_id, REASON_ATTR, reason)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id_of(trial), REASON_ATTR, reason)
+            storage.set_trial_state_values(trial_id_of(trial), TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # finished meanwhile, or another worker swept it first
-        frozen = storage.get_trial(trial._trial_id)
+        frozen = storage.get_trial(trial_id_of(trial))
         run_id = end_dead_run(study, frozen, reason)
         retry_trial(study, frozen, reason, max_retry, run_id)
         failed.append(trial.number)

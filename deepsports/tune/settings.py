@@ -20,6 +20,8 @@ PRUNERS = ("median", "hyperband", "none")
 DEFAULT_STORAGE = "optuna-journal.log"
 #: The environment variable that overrides the default study storage of ``tune`` and ``best``.
 STORAGE_ENV = "DEEPSPORTS_STUDY_STORAGE"
+#: Set by ``deepsports tune --workers N`` for its workers: its own pid (see deepsports.tune.recovery.task_identity).
+WORKER_GROUP_ENV = "DEEPSPORTS_TUNE_WORKER_GROUP"
 
 #: Option kinds: how a flag's text becomes the field's value (the CLI owns the parsing).
 #: ``count``/``seconds``: a number >= 0, 0 meaning no limit (None); ``overrides``: repeated KEY=VALUE;

@@ -91,10 +91,15 @@ def _last_task(attempts: list[dict[str, Any]]) -> str | None:
 
 
 def _running(t: FrozenTrial, attempts: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    """A RUNNING trial; ``stale`` when silent for longer than its worker's grace period (the worker is dead or
+    stalled: the next worker's sweep fails and retries it), None when the grace period is not recorded."""
     beat = t.user_attrs.get(HEARTBEAT_ATTR)
     epochs = attempts[-1].get("epochs", []) if attempts else []
+    grace = attempts[-1].get("grace_s") if attempts else None
+    silent = now - acc.last_sign_of_life(t)
     return {"trial": t.number, "task": t.user_attrs.get(TASK_ATTR), "epoch": epochs[-1]["epoch"] if epochs else 0,
-            "heartbeat_age_s": None if beat is None else round(now - float(beat), 1), "attempt": len(attempts)}
+            "heartbeat_age_s": None if beat is None else round(now - float(beat), 1), "attempt": len(attempts),
+            "grace_s": grace, "stale": None if grace is None else silent > float(grace)}
 
 
 def _waiting(t: FrozenTrial) -> dict[str, Any]:
@@ -212,7 +217,10 @@ def render_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
                        + ", ".join(f"{s[k]} {k}" for k in STATES))]
     for r in doc["running"]:
         age = "no heartbeat yet" if r["heartbeat_age_s"] is None else f"heartbeat {r['heartbeat_age_s']:.0f} s ago"
-        rows.append(("running", f"trial {r['trial']} on {r['task']}, epoch {r['epoch']} done, {age}"))
+        stale = (f": STALE, past the grace period of {r['grace_s']:.0f} s (its worker is dead or stalled; the next "
+                 "worker of the study fails and retries it: `deepsports submit tune --missing` submits one)"
+                 if r.get("stale") else "")
+        rows.append(("running", f"trial {r['trial']} on {r['task']}, epoch {r['epoch']} done, {age}{stale}"))
     for w in doc["waiting"]:
         what = {"paused": f"paused by {w['paused_by']} since {w['since']}", "retry": f"queued retry of trial {w['retry_of']}",
                 "rerun": f"queued re-run of trial {w['rerun_of']}", "enqueued": "enqueued"}[w["kind"]]

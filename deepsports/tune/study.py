@@ -7,7 +7,7 @@ Storages (:func:`open_storage`), given as a path or URL:
   writer killed mid-append is set aside (:mod:`deepsports.tune.journal`);
 * ``sqlite:///file.db``, ``postgresql://...``, ``mysql://...``: ``RDBStorage`` with a heartbeat; a
   trial whose worker stops beating (killed, node lost) is failed by the next worker and queued again
-  with the same params (:class:`deepsports.recovery.StaleTrialRetry`, a
+  with the same params (:class:`deepsports.tune.recovery.StaleTrialRetry`, a
   ``RetryHeartbeatStaleTrialCallback``). Optuna's journal storage has no heartbeat: DeepSports keeps
   one in a trial user attribute and sweeps stale trials itself (:mod:`deepsports.tune.recovery`).
 
@@ -46,6 +46,7 @@ from deepsports.tags import (
     OPTUNA_STORAGE_TAG,
     OPTUNA_STUDY_NAME_TAG,
     PARENT_RUN_ATTR,
+    PARENT_STATE_ATTR,
     RUN_ATTR,
     SPACE_ATTR,
     SPACE_SHA_ATTR,
@@ -221,12 +222,12 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
     tags = {KIND_TAG: "study", OPTUNA_STUDY_NAME_TAG: name, OPTUNA_STORAGE_TAG: label,
             SPACE_TAG: str(space.path), SPACE_SHA_TAG: space.sha256,
             OPTUNA_SAMPLER_TAG: type(sampler).__name__, OPTUNA_PRUNER_TAG: type(pruner).__name__, **(parent_tags or {})}
-    from deepsports.tune.parent import check_same_store, store_label  # parent imports recovery, which imports us
+    from deepsports.tune.parent import check_same_store, record_state, store_label  # (parent imports recovery: us)
 
     store = tracker_uri or tracking_uri()
     if created:
         attrs = {SPACE_ATTR: str(space.path), SPACE_SHA_ATTR: space.sha256, EXPERIMENT_ATTR: experiment,
-                 TRACKING_URI_ATTR: store_label(store)}
+                 TRACKING_URI_ATTR: store_label(store), PARENT_STATE_ATTR: "RUNNING"}
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         # Under heavy load this can outlast a joiner's wait, and the joiner adopts the study meanwhile.
@@ -249,6 +250,7 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
         parent = attrs[PARENT_RUN_ATTR]
         # A finished study that gets more trials runs again.
         call_with_retry("reopen study run", tracker.uri, tracker.client.update_run, parent, status="RUNNING")
+        record_state(study, "RUNNING")
         log.info("joined study %r in %s, MLflow parent run %s", name, label, parent)
         return study, parent
     log.warning("study %r has no MLflow parent run after %.0f s (did its creator die?): adopting it", name,

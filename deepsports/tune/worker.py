@@ -10,7 +10,7 @@ last slot at once). Retries of dead workers' trials do not count against ``max_t
 Trials. The sampled config trains with ``parent_run_id`` set; validation Spearman is reported every
 epoch and a pruned trial stops at once (its run ends KILLED). A trial whose training raises
 :class:`TrainingError` (NaN loss, out of memory), whose sampled config is invalid or whose
-checkpoint is bad is FAIL with the reason in the user attribute ``deepsports.fail_reason``, and the
+checkpoint is bad is FAIL with the reason in the user attribute ``deepsports.failure_reason``, and the
 study goes on.
 
 Preemption (SIGUSR1/SIGTERM, ``stop_requested``) or Ctrl-C: training writes its checkpoint and ends
@@ -49,11 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from mlflow.entities import Metric
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from deepsports.config import format_value
 from deepsports.errors import (
     CheckpointError,
     ConfigError,
@@ -64,38 +62,25 @@ from deepsports.errors import (
     StorageError,
     TrainingError,
 )
-from deepsports.slurm.env import ClusterEnv
 from deepsports.tags import (
     CKPT_ATTR,
     CONFIG_ATTR,
     EXPERIMENT_ATTR,
     MAX_TRIALS_ATTR,
-    OPTUNA_MAX_TRIALS_TAG,
-    OPTUNA_PARAM_TAG_PREFIX,
-    OPTUNA_PRUNER_TAG,
-    OPTUNA_RETRY_OF_TAG,
-    OPTUNA_RETRY_TRIAL_NUMBER_TAG,
-    OPTUNA_SAMPLER_TAG,
-    OPTUNA_STORAGE_TAG,
-    OPTUNA_STUDY_NAME_TAG,
-    OPTUNA_TRIAL_NUMBER_TAG,
-    OPTUNA_TRIAL_STATE_TAG,
     PARENT_RUN_ATTR,
     REASON_ATTR,
     RESUMED_ATTR,
     RESUMED_FROM_TAG,
     RUN_ATTR,
-    SPACE_SHA_TAG,
     TASK_ATTR,
     WORKER_ATTR,
 )
 from deepsports.tracking.runs import RunTracker
-from deepsports.tracking.store import call_with_retry
 from deepsports.train.checkpoints import CheckpointManager
 from deepsports.train.state import TrainHooks
-from deepsports.tune import accounting, recovery
+from deepsports.tune import accounting, bookkeeping, recovery
 from deepsports.tune import parent as study_parent
-from deepsports.tune import status as study_status
+from deepsports.tune._optuna_compat import storage_of, trial_id_of
 from deepsports.tune.accounting import retried_from
 from deepsports.tune.checks import check_overrides
 from deepsports.tune.search_space import SearchSpace, load_search_space
@@ -108,7 +93,6 @@ from deepsports.tune.study import (
     make_sampler,
     open_storage,
     open_study,
-    storage_label,
     summarize,
     worker_label,
     worker_seed,
@@ -155,11 +139,9 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     sampler = make_sampler(seed, settings.n_startup_trials)
     epochs = None if "epochs" in space.keys else int(constant(space, settings.overrides, "epochs"))
     pruner = make_pruner(settings.pruner, epochs, settings.pruner_startup_trials, settings.pruner_warmup_epochs)
-    tags = {OPTUNA_SAMPLER_TAG: f"TPESampler(seed={settings.seed}, multivariate=True, group=True, constant_liar=True)",
-            OPTUNA_PRUNER_TAG: settings.pruner, OPTUNA_MAX_TRIALS_TAG: str(settings.max_trials or "none"),
-            OPTUNA_STORAGE_TAG: storage_label(settings.storage)}
     study, _ = open_study(settings.study_name, storage, space, sampler=sampler, pruner=pruner,
-                          overrides=settings.overrides, parent_tags=tags, parent_wait_s=settings.parent_wait_s)
+                          overrides=settings.overrides, parent_tags=bookkeeping.parent_tags(settings),
+                          parent_wait_s=settings.parent_wait_s)
     if settings.max_trials is not None and study.user_attrs.get(MAX_TRIALS_ATTR) != settings.max_trials:
         study.set_user_attr(MAX_TRIALS_ATTR, settings.max_trials)
     if settings.rerun_failed:
@@ -173,7 +155,7 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
         # worker's trial is alive, else KILLED/FAILED as the trials say), never RUNNING forever.
         study_parent.settle_parent(study, worker.tracker, grace_s=settings.grace)
         raise
-    worker.close_parent_if_done()
+    bookkeeping.close_parent_if_done(study, worker.tracker, settings.storage, settings.grace)
     return summarize(study, worker.trials_run)
 
 
@@ -224,9 +206,10 @@ class _Worker:
             self._run_trial(trial)
 
     def _run_trial(self, trial: optuna.Trial) -> None:
-        heartbeat = recovery.TrialHeartbeat(self.study, trial._trial_id, self.settings.heartbeat_interval)
-        self.ledger = ledger = accounting.AttemptLedger(self.study, trial._trial_id, trial.number, self.identity,
-                                                        self.label)
+        heartbeat = recovery.TrialHeartbeat(self.study, trial_id_of(trial), self.settings.heartbeat_interval)
+        self.ledger = ledger = accounting.AttemptLedger(self.study, trial_id_of(trial), trial.number, self.identity,
+                                                        self.label, heartbeat_s=self.settings.heartbeat_interval,
+                                                        grace_s=self.settings.grace)
         state, value, failed = None, None, None
         with heartbeat:
             study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
@@ -265,11 +248,11 @@ class _Worker:
             return
         if state is None:
             return
-        reason = self.study._storage.get_trial(trial._trial_id).user_attrs.get(REASON_ATTR)
+        reason = storage_of(self.study).get_trial(trial_id_of(trial)).user_attrs.get(REASON_ATTR)
         ledger.finish(_OUTCOMES[state], reason if state == TrialState.FAIL else None)
         frozen = self._tell(trial, state, value)
         if frozen is not None:
-            self.after_trial(frozen)
+            bookkeeping.record_trial(self.study, frozen, self.tracker, self.settings.storage)
         self._stop_if_failing_alike(failed)
 
     def _stop_if_failing_alike(self, failed: BaseException | None) -> None:
@@ -311,16 +294,17 @@ class _Worker:
                         "worker retries it", trial.number, exc)
 
     def _pause(self, trial: optuna.Trial) -> None:
-        frozen = self.study._storage.get_trial(trial._trial_id)
+        frozen = storage_of(self.study).get_trial(trial_id_of(trial))
         ckpt = frozen.user_attrs.get(CKPT_ATTR) or str(self._checkpoint_dir(trial.number))
         try:
             run_id = recovery.find_trial_run(self.study, frozen, self.tracker)
         except StorageError as exc:
             log.warning("could not find the MLflow run of paused trial %d: %s", trial.number, exc)
             run_id = None
+        self.ledger.record_checkpointed_epochs(ckpt)
         self.ledger.finish("paused", checkpoint_at=accounting.newest_checkpoint_time(ckpt))
         recovery.pause_trial(self.study, trial, self.identity, ckpt, run_id)
-        self._publish(run_id, trial.number)
+        bookkeeping.publish(self.study, run_id, trial.number, self.tracker, self.settings.storage)
 
     def _wait_for_others(self) -> bool:
         """``max_trials`` reached and nothing waits: before leaving, make sure every other RUNNING trial
@@ -337,7 +321,7 @@ class _Worker:
                 return True
             if not trials:
                 return False
-            beats = {t._trial_id: recovery.last_sign_of_life(t) for t in trials}
+            beats = {trial_id_of(t): recovery.last_sign_of_life(t) for t in trials}
             if seen and all(seen.get(tid, -1.0) != beat for tid, beat in beats.items()):
                 return False  # every running trial beat since we looked: their workers are alive
             seen = {**beats, **seen}
@@ -371,13 +355,14 @@ class _Worker:
             trial.set_user_attr(REASON_ATTR, f"invalid sampled config: {exc}"[:2000])
             raise
         trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
-        tags = self._run_tags(trial, retry_of)
+        tags = bookkeeping.trial_run_tags(self.settings, self.space, trial, retry_of)
         resume_tags, missed = self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir))
         tags.update(resume_tags)
         if missed and trial.should_prune():
             # Training stopped after an epoch before its callback could ask the pruner: ask now, as then.
-            self._end_pruned_run(frozen)
+            bookkeeping.end_pruned_run(self.study, frozen, self.tracker)
             raise PrunedTrial(f"pruned after epoch {missed[-1]} (asked on resume)")
+        tags.update(recovery.keep_run_of_lost_checkpoint(trial, frozen, Path(checkpoint_dir), config, self.ledger))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
 
@@ -405,33 +390,6 @@ class _Worker:
             trial.set_user_attr(REASON_ATTR, reason)
             raise TrainingError(reason)
         return float(result.best_val_spearman)
-
-    def _end_pruned_run(self, frozen: FrozenTrial) -> None:
-        """End the run of a trial pruned before training resumed, as :func:`train` ends a pruned one."""
-        run_id = recovery.find_trial_run(self.study, frozen, self.tracker)
-        if not run_id:
-            return
-        uri, client = self.tracker.uri, self.tracker.client
-        try:
-            call_with_retry("tag pruned trial run", uri, client.set_tag, run_id, REASON_ATTR,
-                                     "PrunedTrial: pruned on resume")
-            call_with_retry("end pruned trial run", uri, client.set_terminated, run_id, status="KILLED")
-        except StorageError as exc:  # bookkeeping must not stop the study
-            log.warning("could not end the run of pruned trial %d: %s", frozen.number, exc)
-
-    def _run_tags(self, trial: optuna.Trial, retry_of: int | None) -> dict[str, str]:
-        tags = {OPTUNA_STUDY_NAME_TAG: self.settings.study_name, OPTUNA_TRIAL_NUMBER_TAG: str(trial.number),
-                OPTUNA_STORAGE_TAG: storage_label(self.settings.storage),
-                SPACE_SHA_TAG: self.space.sha256,
-                **{f"{OPTUNA_PARAM_TAG_PREFIX}{k}": format_value(v) for k, v in trial.params.items()}}
-        if retry_of is not None:
-            # The run is the dead trial's: it keeps the number that created it, and every attempt is in
-            # attempts.json (deepsports.tune.status.record_run_attempts).
-            tags.update({OPTUNA_RETRY_OF_TAG: str(retry_of), OPTUNA_TRIAL_NUMBER_TAG: str(retry_of),
-                         OPTUNA_RETRY_TRIAL_NUMBER_TAG: str(trial.number)})
-        # SLURM sets SLURM_RESTART_COUNT only after a requeue: tag 0 before, so every child says it.
-        tags.update(ClusterEnv.read().tags())
-        return tags
 
     def _artifact_defaults(self) -> dict[str, bool]:
         """Trials log neither their best.pt nor their model to MLflow (tens of MB each, a study has many),
@@ -474,45 +432,3 @@ class _Worker:
         if limit is None or any(t.state == TrialState.WAITING for t in trials):
             return False
         return sum(not accounting.is_extra(t) for t in trials) >= limit
-
-    # -- bookkeeping ------------------------------------------------------------------------
-    def after_trial(self, trial: FrozenTrial) -> None:
-        """Tag the child with the trial state; log the trial's value and the running best on the parent."""
-        if trial.state == TrialState.FAIL and RUN_ATTR not in trial.user_attrs and CKPT_ATTR not in trial.user_attrs:
-            return  # never trained (over budget): no run to tag
-        uri, client = self.tracker.uri, self.tracker.client
-        run_id = None
-        try:
-            run_id = recovery.find_trial_run(self.study, trial, self.tracker)
-            if run_id:
-                call_with_retry("tag trial run", uri, client.set_tag, run_id, OPTUNA_TRIAL_STATE_TAG,
-                                         trial.state.name)
-            if trial.state == TrialState.COMPLETE:
-                best = max(t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-                stamp = int(time.time() * 1000)
-                call_with_retry("log study metrics", uri, client.log_batch,
-                                         self.study.user_attrs[PARENT_RUN_ATTR],
-                                         metrics=[Metric("trial_value", float(trial.value), stamp, trial.number),
-                                                  Metric("best_value", float(best), stamp, trial.number)])
-        except StorageError as exc:  # bookkeeping must not stop the study
-            log.warning("could not record trial %d in MLflow: %s", trial.number, exc)
-        self._publish(run_id, trial.number)
-
-    def _publish(self, run_id: str | None, number: int) -> None:
-        """The trial's run lists its attempts; the parent run shows the study's status."""
-        if run_id:
-            study_status.record_run_attempts(self.study, run_id, self.tracker, number)
-        study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
-
-    def close_parent_if_done(self) -> None:
-        """End the parent run FINISHED once no trial runs or waits (a joining worker reopens it); else RUNNING
-        while another worker's trial beats, KILLED when what is left waits for a later worker."""
-        if self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            study_parent.settle_parent(self.study, self.tracker, grace_s=self.settings.grace)
-            return
-        study_status.publish_status(self.study, storage_label(self.settings.storage), self.tracker)
-        try:
-            call_with_retry("end study run", self.tracker.uri, self.tracker.client.set_terminated,
-                                     self.study.user_attrs[PARENT_RUN_ATTR], status="FINISHED")
-        except StorageError as exc:
-            log.warning("could not end the study's parent run: %s", exc)

@@ -26,8 +26,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from deepsports.tags import PAUSED_BY_ATTR, RUN_ATTR
 from deepsports.train.checkpoints import load_checkpoint
-from deepsports.tune.attrs import PAUSED_BY_ATTR, RUN_ATTR
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, subprocess_env, tiny_overrides
 

@@ -30,7 +30,7 @@ def mlflow_writer(uri: str, worker: int, steps: int, n_metrics: int, n_params: i
 
 
 def optuna_worker(storage: str, study_name: str, n_trials: int) -> dict:
-    """``n_trials`` cheap trials (no training) on a shared study through :func:`deepsports.study.open_storage`."""
+    """``n_trials`` cheap trials (no training) on a shared study through :func:`deepsports.tune.study.open_storage`."""
     import optuna
 
     from deepsports.tune.study import open_storage

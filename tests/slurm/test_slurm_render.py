@@ -161,7 +161,9 @@ def test_the_warning_signal_of_the_profile_is_rendered_everywhere(kind):
 
 
 def test_templates_hold_no_user_paths():
-    for template in TEMPLATE_DIR.glob("*.sbatch"):
+    templates = sorted(TEMPLATE_DIR.glob("*.sbatch"))
+    assert sorted(t.stem for t in templates) == sorted(KINDS)  # one per job kind: the loop below checks them all
+    for template in templates:
         text = template.read_text()
         assert not re.search(r"/home|/Users/|/scratch|/work/|~/", text), template
         assert "{{command}}" in text and "--signal=B:{{signal}}@{{grace_seconds}}" in text

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from deepsports.slurm import jobs as slurm
+from deepsports.slurm.profile import load_profile
 from deepsports.tags import REASON_ATTR, RESUMED_ATTR, RETRIED_FROM_ATTR, RUN_ATTR, TASK_ATTR
 from deepsports.tune.accounting import retried_from
 from deepsports.tune.study import open_storage
@@ -51,7 +52,7 @@ def _submit(tmp_path: Path, cache_dir: Path, storage: str, uri: str) -> str:
     sets = [arg for key, value in settings.items() if key != "learning_rate" for arg in ("--set", f"{key}={value}")]
     args = [str(tmp_path / "space.yaml"), "--study", "s", "--storage", storage, "--max-trials", "4", "--pruner", "none",
             "--seed", "0", "--heartbeat", str(HEARTBEAT), "--grace-period", "6", *sets]
-    script = slurm.render_script("tune", slurm.load_profile(str(tmp_path / "profile.yaml")),
+    script = slurm.render_script("tune", load_profile(str(tmp_path / "profile.yaml")),
                                  [sys.executable, "-m", "tests.slurm.fault_worker", *args], job_name="st")
     return slurm.submit(script, cwd=tmp_path)
 

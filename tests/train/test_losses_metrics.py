@@ -108,7 +108,7 @@ def test_single_clip_batch_falls_back_to_mse_and_warns_once(caplog, monkeypatch)
     monkeypatch.setattr(losses, "_warned_single_clip", False)
     outputs = torch.tensor([[0.6, 2.0]], requires_grad=True)
     targets = torch.tensor([[0.5, 2.5]])
-    with caplog.at_level(logging.WARNING, logger="deepsports.losses"):
+    with caplog.at_level(logging.WARNING, logger="deepsports.train.losses"):
         loss, parts = aqa_loss(outputs, targets, mse_weight=1.0, spcoef_weight=0.7)
         aqa_loss(outputs, targets, mse_weight=1.0, spcoef_weight=0.7)
     loss.backward()

@@ -13,12 +13,21 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from deepsports.tags import CONFIG_ATTR, HEARTBEAT_ATTR, PARENT_RUN_ATTR, RUN_ATTR, TRACKING_URI_ATTR
-from deepsports.tune.parent import parent_state
+from deepsports.errors import ConfigError
+from deepsports.tags import (
+    CONFIG_ATTR,
+    HEARTBEAT_ATTR,
+    PARENT_RUN_ATTR,
+    PARENT_STATE_ATTR,
+    RUN_ATTR,
+    TRACKING_URI_ATTR,
+)
+from deepsports.tune.parent import check_same_store, parent_state, store_label, study_store
 from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
 
@@ -48,6 +57,23 @@ def test_the_parent_state_is_what_the_workers_and_trials_say():
     assert parent_state([done, failed], 2, GRACE) == "FINISHED"       # max_trials reached
     assert parent_state([failed], None, GRACE) == "FAILED"            # nothing ever completed
     assert parent_state([done, failed], None, GRACE) == "FINISHED"
+
+
+def test_the_study_names_its_store_and_a_worker_or_reader_elsewhere_is_told_which_to_set(tmp_path, monkeypatch):
+    study = optuna.create_study(direction="maximize")  # in memory: only its attributes matter here
+    assert store_label("postgresql://alice:pw@db/mlflow") == "postgresql://alice:***@db/mlflow"
+    monkeypatch.chdir(tmp_path)
+    assert store_label("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"  # from any folder
+    study.set_user_attr(TRACKING_URI_ATTR, "sqlite:////a/mlflow.db")
+    with pytest.raises(ConfigError, match=r"logs to the MLflow store sqlite:////a/mlflow.db, but this worker's is "
+                                          r"sqlite:////b/mlflow.db: set MLFLOW_TRACKING_URI=sqlite:////a/mlflow.db "):
+        check_same_store(study, "sqlite:////b/mlflow.db")
+    study.set_user_attr(TRACKING_URI_ATTR, "postgresql://alice:***@db/mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    with pytest.raises(ConfigError, match=r"set MLFLOW_TRACKING_URI=postgresql://alice:\*\*\*@db/mlflow "
+                                          r"\(with its credentials\)"):
+        study_store(study)  # a reader cannot use a redacted password: it says what to set
+    assert list(tmp_path.iterdir()) == []  # and opened (created) no store
 
 
 def _tune_cmd(tmp_path: Path, storage: str, *sets: str) -> list[str]:
@@ -85,7 +111,8 @@ def test_a_worker_stopped_by_a_data_error_ends_the_parent_failed_and_status_sett
     # A worker killed too abruptly to settle it (SIGKILL) leaves it RUNNING: the next reader settles it, from any
     # folder, with no store of its own (MLFLOW_TRACKING_URI unset) and without creating one there.
     client = MlflowClient(store_uri)
-    client.update_run(parent.info.run_id, status="RUNNING")
+    client.update_run(parent.info.run_id, status="RUNNING")  # as a worker SIGKILLed mid-trial leaves it ...
+    study.set_user_attr(PARENT_STATE_ATTR, "RUNNING")  # ... and its record in the study
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = _env(store_uri)
@@ -94,6 +121,7 @@ def test_a_worker_stopped_by_a_data_error_ends_the_parent_failed_and_status_sett
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr[-4000:]
     assert client.get_run(parent.info.run_id).info.status == "FAILED"
+    assert study.user_attrs[PARENT_STATE_ATTR] == "FAILED"  # the next `status` need not open MLflow
     assert list(elsewhere.iterdir()) == []
 
 
@@ -124,7 +152,7 @@ def test_ctrl_c_to_a_lone_worker_pauses_its_trial_and_ends_the_parent_killed(tmp
     assert "Traceback" not in err, err[-4000:]
     study, parent = _parent(storage, store_uri)
     assert [t.state for t in study.get_trials()] == [TrialState.WAITING]  # paused, resumable
-    assert parent.info.status == "KILLED"
+    assert parent.info.status == study.user_attrs[PARENT_STATE_ATTR] == "KILLED"
     assert parent.info.artifact_uri.removeprefix("file://").startswith(str(tmp_path / "mlruns" / "deepsports"))
     assert sorted(p.name for p in work.iterdir()) == ["checkpoints"]  # the trial's, as documented; no mlruns/
     # What is recorded is the cache that was used: the trial's config, the run's tag and its config.yaml.

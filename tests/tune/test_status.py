@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import optuna
@@ -35,7 +36,7 @@ from deepsports.tune import accounting, recovery
 from deepsports.tune.accounting import retried_from
 from deepsports.tune.checks import check_causes
 from deepsports.tune.settings import TuneSettings
-from deepsports.tune.status import study_status
+from deepsports.tune.status import render_text, study_status
 from deepsports.tune.study import open_storage
 from deepsports.tune.worker import tune
 from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env, wait_for
@@ -229,55 +230,84 @@ def test_rerun_failed_reruns_only_the_failed_trial_and_submit_missing_then_submi
 
 _DYING_WORKER = """\
 import sys, time, optuna
+from deepsports.tune._optuna_compat import trial_id_of
 from deepsports.tune.accounting import AttemptLedger
 from deepsports.tune.recovery import TrialHeartbeat
 from deepsports.tune.study import open_storage
 study = optuna.create_study(study_name="dead", storage=open_storage(sys.argv[1]), direction="maximize")
-trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
-ledger = AttemptLedger(study, trial._trial_id, trial.number, "node/worker-7", "node:1")
-ledger.start()
-time.sleep(0.3)
-ledger.epoch(1)  # the epoch's checkpoint is on disk
-with TrialHeartbeat(study, trial._trial_id, interval=1):
-    print("training", flush=True)
-    time.sleep(600)  # killed here
+beats = []
+for number, interval in enumerate((1, 4)):  # trial 0 beats after its epoch, trial 1 not before the kill
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    ledger = AttemptLedger(study, trial_id_of(trial), trial.number, f"node/worker-{7 + number}", "node:1",
+                           heartbeat_s=interval, grace_s=2 * interval)
+    beats.append(TrialHeartbeat(study, trial_id_of(trial), interval=interval).__enter__())  # beats now, then every interval
+    ledger.start()
+    time.sleep(0.3)
+    ledger.epoch(1)  # the epoch's checkpoint is on disk
+print("training", flush=True)
+time.sleep(600)  # the next epoch's steps, killed here
 """
 
 
 def test_a_killed_workers_attempt_is_dead_its_work_since_the_last_epoch_lost_and_its_retry_linked(tmp_path,
-                                                                                                     tracking_uri):
+                                                                                                     store_uri,
+                                                                                                     monkeypatch):
+    """Two trials of a worker killed a second into their next epoch: trial 0 beat after its last epoch, trial 1
+    last beat before it (issue 26: that one's lost compute read 0). Each dead attempt ends in the middle of
+    the window its death lies in; what it lost is its steps' time since the epoch, within the interval."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)  # where the sweep ends the dead trials' runs
     storage = str(tmp_path / "dead.journal")
-    proc = subprocess.Popen([sys.executable, "-c", _DYING_WORKER, storage], env=subprocess_env(tracking_uri),
+    proc = subprocess.Popen([sys.executable, "-c", _DYING_WORKER, storage], env=subprocess_env(store_uri),
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "training"
 
-    def beat_a_second_after_the_epoch() -> bool:  # what the dead attempt's end is judged by below
-        (trial,) = optuna.load_study(study_name="dead", storage=open_storage(storage)).get_trials(deepcopy=False)
-        epoch_end = trial.user_attrs[f"{EPOCH_END_PREFIX}1.1"]
-        return float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)) - epoch_end >= 1.0
+    def trials() -> list:
+        return optuna.load_study(study_name="dead", storage=open_storage(storage)).get_trials(deepcopy=False)
+
+    def beat_a_second_after_the_epoch() -> bool:  # trial 0: what its dead attempt's end is judged by below
+        trial = trials()[0]
+        return float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)) - trial.user_attrs[f"{EPOCH_END_PREFIX}1.1"] >= 1.0
 
     wait_for(beat_a_second_after_the_epoch, 60, interval=0.1, what="a heartbeat a second after the epoch")
+    epoch_end_1 = trials()[1].user_attrs[f"{EPOCH_END_PREFIX}1.1"]
+    time.sleep(max(0.0, epoch_end_1 + 1.0 - time.time()))  # a second of trial 1's steps after its epoch
     os.kill(proc.pid, signal.SIGKILL)
+    killed_at = time.time()
     proc.wait()
     study = optuna.load_study(study_name="dead", storage=open_storage(storage))
-    (running,) = study.get_trials(states=(TrialState.RUNNING,))
-    beat = recovery.last_sign_of_life(running)
-    (alive,) = running.user_attrs[ATTEMPTS_ATTR]
-    assert alive["outcome"] == "running" and study_status(study)["running"][0]["epoch"] == 1
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    assert [len(t.user_attrs[ATTEMPTS_ATTR]) for t in running] == [1, 1]
+    assert all(t.user_attrs[ATTEMPTS_ATTR][0]["outcome"] == "running" for t in running)
+    assert [r["epoch"] for r in study_status(study)["running"]] == [1, 1]
+    beats = [float(t.user_attrs[HEARTBEAT_ATTR]) for t in running]
+    ends = [t.user_attrs[f"{EPOCH_END_PREFIX}1.1"] for t in running]
+    assert beats[1] < ends[1] < killed_at < beats[1] + 4  # the field condition: no beat after trial 1's epoch
 
-    assert recovery.sweep_stale_journal_trials(study, grace_period=2, max_retry=3, now=beat + 3) == [0]
+    # Silent for longer than its grace period: status flags it (the sweep has not run yet).
+    doc = study_status(study, now=beats[1] + 9)
+    assert [(r["stale"], r["grace_s"]) for r in doc["running"]] == [(True, 2), (True, 8)]
+    assert "STALE, past the grace period of 8 s" in render_text(doc)
+    assert [r["stale"] for r in study_status(study, now=beats[1] + 0.5)["running"]] == [False, False]
+
+    assert recovery.sweep_stale_journal_trials(study, grace_period=2, max_retry=3, now=beats[1] + 9) == [0, 1]
     doc = study_status(study)
-    dead = doc["trials"][0]
-    (attempt,) = dead["attempts"]
-    assert dead["state"] == "FAIL" and dead["cause"] == "dead_worker" and attempt["outcome"] == "dead"
-    assert attempt["end"] == beat and attempt["end"] - attempt["epochs"][0]["end"] >= 1.0  # it beat after the epoch
-    assert doc["compute"]["lost_dead_s"] == pytest.approx(attempt["end"] - attempt["epochs"][0]["end"], abs=1e-2)
-    assert doc["failed"]["by_cause"]["dead_worker"]["trials"] == [0]
+    for number, interval in enumerate((1, 4)):
+        dead = doc["trials"][number]
+        (attempt,) = dead["attempts"]
+        assert dead["state"] == "FAIL" and dead["cause"] == "dead_worker" and attempt["outcome"] == "dead"
+        # Alive at its last beat or epoch, dead before the beat that never came: the middle of that window.
+        assert attempt["end"] == (max(beats[number], ends[number]) + beats[number] + interval) / 2
+        lost = doc["tasks"][f"node/worker-{7 + number}"]["lost_s"]
+        assert lost == pytest.approx(attempt["end"] - ends[number], abs=1e-3) and lost > 0
+        assert abs(lost - (killed_at - ends[number])) <= interval  # the steps' time, within the interval
+    assert doc["compute"]["lost_dead_s"] == pytest.approx(sum(t["lost_s"] for t in doc["tasks"].values()), abs=1e-2)
+    assert doc["failed"]["by_cause"]["dead_worker"]["trials"] == [0, 1]
     # Lineage both ways: the retry names the dead trial, the study names the retry.
     (retry,) = [t for t in study.get_trials() if retried_from(t) == 0]
-    assert study.user_attrs[f"{RETRIED_BY_PREFIX}0"] == retry.number and dead["retried_by"] == retry.number
+    assert study.user_attrs[f"{RETRIED_BY_PREFIX}0"] == retry.number and doc["trials"][0]["retried_by"] == retry.number
     assert doc["retries"][0]["trial"] == retry.number and doc["retries"][0]["dead_task"] == "node/worker-7"
-    assert doc["waiting"] == [{"trial": retry.number, "kind": "retry", "since": None, "paused_by": None,
-                               "retry_of": 0, "rerun_of": None, "checkpoint_dir": None}]
-    assert accounting.work_left(study.get_trials(), max_trials=1) == 1  # the retry still needs a worker
+    assert doc["waiting"][0] == {"trial": retry.number, "kind": "retry", "since": None, "paused_by": None,
+                                 "retry_of": 0, "rerun_of": None, "checkpoint_dir": None}
+    assert accounting.work_left(study.get_trials(), max_trials=2) == 2  # the retries still need a worker
     assert not math.isnan(doc["compute"]["spent_s"])

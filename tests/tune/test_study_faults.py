@@ -111,9 +111,9 @@ def test_a_record_another_process_appends_after_the_open_is_checked_on_the_next_
 # submit: no password in any output; folders the job could not create are refused before submitting
 # --------------------------------------------------------------------------------------------
 
-def _profile(tmp_path, **env: str) -> str:
-    path = tmp_path / "profile.yaml"
-    lines = [f"logdir: {tmp_path / 'logs'}", "time: '10'"]
+def _profile(tmp_path, workdir: str | None = None, **env: str) -> str:
+    path = tmp_path / ("profile.yaml" if workdir is None else "profile-workdir.yaml")
+    lines = [f"logdir: {tmp_path / 'logs'}", "time: '10'"] + ([f"workdir: {workdir}"] if workdir else [])
     if env:
         lines.append("env:")
         lines += [f"  {key}: {value!r}" for key, value in env.items()]
@@ -154,7 +154,11 @@ def test_submit_refuses_a_journal_folder_or_cache_dir_the_job_could_not_create(w
     good_cache, bad = f"cache_dir={tmp_path / 'cache'}", blocker / "sub" / "x"
     profile = _profile(tmp_path, DEEPSPORTS_CACHE_DIR=str(bad)) if what.endswith("profile") else _profile(tmp_path)
     tune = ["submit", "tune", "--dry-run", "--profile", profile, "--", str(tmp_path / "space.yaml"), "--study", "s"]
-    argv = {"journal": [*tune, "--storage", str(bad / "study.journal"), "--set", good_cache],
+    # The journal relative to the job's workdir: the folders of the nodes' working directory (a journal
+    # folder that does not exist here is refused by resolve_storage already).
+    in_workdir = ["submit", "tune", "--dry-run", "--profile", _profile(tmp_path, workdir=str(tmp_path)), "--",
+                  str(tmp_path / "space.yaml"), "--study", "s"]
+    argv = {"journal": [*in_workdir, "--storage", "a-file/sub/study.journal", "--set", good_cache],
             "cache_dir": [*tune, "--set", f"cache_dir={bad}"],
             "cache_dir of a train job": ["submit", "train", "--dry-run", "--profile", profile, "--",
                                          f"cache_dir={bad}"],
@@ -162,7 +166,135 @@ def test_submit_refuses_a_journal_folder_or_cache_dir_the_job_could_not_create(w
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1, err
-    assert f"'{blocker}' is a file, not a folder" in err and "cannot be created" in err, err
+    assert f"{blocker} exists and is not a directory" in err and "is not writable" in err, err
     assert ("study storage" if what == "journal" else "cache_dir") in err
     assert not (tmp_path / "cache").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
-        "a-file", "profile.yaml", "space.yaml"]  # nothing made
+        "a-file", "profile-workdir.yaml", "profile.yaml", "space.yaml"]  # nothing made
+
+
+
+# --------------------------------------------------------------------------------------------
+# A stop right after an epoch, then the paused trial's checkpoint folder vanishes (scratch purge)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def purged_study(tmp_path_factory, tiny_cache_dir, migrated_store):
+    """A real study of one 2-epoch trial: stopped just after epoch 1 finished (between its checkpoint and its
+    callback), its checkpoint folder deleted while it waits, then resumed by a second worker."""
+    import logging
+    import shutil
+
+    from deepsports.errors import PreemptedError
+    from deepsports.tune.settings import TuneSettings
+    from deepsports.tune.status import study_status
+    from deepsports.tune.worker import tune
+    from tests.e2e_helpers import TINY, copy_store
+
+    path = tmp_path_factory.mktemp("purged")
+    uri = copy_store(migrated_store, path)
+    (path / "space.yaml").write_text("fixed: {epochs: 2}\n" + TUNE_SPACE)
+    overrides = {k: v for k, v in {**TINY, "cache_dir": str(tiny_cache_dir), "evaluate": False}.items()
+                 if k != "learning_rate"}
+    settings = TuneSettings(search_space=str(path / "space.yaml"), study_name="p", storage=str(path / "study.journal"),
+                            max_trials=1, seed=0, pruner="none", checkpoint_root=str(path / "ckpt"),
+                            overrides=overrides, parent_wait_s=5.0)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("deepsports")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    logger.addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(path)
+            mp.setenv("MLFLOW_TRACKING_URI", uri)
+            mp.delenv("MLFLOW_RUN_ID", raising=False)
+
+            def epoch_1_on_disk() -> bool:  # polled every step and once after the epoch's checkpoint
+                return any((path / "ckpt").glob("p-*/trial-0000/epoch-0001.pt"))
+
+            with pytest.raises(PreemptedError, match="after epoch 1"):
+                tune(settings, stop_requested=epoch_1_on_disk)
+            study = optuna.load_study(study_name="p", storage=open_storage(settings.storage))
+            paused = study_status(study)
+            (folder,) = (path / "ckpt").glob("p-*/trial-0000")
+            shutil.rmtree(folder)  # the scratch purge
+            tune(settings)  # the next worker
+    finally:  # the logger as it was (train's setup_logging configures it once per process)
+        logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+    study = optuna.load_study(study_name="p", storage=open_storage(settings.storage))
+    return study, paused, uri, folder, [r.getMessage() for r in records]
+
+
+def test_an_epoch_that_ends_just_before_a_stop_is_counted_once(purged_study):
+    study, paused, uri, folder, messages = purged_study
+    (attempt,) = paused["trials"][0]["attempts"]
+    assert attempt["outcome"] == "paused" and [e["epoch"] for e in attempt["epochs"]] == [1]
+    assert paused["compute"]["epochs"] == 1
+    assert attempt["epochs"][0]["end"] <= attempt["end"]
+    # The second attempt trained both epochs again (the checkpoint was gone): 3 epochs trained in all.
+    from deepsports.tune.status import study_status
+
+    doc = study_status(study)
+    assert [[e["epoch"] for e in a["epochs"]] for a in doc["trials"][0]["attempts"]] == [[1], [1, 2]]
+    assert doc["compute"]["epochs"] == 3
+
+
+def test_a_paused_trial_whose_checkpoint_folder_vanished_resumes_into_its_own_run(purged_study):
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from deepsports.tags import CKPT_LOST_ATTR, CKPT_LOST_TAG, PARENT_RUN_ATTR, RUN_ATTR
+
+    study, paused, uri, folder, messages = purged_study
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs[RUN_ATTR] == paused["trials"][0]["run_id"]
+    (lost,) = trial.user_attrs[CKPT_LOST_ATTR]
+    assert lost["checkpoint_dir"] == str(folder) and lost["attempt"] == 2
+    assert any("checkpoint is LOST" in m and str(folder) in m for m in messages), messages  # said loudly
+    client = MlflowClient(uri)
+    children = client.search_runs([client.get_run(trial.user_attrs[RUN_ATTR]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{study.user_attrs[PARENT_RUN_ATTR]}'")
+    assert [r.info.run_id for r in children] == [trial.user_attrs[RUN_ATTR]]  # one child run per trial
+    run = children[0]
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.trial_number"] == "0"
+    assert "gone before attempt 2" in run.data.tags[CKPT_LOST_TAG]
+    for key in ("val_spearman", "train_loss"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key  # each epoch once: epoch 1's first value kept
+    assert sorted(trial.intermediate_values) == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Worker identities: unique per process
+# --------------------------------------------------------------------------------------------
+
+def test_two_local_tune_processes_have_distinct_identities_and_each_claims_its_own_pause(tmp_path, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from deepsports.tags import PAUSED_BY_ATTR
+    from deepsports.tune.recovery import claim_waiting, task_identity
+    from deepsports.tune.settings import WORKER_GROUP_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != WORKER_GROUP_ENV}
+    for key in [k for k in os.environ if k.startswith("SLURM_")] + [WORKER_GROUP_ENV]:
+        monkeypatch.delenv(key, raising=False)
+    other = subprocess.run([sys.executable, "-c", "from deepsports.tune.recovery import task_identity; "
+                            "print(task_identity(None))"], env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0, other.stderr
+    mine, theirs = task_identity(None), other.stdout.strip()
+    host = socket.gethostname()
+    assert mine == f"{host}:{os.getpid()}/worker-0" and theirs.startswith(f"{host}:") and mine != theirs
+    # The workers of one `tune --workers N`: their parent's pid, their worker id; a restarted worker keeps it.
+    monkeypatch.setenv(WORKER_GROUP_ENV, "4242")
+    assert [task_identity(i) for i in (0, 1)] == [f"{host}:4242/worker-0", f"{host}:4242/worker-1"]
+    # Each process resumes the trial it paused itself first, not the other's (the older one).
+    monkeypatch.delenv(WORKER_GROUP_ENV)
+    study = optuna.create_study(study_name="w", storage=open_storage(str(tmp_path / "w.journal")),
+                                direction="maximize")
+    for identity in (theirs, mine):
+        study.enqueue_trial({}, user_attrs={PAUSED_BY_ATTR: identity})
+    assert claim_waiting(study, mine).number == 1 and claim_waiting(study, theirs).number == 0
