@@ -36,7 +36,7 @@ bench: install
 	$(BIN)/python benchmarks/run_all.py
 
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	$(BIN)/deepsports ui --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -159,9 +159,14 @@ class Config:
                             choices=RESUME_MODES)
     experiment_name: str = _platform("deepsports", "MLflow experiment.")
     run_name: str = _platform("", "MLflow run name ('' = generated).")
-    log_model: bool = _platform(True, "Log the final model with mlflow.pytorch.log_model.")
+    log_model: bool = _platform(True, "Log the final model with mlflow.pytorch.log_model (torch.export / pt2: "
+                                "loads without unpickling; docs/ui.md).")
     log_checkpoint: bool = _platform(True, "Log the best checkpoint (best.pt) as an MLflow artifact; it stays in "
                                      "checkpoint_dir either way.")
+    system_metrics_interval_s: float = _platform(10.0, "Seconds between samples of MLflow's system metrics (system/*: "
+                                                 "CPU, memory, disk, network; GPU with nvidia-ml-py), logged on every "
+                                                 "training run (0 = off; else at least 1; overhead "
+                                                 "benchmarks/README.md).", min=0.0)
     log_every_steps: int = _platform(20, "Without a terminal, print a progress line every this many steps.", min=1)
 
     def __post_init__(self) -> None:
@@ -173,6 +178,9 @@ class Config:
         self._check_relations()
 
     def _check_relations(self) -> None:
+        if 0 < self.system_metrics_interval_s < 1:
+            raise ConfigError(f"system_metrics_interval_s={format_value(self.system_metrics_interval_s)} is invalid: "
+                              "expected 0 (off) or at least 1 (seconds)", keys=("system_metrics_interval_s",))
         if len(self.dropout) != len(self.topology):
             raise _relation_error(f"dropout={list(self.dropout)!r} has {len(self.dropout)} values but topology="
                                   f"{list(self.topology)!r} has {len(self.topology)}: give one dropout per topology entry",

@@ -43,6 +43,7 @@ EVALUATION_OF_RUN_TAG = "deepsports.evaluation_of_run"
 EVALUATED_SPLIT_TAG = "deepsports.evaluated_split"
 EVALUATED_CHECKPOINT_TAG = "deepsports.evaluated_checkpoint"
 EVALUATED_EPOCH_TAG = "deepsports.evaluated_epoch"
+EVALUATED_MODEL_TAG = "deepsports.evaluated_model"   # the models:/NAME@ALIAS an evaluation was asked for
 
 # --- Study user attributes ---
 PARENT_RUN_ATTR = "deepsports.mlflow_parent_run_id"
@@ -52,6 +53,7 @@ EXPERIMENT_ATTR = "deepsports.experiment_name"
 TRACKING_URI_ATTR = "deepsports.tracking_uri"        # the MLflow store the study logs to (absolute, redacted)
 PARENT_STATE_ATTR = "deepsports.parent_run_state"  # the state a worker last gave the parent run
 MAX_TRIALS_ATTR = "deepsports.max_trials"            # the last max_trials a worker was given
+SAMPLER_ATTR = "deepsports.sampler"                  # the TPE settings (tune.study.sampler_settings), a dict
 #: "<prefix><original number>" -> number of its retry / re-run. Optuna refuses any write to a finished
 #: trial, so the link from a FAIL trial forward lives on the study.
 RETRIED_BY_PREFIX = "deepsports.retried_by."
@@ -97,6 +99,7 @@ FIRST_FAILURE_TAG = "deepsports.first_failure_reason"
 OPTUNA_STUDY_NAME_TAG = "optuna.study_name"
 OPTUNA_STORAGE_TAG = "optuna.storage"
 OPTUNA_SAMPLER_TAG = "optuna.sampler"
+OPTUNA_SAMPLER_TAG_PREFIX = "optuna.sampler."       # "<prefix><setting>": each TPE setting of the study
 OPTUNA_PRUNER_TAG = "optuna.pruner"
 OPTUNA_MAX_TRIALS_TAG = "optuna.max_trials"
 OPTUNA_TRIAL_NUMBER_TAG = "optuna.trial_number"
@@ -104,3 +107,9 @@ OPTUNA_TRIAL_STATE_TAG = "optuna.trial_state"
 OPTUNA_RETRY_OF_TAG = "optuna.retry_of"
 OPTUNA_RETRY_TRIAL_NUMBER_TAG = "optuna.retry_trial_number"
 OPTUNA_PARAM_TAG_PREFIX = "optuna.param."           # "<prefix><name>": a trial's sampled value
+
+# --- Model registry: tags of a registered model version (tracking.registry) ---
+VERSION_STUDY_TAG = "deepsports.study"
+VERSION_TRIAL_TAG = "deepsports.trial"
+VERSION_RUN_TAG = "deepsports.run_id"
+VERSION_METRIC_PREFIX = "metric."                    # "<prefix><run metric>": the run's value (repr of a float)

@@ -14,6 +14,9 @@
 # Settings (environment):
 #   DEEPSPORTS_PG_DIR       state: data/, run/ (socket), log/, pid file, password file [/var/tmp/deepsports-pg]
 #   DEEPSPORTS_PG_PORT      TCP port on 127.0.0.1 [5433; Debian's own cluster usually holds 5432]
+#   DEEPSPORTS_PG_HOST      an address to listen on besides 127.0.0.1, e.g. a cluster's login-node address;
+#                           the URLs name it [127.0.0.1]
+#   DEEPSPORTS_PG_ALLOW     the network whose clients may log in over it, with the password [<host>/24]
 #   DEEPSPORTS_PG_USER      login role that owns both databases [deepsports]
 #   DEEPSPORTS_PG_PASSWORD  its password; when unset one is generated once into $DEEPSPORTS_PG_DIR/password (0600)
 #   DEEPSPORTS_PG_BINDIR    directory holding initdb/pg_ctl/postgres [newest /usr/lib/postgresql/*/bin]
@@ -26,6 +29,7 @@ set -euo pipefail
 
 STATE_DIR="${DEEPSPORTS_PG_DIR:-/var/tmp/deepsports-pg}"
 PORT="${DEEPSPORTS_PG_PORT:-5433}"
+HOST="${DEEPSPORTS_PG_HOST:-127.0.0.1}"
 ROLE="${DEEPSPORTS_PG_USER:-deepsports}"
 DATABASES=(mlflow optuna)
 DATA_DIR="$STATE_DIR/data"
@@ -43,6 +47,9 @@ die() { printf 'postgres-local: error: %s\n' "$*" >&2; exit 1; }
 case "$PORT" in ''|*[!0-9]*) die "DEEPSPORTS_PG_PORT=$PORT: expected a port number" ;; esac
 [[ "$ROLE" =~ ^[a-z_][a-z0-9_]*$ ]] || die "DEEPSPORTS_PG_USER=$ROLE: expected a lower-case SQL identifier ([a-z_][a-z0-9_]*)"
 case "$STATE_DIR" in /*) ;; *) die "DEEPSPORTS_PG_DIR=$STATE_DIR: expected an absolute path" ;; esac
+[[ "$HOST" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || die "DEEPSPORTS_PG_HOST=$HOST: expected an IPv4 address"
+ALLOW="${DEEPSPORTS_PG_ALLOW:-${HOST%.*}.0/24}"
+[[ "$ALLOW" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$ ]] || die "DEEPSPORTS_PG_ALLOW=$ALLOW: expected an IPv4 network, e.g. 10.77.0.0/24"
 
 # --- who runs the server, and where its programs are ---
 
@@ -143,11 +150,11 @@ password() {
 write_pgpass() {
     local escaped
     escaped="$(password | sed -e 's/\\/\\\\/g' -e 's/:/\\:/g')"
-    (umask 077 && printf '127.0.0.1:%s:*:%s:%s\n' "$PORT" "$ROLE" "$escaped" >"$PGPASS_FILE.tmp")
+    (umask 077 && printf '%s:%s:*:%s:%s\n' "$HOST" "$PORT" "$ROLE" "$escaped" >"$PGPASS_FILE.tmp")
     mv "$PGPASS_FILE.tmp" "$PGPASS_FILE"
 }
 
-url() { printf 'postgresql://%s:%s@127.0.0.1:%s/%s' "$ROLE" "$2" "$PORT" "$1"; }
+url() { printf 'postgresql://%s:%s@%s:%s/%s' "$ROLE" "$2" "$HOST" "$PORT" "$1"; }
 
 print_urls() {
     local db
@@ -179,7 +186,7 @@ write_server_conf() {
     # Rewritten on each start so a changed port takes effect; included last by postgresql.conf.
     as_db_user tee "$DATA_DIR/deepsports.conf" >/dev/null <<EOF
 # Written by deploy/postgres-local.sh on each start.
-listen_addresses = '127.0.0.1'
+listen_addresses = '$(if [ "$HOST" = 127.0.0.1 ]; then echo 127.0.0.1; else echo "127.0.0.1,$HOST"; fi)'
 port = $PORT
 unix_socket_directories = '$RUN_DIR'
 unix_socket_permissions = 0700
@@ -189,6 +196,12 @@ max_connections = 200
 # Statements are not logged: ALTER ROLE ... PASSWORD must not reach the log.
 log_statement = 'none'
 EOF
+    # Password logins from the cluster's network (initdb's pg_hba.conf allows 127.0.0.1 and ::1 only).
+    local hba="$DATA_DIR/pg_hba.conf" marker="# added by postgres-local.sh for DEEPSPORTS_PG_ALLOW"
+    as_db_user sed -i "/$marker/d" "$hba"
+    if [ "$HOST" != 127.0.0.1 ]; then
+        printf 'host all all %s scram-sha-256 %s\n' "$ALLOW" "$marker" | as_db_user tee -a "$hba" >/dev/null
+    fi
 }
 
 setup_databases() {
@@ -217,18 +230,18 @@ cmd_start() {
     pid="$(our_pid)"
     if [ -n "$pid" ]; then
         adopt_running_port
-        say "already running (pid $pid, started by this script) on 127.0.0.1:$PORT"
+        say "already running (pid $pid, started by this script) on $HOST:$PORT"
     else
         if [ -s "$DATA_DIR/postmaster.pid" ] && as_db_user "$BINDIR/pg_ctl" -D "$DATA_DIR" status >/dev/null 2>&1; then
             die "a postgres not started by this script runs on $DATA_DIR: stop it first"
         fi
         write_server_conf
         as_db_user "$BINDIR/pg_ctl" -D "$DATA_DIR" -l "$LOG_FILE" -w -t "$START_TIMEOUT_S" start >/dev/null ||
-            { show_log; die "postgres did not start on 127.0.0.1:$PORT (is the port taken?)"; }
+            { show_log; die "postgres did not start on $HOST:$PORT (is the port taken?)"; }
         head -n1 "$DATA_DIR/postmaster.pid" >"$PID_FILE"
         pid="$(our_pid)"
         [ -n "$pid" ] || { show_log; die "postgres exited right after starting"; }
-        say "started (pid $pid) on 127.0.0.1:$PORT, data in $DATA_DIR, log $LOG_FILE"
+        say "started (pid $pid) on $HOST:$PORT, data in $DATA_DIR, log $LOG_FILE"
     fi
     local i
     for i in $(seq "$START_TIMEOUT_S"); do accepting && break; sleep 1; done
@@ -264,11 +277,11 @@ cmd_status() {
     BINDIR="$(find_bindir)"
     adopt_running_port
     if accepting; then
-        say "running (pid $pid) on 127.0.0.1:$PORT, accepting connections"
+        say "running (pid $pid) on $HOST:$PORT, accepting connections"
         print_urls
         return 0
     fi
-    say "running (pid $pid) on 127.0.0.1:$PORT but not accepting connections (log: $LOG_FILE)"
+    say "running (pid $pid) on $HOST:$PORT but not accepting connections (log: $LOG_FILE)"
     return 1
 }
 
@@ -278,7 +291,7 @@ cmd_url() {
     [ -z "$option" ] || [ "$option" = --no-password ] || die "url: unknown option '$option' (expected --no-password)"
     [ -n "$(our_pid)" ] && adopt_running_port
     if [ "$option" = --no-password ]; then
-        printf 'postgresql://%s@127.0.0.1:%s/%s\n' "$ROLE" "$PORT" "$db"
+        printf 'postgresql://%s@%s:%s/%s\n' "$ROLE" "$HOST" "$PORT" "$db"
         return 0
     fi
     # Percent-encode what a URL's userinfo cannot hold as is (byte by byte).

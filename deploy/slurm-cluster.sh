@@ -23,6 +23,7 @@
 #   DEEPSPORTS_CLUSTER_NAME    prefix of namespaces, bridge and veths (<= 6 characters) [dsc]
 #   DEEPSPORTS_CLUSTER_NET     the bridge's /24, first three octets [10.77.0]
 #   DEEPSPORTS_CLUSTER_PORT    slurmctld's port; slurmd's is the next one [6917]
+#   DEEPSPORTS_CLUSTER_CPUS    CPUs each node offers (all share the machine's cores) [nproc, at least 4]
 #   DEEPSPORTS_CLUSTER_SLURMD_TIMEOUT  seconds without an answer before a node is DOWN and its jobs requeued [10]
 #
 # Needs root (namespaces, links, daemons). Jobs submitted as root run as root.
@@ -131,7 +132,8 @@ start_munge() {
 
 render_conf() {
     local nodes="$1" cpus total_mb real_mb k
-    cpus="$(nproc)"
+    cpus="${DEEPSPORTS_CLUSTER_CPUS:-$(( $(nproc) > 4 ? $(nproc) : 4 ))}"
+    case "$cpus" in ''|*[!0-9]*|0) die "DEEPSPORTS_CLUSTER_CPUS=$cpus: expected a number of CPUs per node" ;; esac
     total_mb="$(free -m | awk '/^Mem:/ {print $2}')"
     real_mb=$(( total_mb - (total_mb / 20 > 512 ? total_mb / 20 : 512) ))
     [ "$real_mb" -gt 256 ] || die "too little memory for a SLURM node (free -m total: $total_mb MB)"
@@ -149,7 +151,10 @@ MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
+# CR_LLN: each job to the least loaded node, so an array spreads over the nodes as on a busy cluster.
+SelectTypeParameters=CR_Core_Memory,CR_LLN
+# The nodes share the machine's cores: each may claim more CPUs than it has (DEEPSPORTS_CLUSTER_CPUS).
+SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_interval=1
 AccountingStorageType=accounting_storage/none

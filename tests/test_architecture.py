@@ -278,9 +278,13 @@ OPTUNA_COMPAT = "deepsports.tune._optuna_compat"
 #: Other private attributes of an object not its own class's that a module reads, each with its reason.
 PRIVATE_ATTRIBUTES = {
     ("deepsports.signals", "_exit"): "os._exit: how a forked DataLoader worker leaves (the standard library's, public)",
+    ("deepsports.tune.recovery", "_exit"): "os._exit: how a fenced worker ends without writing anything more "
+                                           "(the standard library's, public)",
     ("deepsports.cli.studies", "_subparsers"): "argparse keeps the subcommand parsers there (no public accessor)",
     ("deepsports.cli.studies", "_group_actions"): "argparse keeps the subcommand parsers there (no public accessor)",
     ("deepsports.tracking.runs", "_log_batch"): "MetricBuffer sends through its RunTracker (one module, one writer)",
+    ("deepsports.tracking.system_metrics", "_logging_step"): "MLflow's SystemMetricsMonitor has no public way to choose "
+                                                             "its first step (samples count from 1, not 0)",
 }
 
 
@@ -331,6 +335,9 @@ def _exit_calls(tree: ast.Module) -> list[int]:
 EXITING_MODULES = {
     "deepsports.signals": "a forked DataLoader worker leaves at once when its parent shuts the loader "
                           "down (as torch's own worker handler does); the main process never exits there",
+    "deepsports.tune.recovery": "fencing (TrialLease): a worker cut off from its study for longer than its lease "
+                                "ends at once with os._exit, so that nothing more is written (no checkpoint, no "
+                                "MLflow request still being retried) once another worker may take its trial over",
 }
 
 

@@ -50,3 +50,20 @@ def test_the_warning_signal_comes_from_the_job_script(monkeypatch):
     assert warning_signal({"DEEPSPORTS_STOP_SIGNAL": "KILL"}) == signal.SIGUSR1  # with a warning: not a choice
     monkeypatch.setenv("DEEPSPORTS_STOP_SIGNAL", "HUP")
     assert StopFlag().signals == (signal.SIGHUP, signal.SIGTERM)
+
+
+def test_prepare_stops_on_a_signal_that_came_before_it_began(tmp_path):
+    """``prepare`` stops at once on a signal (``preemptible(interrupt=True)``): here one the job script's trap
+    noted before Python ran, handed over in $DEEPSPORTS_EARLY_SIGNAL. Exit 75, nothing prepared."""
+    import subprocess
+
+    from tests.e2e_helpers import deepsports_cmd, subprocess_env
+
+    env = subprocess_env(f"sqlite:///{tmp_path / 'unused.db'}", DEEPSPORTS_EARLY_SIGNAL="TERM")
+    for var in [v for v in env if v.startswith("SLURM_")]:  # the tests may run inside a SLURM job
+        env.pop(var)
+    proc = subprocess.run(deepsports_cmd("prepare", f"cache_dir={tmp_path / 'cache'}", "synth_clips=8"), env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75, proc.stderr
+    assert proc.stderr.strip() == "deepsports: interrupted: stopped by SIGTERM before it began"
+    assert not (tmp_path / "cache").exists()

@@ -20,6 +20,7 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from deepsports.tracking.runs import RunTracker
+    from deepsports.tracking.ui import run_url, runs_url, ui_base
     from deepsports.tracking.uris import redact_uri, sqlite_path, tracking_uri
 
     project_dir = Path(__file__).resolve().parents[2]
@@ -59,8 +60,11 @@ def run_demo(epochs: int = 10, params: list[str] | None = None) -> int:
     print(f"run id:         {run.info.run_id}  (status {run.info.status}, {minutes:.1f} min)")
     print(f"test Spearman:  {_with_interval(metrics)}")
     print(f"tracking store: {store}")
-    print(f"compare runs:   {mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri {uri} "
-          "--host 127.0.0.1 --port 5000   then open http://127.0.0.1:5000")
+    deepsports_bin = Path(sys.executable).parent / "deepsports"
+    print(f"compare runs:   {deepsports_bin if deepsports_bin.exists() else 'deepsports'} ui   (mlflow ui on "
+          "127.0.0.1:5000), then open")
+    print(f"                {runs_url(ui_base(uri), experiment.experiment_id)}")
+    print(f"this run:       {run_url(ui_base(uri), experiment.experiment_id, run.info.run_id)}")
     print("=" * 72)
     return 0
 

@@ -28,8 +28,9 @@ def register(sub, build_parser=None) -> None:
     """Add ``evaluate`` to the ``deepsports`` parser (``build_parser``: the registrar signature; unused)."""
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint again (both protocols, intervals, groups) "
                                         "as a new MLflow run linked to it")
-    p.add_argument("source", metavar="RUN_ID|CHECKPOINT",
-                   help="an MLflow run id (its checkpoints/best.pt), a checkpoint file, or a checkpoint directory")
+    p.add_argument("source", metavar="RUN_ID|CHECKPOINT|MODEL_URI",
+                   help="an MLflow run id (its checkpoints/best.pt), a checkpoint file, a checkpoint directory, or a "
+                        "registered model: models:/NAME@champion, models:/NAME/VERSION (its run's checkpoint)")
     p.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate [test]")
     p.add_argument("--resamples", type=int, default=None,
                    help="bootstrap resamples of the intervals [as training: the run's deepsports.bootstrap tag]")

@@ -46,6 +46,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = {"run_id": result.run_id, "best_val_spearman": result.best_val_spearman, "best_epoch": result.best_epoch,
                "resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(result.checkpoint_dir),
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}
+    from deepsports.tracking.ui import run_link
+    from deepsports.tracking.uris import tracking_uri
+
+    summary["ui"] = run_link(tracking_uri(), result.run_id)  # a local store: served by `deepsports ui`
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -224,8 +228,9 @@ def _extension_registrars():
     """Subcommands owned by the study and SLURM modules (each module adds its own parser)."""
     from deepsports.cli import evaluate as cli_evaluate
     from deepsports.cli import studies as cli_studies
+    from deepsports.cli import ui as cli_ui
 
-    return [cli_studies.register, cli_evaluate.register]
+    return [cli_studies.register, cli_evaluate.register, cli_ui.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.args = list(args.args) + passthrough
     args.argv = all_args
     try:
+        from deepsports.tracking.credentials import load_credentials
+
+        load_credentials()  # $DEEPSPORTS_MLFLOW_CREDENTIALS: the tracking server's user and password
         return int(args.func(args) or 0)
     except PreemptedError as exc:
         print(f"deepsports: interrupted: {exc}", file=sys.stderr)

@@ -97,6 +97,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, default=str))
     else:
         print(render_text(doc), end="")
+        from deepsports.cli.ui import study_ui
+        from deepsports.tags import TRACKING_URI_ATTR
+
+        links = study_ui(doc.get("parent_run_id"), study.user_attrs.get(TRACKING_URI_ATTR))
+        if links:  # the JSON's keys stay as documented; the text says where to look
+            print(f"MLflow UI: {links['trials']}\n  study run: {links['study_run']}\n  (a local store: serve it "
+                  "with `deepsports ui`)")
     return 0
 
 

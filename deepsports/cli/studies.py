@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from deepsports.cli.status import add_status_parser, enqueue_reruns, existing_study, missing_work, study_tracking_uri
+from deepsports.cli.ui import study_ui
 from deepsports.errors import ConfigError
 from deepsports.tags import STUDY_PARENT_RUN_TAG
 
@@ -130,7 +131,8 @@ def _check_tune_args(args: argparse.Namespace, *, check_storage: bool = True, st
 def _print_summary(summary, extra: dict[str, Any]) -> None:
     print(json.dumps({"study": summary.study_name, "parent_run_id": summary.parent_run_id, "states": summary.states,
                       **extra, "best_value": summary.best_value, "best_trial": summary.best_number,
-                      "best_params": summary.best_params, "best_run_id": summary.best_run_id}, indent=2, default=str))
+                      "best_params": summary.best_params, "best_run_id": summary.best_run_id,
+                      "ui": study_ui(summary.parent_run_id)}, indent=2, default=str))
 
 
 def _print_study_summary(args: argparse.Namespace) -> None:
@@ -161,6 +163,9 @@ def _cmd_best(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds {args.seeds} needs --retrain (it sets how many seeds the retraining runs)")
     if args.seeds is not None and args.seeds < 2:
         raise ConfigError(f"--seeds {args.seeds}: expected 2 or more (one seed is a plain --retrain)")
+    if args.register is not None and (not args.retrain or args.seeds is not None):
+        raise ConfigError(f"--register {args.register} needs --retrain without --seeds (it registers the retrained "
+                          "run's model)")
     from deepsports.tune.report import best_trial, export_best, log_study_plots, retrain_best
 
     study = existing_study(args.study, args.storage)  # a missing study exits 2, as in `status`
@@ -184,9 +189,23 @@ def _cmd_best(args: argparse.Namespace) -> int:
             result["retrain"] = {"parent_run_id": trained.run_id, "seeds": trained.seeds, "run_ids": trained.run_ids,
                                  **trained.test_metrics}
         else:
-            trained = retrain_best(best, epochs=args.epochs, overrides=parse_overrides(args.overrides))
+            overrides = parse_overrides(args.overrides)
+            if args.register is not None:
+                overrides["log_model"] = "true"  # what the registry holds
+            trained = retrain_best(best, epochs=args.epochs, overrides=overrides)
             result["retrain"] = {"run_id": trained.run_id,
                                  **{f"test_{k}": v for k, v in trained.test_metrics.items()}}
+            if args.register is not None:
+                from deepsports.tracking.registry import register_retrained
+
+                result["registered"] = register_retrained(trained.run_id, args.register, best.study_name, best.number)
+    result["ui"] = study_ui(best.parent_run_id)
+    if "retrain" in result:
+        from deepsports.tracking.ui import run_link
+        from deepsports.tracking.uris import tracking_uri
+
+        result["retrain"]["ui"] = run_link(tracking_uri(), result["retrain"].get("run_id")
+                                           or result["retrain"]["parent_run_id"])
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -324,6 +343,9 @@ def register(sub, build_parser: Callable[[], argparse.ArgumentParser]) -> None:
     p.add_argument("--out", default=None, help="config file to write [experiments/<study>_best.yaml]")
     p.add_argument("--retrain", action="store_true", help="train the best config again with evaluate=true")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the retraining run")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="with --retrain: register the retrained model as a new version of NAME (tagged with the study, "
+                        "trial and metrics); the alias champion moves to it only when its best_val_spearman is higher")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="with --retrain: N seeds as sibling runs under one parent (mean, sd, 95%% interval)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

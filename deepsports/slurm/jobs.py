@@ -23,6 +23,7 @@ from deepsports.errors import ConfigError, DeepSportsError
 from deepsports.slurm.env import ClusterEnv
 from deepsports.slurm.profile import (
     NAME_RE,
+    SECRET_ENV,
     SlurmProfile,
 )
 
@@ -177,7 +178,9 @@ def submit(script_text: str, dry_run: bool = False, *, cwd: str | os.PathLike | 
             (base / directory).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SlurmError(f"cannot create the log directory {str(base / directory)!r}: {exc}") from exc
-    proc = _run([sbatch, "--parsable"], input_text=script_text, cwd=base)
+    # sbatch hands the job its own environment: not the secrets in it (tasks read a credentials file).
+    env = {key: value for key, value in os.environ.items() if key not in SECRET_ENV}
+    proc = _run([sbatch, "--parsable"], input_text=script_text, cwd=base, env=env)
     if proc.returncode != 0:
         raise SlurmError(f"sbatch failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     # --parsable prints "<job id>" or "<job id>;<cluster>".
@@ -198,7 +201,8 @@ def watch_hints(job_id: str, profile: SlurmProfile, tracking_uri: str | None = N
         uri = re.sub(r"\$\{SLURM_SUBMIT_DIR\}|\$SLURM_SUBMIT_DIR\b", lambda _: str(base), tracking_uri)
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = f"sqlite:///{base / uri.removeprefix('sqlite:///')}"
-        hints.append(f"mlflow ui --backend-store-uri {shlex.quote(uri)}")
+        # deepsports ui: mlflow ui on 127.0.0.1 with the runs-table URL (deepsports/tracking/ui.py)
+        hints.append(f"MLFLOW_TRACKING_URI={shlex.quote(uri)} deepsports ui")
     return hints
 
 
@@ -264,12 +268,12 @@ def _timeout_s(timeout_s: float | None) -> float:
 
 
 def _run(argv: list[str], *, input_text: str | None = None, cwd: str | os.PathLike | None = None,
-         timeout_s: float | None = None) -> subprocess.CompletedProcess:
+         timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run one SLURM command with a time limit (:data:`COMMAND_TIMEOUT_S`); SlurmError if it cannot run or hangs."""
     limit = _timeout_s(timeout_s)
     try:
         return subprocess.run(argv, input=input_text, text=True, capture_output=True, cwd=cwd, check=False,
-                              timeout=limit)
+                              timeout=limit, env=None if env is None else dict(env))
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{' '.join(argv[:3])} did not answer within {limit:g} s (is slurmctld up and "
                          f"reachable?)") from None

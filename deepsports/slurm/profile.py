@@ -71,6 +71,10 @@ _ProfileLoader.add_constructor("tag:yaml.org,2002:float", _float_unless_colon)
 NAME_RE = re.compile(r"^[A-Za-z0-9_.,:@+-]+$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _GPUS_RE = re.compile(r"^([A-Za-z0-9_.-]+:)?[1-9]\d*$")
+#: Environment variables that carry secrets: never written into a job script (a profile's ``env``) nor
+#: handed to sbatch from the submitter's environment. Tasks read a 0600 file instead
+#: (``DEEPSPORTS_MLFLOW_CREDENTIALS``, libpq's ``PGPASSFILE``).
+SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "AWS_SECRET_ACCESS_KEY")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TIME_RE = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
                       r"|(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)|(?P<mm>\d+):(?P<ms>\d+)|(?P<min>\d+))$")
@@ -191,6 +195,9 @@ def _env(source: str, value: Any) -> Mapping[str, str]:
     for key, val in value.items():
         if not isinstance(key, str) or not _ENV_KEY_RE.match(key):
             raise _bad(source, "env", key, "environment variable names such as MLFLOW_TRACKING_URI")
+        if key in SECRET_ENV:
+            raise _bad(source, "env", key, "no secrets (they would be written into the job script): name a 0600 "
+                       "file instead, DEEPSPORTS_MLFLOW_CREDENTIALS for MLflow, PGPASSFILE for PostgreSQL")
         out[key] = _dquotable(source, f"env.{key}", val)
     return MappingProxyType(out)
 

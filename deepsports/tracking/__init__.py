@@ -13,6 +13,7 @@ _EXPORTS = {
     'NullTracker': 'runs',
     'RetryPolicy': 'store',
     'RunTracker': 'runs',
+    'allow_file_store': 'uris',
     'call_with_retry': 'store',
     'default_retry_policy': 'store',
     'enable_sqlite_wal': 'store',
@@ -22,6 +23,8 @@ _EXPORTS = {
     'redact_uri': 'uris',
     'sqlite_path': 'uris',
     'tracking_uri': 'uris',
+    'register_run_model': 'registry',
+    'resolve_registered_run': 'registry',
 }
 
 __all__ = sorted(_EXPORTS)

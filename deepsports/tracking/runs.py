@@ -53,7 +53,8 @@ from deepsports.tags import (
 )
 from deepsports.tracking import uris
 from deepsports.tracking.store import RetryPolicy, call_with_retry, default_retry_policy, enable_sqlite_wal
-from deepsports.tracking.uris import check_store_folder, redact_uri, sqlite_path, tracking_uri
+from deepsports.tracking.system_metrics import start_system_metrics
+from deepsports.tracking.uris import allow_file_store, check_store_folder, redact_uri, sqlite_path, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,13 @@ class RunTracker:
 
     def __init__(self, uri: str | None = None, retry: RetryPolicy | None = None, wal: bool = True):
         self.uri = uri or tracking_uri()
+        allow_file_store(self.uri)
         self.retry = retry or default_retry_policy(self.uri)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.ended_status: str | None = None
         self._buffer: MetricBuffer | None = None
+        self._system_metrics = None  # mlflow's SystemMetricsMonitor, while one runs
         self.client = self._open_store(wal)
 
     def _open_store(self, wal: bool) -> mlflow.MlflowClient:
@@ -259,7 +262,7 @@ class RunTracker:
     def start(self, experiment_name: str = "deepsports", run_name: str | None = None,
               parent_run_id: str | None = None, run_id: str | None = None,
               tags: Mapping[str, str] | None = None, artifact_location: str | None = None,
-              cluster: Mapping[str, str] | None = None) -> str:
+              cluster: Mapping[str, str] | None = None, system_metrics_interval_s: float = 0.0) -> str:
         """Open the run and return its id; ``cluster``: the job's ids to tag it with (see :func:`environment_tags`).
 
         * ``run_id`` given: resume that run (status back to RUNNING; params/metrics kept).
@@ -267,6 +270,9 @@ class RunTracker:
           for this entry point (the variable is consumed, as ``mlflow.start_run`` does).
         * else create a run in ``experiment_name`` (a child of ``parent_run_id`` when given).
         ``artifact_location`` only applies when the experiment is created here.
+        ``system_metrics_interval_s`` > 0: log MLflow's system metrics (``system/*``: CPU, memory, disk,
+        network; GPU utilisation and memory with nvidia-ml-py and an NVIDIA GPU) every that many seconds
+        until :meth:`end`; a resumed run continues their steps after the last one logged.
         """
         if self.run_id is not None:
             raise RuntimeError(f"RunTracker already tracks run {self.run_id}")
@@ -297,6 +303,9 @@ class RunTracker:
             new_tags = {RESUMES_TAG: "0"}
         self.set_tags({**new_tags, **environment_tags(cluster), **dict(tags or {})})
         log.info("MLflow run %s in %s", self.run_id, redact_uri(self.uri))
+        if system_metrics_interval_s > 0:
+            self._system_metrics = start_system_metrics(self.run_id, self.uri, system_metrics_interval_s,
+                                                        resumed=run_id is not None)
         return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
@@ -304,6 +313,9 @@ class RunTracker:
         if status not in RUN_STATUSES:
             raise ValueError(f"status={status!r}: expected one of {', '.join(RUN_STATUSES)}")
         run_id = self._require_run()
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            monitor.finish()  # joins the sampling thread and flushes what it holds
         if self._buffer is not None:
             self._buffer.flush()
         self._call("end run", self.client.set_terminated, run_id, status=status)
@@ -435,7 +447,7 @@ def _default_pip_requirements() -> list[str]:
 
 
 def log_model(model, example_input, run_id: str, *, tracking_uri: str | None = None, name: str = "model",
-              serialization_format: str = "pickle", pip_requirements: list[str] | None = None,
+              serialization_format: str = "pt2", pip_requirements: list[str] | None = None,
               code_paths: list[str] | None = None, retry: RetryPolicy | None = None) -> str:
     """Log ``model`` (an ``nn.Module`` on the CPU, in eval mode) with ``mlflow.pytorch.log_model``.
 
@@ -443,9 +455,10 @@ def log_model(model, example_input, run_id: str, *, tracking_uri: str | None = N
     and the model's ``(1, 2)`` output, with a variable batch dimension. Returns the model URI
     (``models:/<id>``), loadable with ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model``.
 
-    ``serialization_format``: "pickle" (default; fast, but loading unpickles, and the model's classes
-    must be importable: pass ``code_paths=[<deepsports package dir>]`` to ship them) or "pt2"
-    (torch.export: loads without unpickling or our code, dynamic batch; ~25 s more on a tiny model).
+    ``serialization_format``: "pt2" (default; torch.export: loads without unpickling and without our
+    code, dynamic batch; ~6 s more than pickle on the tiny model, 2 loaded cores) or "pickle" (loading
+    unpickles, so it can run arbitrary code, and MLflow warns so; the model's classes must be
+    importable: pass ``code_paths=[<deepsports package dir>]`` to ship them).
     Explicit ``pip_requirements`` (default: MLflow's torch pins + numpy/einops/timm) skip MLflow's
     requirement inference, which re-imports the model in a subprocess.
     No fluent run is opened: the LoggedModel is created in the run's experiment with ``model_id``.

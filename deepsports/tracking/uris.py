@@ -5,19 +5,52 @@ anything (a typo in a URI fails in a blink, and creates nothing).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 from deepsports.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: Schemes MLflow opens as a tracking store (a ``+driver`` suffix allowed on the database ones).
 KNOWN_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks", "databricks-uc", "uc")
 
 def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory (a file store the
+    user chose is opted into: :func:`allow_file_store`)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    allow_file_store(uri)
+    return uri
+
+
+#: Set in this process's environment once the file-store warning was given (its child processes then skip it).
+_FILE_STORE_WARNED_ENV = "DEEPSPORTS_FILE_STORE_WARNED"
+
+
+def is_file_store(uri: str) -> bool:
+    """A ``file:`` URI or a plain directory path: MLflow's file store (deprecated since MLflow 3.13)."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    return scheme == "file" or (scheme == "" and bool(uri))
+
+
+def allow_file_store(uri: str) -> bool:
+    """A file store the user chose works: MLflow >= 3.13 refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``,
+    which this sets for this process (and the processes it starts: tune workers, ``mlflow run``, ``mlflow
+    ui``) only when ``uri`` is one. Warns once that MLflow deprecated it, naming the migration tool.
+    Returns whether ``uri`` is a file store."""
+    if not is_file_store(uri):
+        return False
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    if not os.environ.get(_FILE_STORE_WARNED_ENV):
+        os.environ[_FILE_STORE_WARNED_ENV] = "1"
+        log.warning("tracking store %s is an MLflow file store, which MLflow deprecated (MLflow 3.13 refuses it unless "
+                    "MLFLOW_ALLOW_FILE_STORE=true; DeepSports sets that for this command). Move to SQLite with: "
+                    "mlflow migrate-filestore --source <the store directory> --target sqlite:///mlflow.db",
+                    redact_uri(uri))
+    return True
 
 
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^/\s]*)@")

@@ -28,6 +28,7 @@ from deepsports.tags import (
     CHECKPOINT_DIR_TAG,
     EVALUATED_CHECKPOINT_TAG,
     EVALUATED_EPOCH_TAG,
+    EVALUATED_MODEL_TAG,
     EVALUATED_SPLIT_TAG,
     EVALUATION_OF_RUN_TAG,
 )
@@ -121,7 +122,8 @@ def checkpoint_config(state: Mapping[str, Any], path: Path, overrides: Mapping[s
 
 def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | None = None,
              n_resamples: int | None = None) -> EvaluationResult:
-    """Evaluate ``source`` (run id or checkpoint) on ``split`` and log it as a new MLflow run."""
+    """Evaluate ``source`` (run id, checkpoint, or a registered model ``models:/NAME@ALIAS`` /
+    ``models:/NAME/VERSION``: the checkpoint of the run that logged it) on ``split`` and log it as a new MLflow run."""
     from deepsports.train.metrics import BOOTSTRAP_RESAMPLES
 
     if split not in SPLITS:
@@ -129,6 +131,11 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
     resamples = BOOTSTRAP_RESAMPLES if n_resamples is None else n_resamples
     if resamples < 100:
         raise ConfigError(f"evaluate: --resamples {resamples} is too few for a 95 % interval: expected >= 100")
+    model_uri = None
+    if source.startswith("models:/"):  # a registered version (models:/NAME@champion): the run that logged it
+        from deepsports.tracking.registry import resolve_registered_run
+
+        model_uri, source = source, resolve_registered_run(source)
     check_source_form(source)  # before opening the store: a typo fails fast
     from deepsports.slurm.env import run_tags
     from deepsports.tracking.runs import RunTracker
@@ -151,7 +158,7 @@ def evaluate(source: str, split: str = "test", overrides: Mapping[str, Any] | No
         epoch = int(state.get("epoch", 1)) - 1  # the state resumes *at* ``epoch``: it holds the one before
         tags = {EVALUATION_OF_RUN_TAG: source_run_id or "unknown", EVALUATED_SPLIT_TAG: split,
                 EVALUATED_CHECKPOINT_TAG: where,
-                EVALUATED_EPOCH_TAG: str(epoch)}
+                EVALUATED_EPOCH_TAG: str(epoch), **({EVALUATED_MODEL_TAG: model_uri} if model_uri else {})}
         experiment = config.experiment_name
         if run is not None:
             experiment = tracker.client.get_experiment(run.info.experiment_id).name

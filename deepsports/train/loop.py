@@ -80,7 +80,7 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_ms
 #: of the epochs already done): more epochs, other workers, logging and the final evaluation.
 RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "compile", "loglevel", "log_every_steps", "gpu", "evaluate",
                                "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir",
-                               "dist_backend"})
+                               "dist_backend", "system_metrics_interval_s"})
 
 
 #: Of :data:`RESUME_MAY_CHANGE`, the keys that change the maths of the epochs still to run: a resume
@@ -210,6 +210,7 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
         tracker = RunTracker()
         run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
                                parent_run_id=parent_run_id, run_id=resume_run_id,
+                               system_metrics_interval_s=config.system_metrics_interval_s,
                                tags={**(tags or {}), **({WORLD_SIZE_TAG: str(env.world_size)}
                                                          if env.enabled else {})}, cluster=run_tags())
     # Every rank learns the run id and the checkpoint to resume from rank 0, and reads it itself.

@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import deepsports
 from deepsports.config import LOCATION_KEYS, Config
 from deepsports.tags import CONFIG_TAG_PREFIX
 from deepsports.train import plots, quality
@@ -75,7 +74,7 @@ def log_final_artifacts(run: Run) -> dict[str, float]:
         if config.log_model and env.is_main:
             example = runtime.video_input(next(iter(make_loader(data.val, 1, 0)))["video"][:1]).cpu()
             model_cpu = model.to("cpu").eval()
-            # Ship the package with the pickled model so it loads where deepsports is not installed.
-            tracker.log_model(model_cpu, example, code_paths=[str(Path(deepsports.__file__).parent)])
+            # torch.export (pt2): loads without unpickling code and without deepsports installed.
+            tracker.log_model(model_cpu, example, serialization_format="pt2")
             model.to(runtime.device)
     return test_metrics

@@ -32,6 +32,8 @@ def setup_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
+    # MLflow's system-metrics monitor reports its start, stop and "no GPU" at INFO on every run.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 def warnings_only() -> None:

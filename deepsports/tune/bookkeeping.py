@@ -25,6 +25,7 @@ from deepsports.tags import (
     OPTUNA_RETRY_OF_TAG,
     OPTUNA_RETRY_TRIAL_NUMBER_TAG,
     OPTUNA_SAMPLER_TAG,
+    OPTUNA_SAMPLER_TAG_PREFIX,
     OPTUNA_STORAGE_TAG,
     OPTUNA_STUDY_NAME_TAG,
     OPTUNA_TRIAL_NUMBER_TAG,
@@ -40,7 +41,7 @@ from deepsports.tune import recovery
 from deepsports.tune import status as study_status
 from deepsports.tune.search_space import SearchSpace
 from deepsports.tune.settings import TuneSettings
-from deepsports.tune.study import storage_label
+from deepsports.tune.study import sampler_settings, storage_label
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,26 @@ def parent_tags(settings: TuneSettings) -> dict[str, str]:
     """Tags of the study's parent run: how this worker samples, prunes and stores."""
     return {OPTUNA_SAMPLER_TAG: f"TPESampler(seed={settings.seed}, multivariate=True, group=True, constant_liar=True)",
             OPTUNA_PRUNER_TAG: settings.pruner, OPTUNA_MAX_TRIALS_TAG: str(settings.max_trials or "none"),
-            OPTUNA_STORAGE_TAG: storage_label(settings.storage)}
+            OPTUNA_STORAGE_TAG: storage_label(settings.storage),
+            **{f"{OPTUNA_SAMPLER_TAG_PREFIX}{key}": str(value)
+               for key, value in sampler_settings(settings.seed, settings.n_startup_trials).items()}}
+
+
+def report_progress(study: optuna.Study, frozen: FrozenTrial, settings: TuneSettings, trials_run: int) -> None:
+    """One line per finished trial: number, state, value, the study's best so far, trials left."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = max(complete, key=lambda t: t.value, default=None)
+    if settings.max_trials is not None:
+        finished = sum(t.state.is_finished() for t in trials)
+        left = f"{max(0, settings.max_trials - finished)} of max_trials={settings.max_trials} left"
+    elif settings.n_trials is not None:
+        left = f"{max(0, settings.n_trials - trials_run)} of this worker's n_trials={settings.n_trials} left"
+    else:
+        left = "no trial limit (timeout or Ctrl-C ends it)"
+    value = "-" if frozen.value is None else f"{frozen.value:.4f}"
+    best_text = "-" if best is None else f"{best.value:.4f} (trial {best.number})"
+    log.info("trial %d %s: value %s; best so far %s; %s", frozen.number, frozen.state.name, value, best_text, left)
 
 
 def trial_run_tags(settings: TuneSettings, space: SearchSpace, trial: optuna.Trial,

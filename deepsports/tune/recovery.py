@@ -1,32 +1,13 @@
 """Trials that outlive their worker: pausing on preemption, heartbeats, and the sweep of dead workers' trials.
 
-Paused trials (preemption). On SIGUSR1/SIGTERM the worker checkpoints (``train``), then
-:func:`pause_trial` records who paused it and where its checkpoint is, and moves the trial from
-RUNNING back to WAITING, keeping its number, params and intermediate values. Optuna hands out
-WAITING trials before sampling new ones, and the WAITING -> RUNNING transition is atomic in every
-storage (journal and RDB), so exactly one worker resumes it: the requeued SLURM task (which looks
-for its own paused trial first, :func:`claim_waiting`), or any other worker of the study, or the
-same command run again. A paused trial is not RUNNING, so no heartbeat grace period applies to it:
-it may wait for hours (a long requeue delay) and is neither failed nor duplicated.
-
-Dead workers (SIGKILL, node failure). While a trial trains, :class:`TrialHeartbeat` writes the
-time into the trial's user attribute ``deepsports.heartbeat`` every ``interval`` seconds (and, on
-RDB storages, Optuna's own heartbeat row). Before asking for a trial every worker sweeps:
-
-* RDB storages: ``optuna.storages.fail_stale_trials`` (Optuna's heartbeat, judged by the database
-  clock) fails RUNNING trials silent for ``grace_period`` and calls :class:`StaleTrialRetry`;
-* journal storages (Optuna has no heartbeat there): :func:`sweep_stale_journal_trials` fails RUNNING
-  trials whose last sign of life (heartbeat attribute, else their start time) is older than
-  ``grace_period`` by the sweeping worker's clock (nodes' clocks must agree to well within it), with
-  the reason in ``deepsports.failure_reason``.
-
-Either way the failed trial's MLflow run is ended FAILED (tag ``deepsports.failure_reason``), and
-:func:`retry_trial` queues a WAITING copy with the same params (a new trial number), linked by the
-user attribute ``deepsports.retried_from`` and Optuna's ``failed_trial``/``retry_history`` system
-attributes (and forward by the study attribute ``deepsports.retried_by.<number>``), carrying the
-original's checkpoint directory and MLflow run id: the retry resumes the dead trial's last
-checkpoint in the same MLflow run, so no finished epoch is trained or logged twice. That run then
-lists every attempt that wrote it (:func:`deepsports.tune.status.record_run_attempts`).
+The protocol (what a paused trial keeps, who resumes it, when a silent trial counts as dead, what its
+retry links and resumes) is told once, in docs/preemption.md ("What a stopped trial does", "Dead
+workers"). Here: :func:`pause_trial` (RUNNING -> WAITING with who paused it and where its checkpoint
+is), :func:`claim_waiting` (the atomic WAITING -> RUNNING claim, own paused trial first),
+:class:`TrialHeartbeat` (the beat thread), :func:`sweep` with Optuna's ``fail_stale_trials`` and
+:class:`StaleTrialRetry` on RDB storages or :func:`sweep_stale_journal_trials` on journal storages,
+:func:`end_dead_run` and :func:`retry_trial` (the WAITING copy that resumes the dead trial's checkpoint
+in its MLflow run).
 """
 
 from __future__ import annotations
@@ -112,6 +93,8 @@ class TrialHeartbeat:
     def __init__(self, study: optuna.Study, trial_id: int, interval: float):
         self.study, self.trial_id, self.interval = study, trial_id, interval
         self.lost = False
+        #: time.monotonic() when the last beat that the storage accepted was sent (TrialLease reads it)
+        self.last_accepted = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
 
@@ -130,6 +113,7 @@ class TrialHeartbeat:
 
     def beat(self) -> None:
         storage = storage_of(self.study)
+        sent = time.monotonic()
         try:
             if uses_optuna_heartbeat(self.study):
                 storage.record_heartbeat(self.trial_id)
@@ -137,6 +121,9 @@ class TrialHeartbeat:
         except UpdateFinishedTrialError:
             self.lost = True
             self._stop.set()
+            return
+        self.last_accepted = sent
+
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -144,6 +131,69 @@ class TrialHeartbeat:
                 self.beat()
             except Exception as exc:  # noqa: BLE001 - a storage hiccup must not kill the beat; the next one retries
                 log.warning("heartbeat of trial id %d failed: %s: %s", self.trial_id, type(exc).__name__, exc)
+
+
+#: Exit status of a worker that fenced itself (:class:`TrialLease`).
+FENCED_EXIT_CODE = 9
+
+
+def lease_seconds(heartbeat_interval: float, grace_period: float) -> float:
+    """A trial's lease: midway between the heartbeat interval and the grace period (90 s for the defaults
+    60 s and 120 s). Half the gap above the interval lets a late beat through; half the gap below the grace
+    period covers the watchdog's poll and the nodes' clocks, so the lease ends before any sweeper acts."""
+    return (float(heartbeat_interval) + float(grace_period)) / 2
+
+
+class TrialLease:
+    """Fencing: a worker cut off from its study stops for good before anyone may take its trial over.
+
+    A node that drops off the network keeps running its jobs: SLURM requeues the task elsewhere after
+    ``SlurmdTimeout``, the new worker fails the silent trial once its grace period is over and resumes it
+    (a retry) in the same MLflow run and checkpoint directory, and the orphaned first attempt would go on
+    training on the partitioned node, holding the checkpoint directory's lock, writing checkpoints to the
+    shared file system and, once the link is back, flushing metrics into the run and results into the
+    study that the retry now owns.
+
+    The lease: the trial is this worker's for ``lease_s`` seconds after each heartbeat the storage
+    accepted (:func:`lease_seconds`: midway between the heartbeat interval and the grace period), so it
+    runs out before any sweeper (counting the grace period from the same beat) can fail the trial. A watchdog thread, which
+    needs no storage and no network, ends the process with :data:`FENCED_EXIT_CODE` the moment the lease
+    runs out: ``os._exit``, so nothing more is written by anyone in it (no checkpoint, no MLflow request
+    still being retried, no Optuna call; the kernel drops the checkpoint directory's lock), and one
+    line on stderr says why. A worker whose storage comes back within the lease notices nothing.
+    """
+
+    def __init__(self, heartbeat: TrialHeartbeat, lease_s: float, number: int):
+        self.heartbeat, self.lease_s, self.number = heartbeat, float(lease_s), number
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{number}", daemon=True)
+
+    def __enter__(self) -> TrialLease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def expired(self) -> bool:
+        return time.monotonic() - self.heartbeat.last_accepted > self.lease_s
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(0.5, self.lease_s / 4)):
+            if self.expired() and not self._stop.is_set():
+                self._fence()
+
+    def _fence(self) -> None:
+        silent = time.monotonic() - self.heartbeat.last_accepted
+        message = (f"deepsports: fenced: no heartbeat of trial {self.number} reached the study storage for "
+                   f"{silent:.0f} s (lease {self.lease_s:.0f} s): another worker may take the trial over now, so "
+                   f"this one stops without writing anything more ({socket.gethostname()}:{os.getpid()}, "
+                   f"exit {FENCED_EXIT_CODE})\n")
+        try:
+            os.write(2, message.encode())
+        finally:
+            os._exit(FENCED_EXIT_CODE)
 
 
 # --------------------------------------------------------------------------------------------

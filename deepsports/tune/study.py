@@ -159,16 +159,29 @@ class _TrialSeededTPESampler(optuna.samplers.TPESampler):
         self._random_sampler._rng.rng.seed(seed)
 
 
+def sampler_settings(seed: int | None, n_startup_trials: int = 10, constant_liar: bool = True) -> dict[str, Any]:
+    """Every TPE setting DeepSports chooses, explicitly, so that a new Optuna's defaults never change a
+    study silently (Optuna 5 changed ``constant_liar`` and ``multivariate``). Recorded on the study
+    (user attribute ``deepsports.sampler``) and its parent run (tags ``optuna.sampler.<key>``).
+    ``seed`` is the study's; each worker samples with :func:`worker_seed` of it. The settings Optuna
+    deprecated in 4.x (``consider_prior``, ``prior_weight``, ``consider_magic_clip``, ``consider_endpoints``)
+    are left at what the pinned Optuna does (``optuna_version``)."""
+    return {"sampler": "TPESampler", "seed": seed, "n_startup_trials": int(n_startup_trials),
+            "multivariate": True, "group": True, "constant_liar": bool(constant_liar), "n_ei_candidates": 24,
+            "warn_independent_sampling": True, "optuna_version": optuna.__version__}
+
+
 def make_sampler(seed: int | None, n_startup_trials: int = 10, constant_liar: bool = True
                  ) -> optuna.samplers.TPESampler:
     """TPE, multivariate with groups so that conditional parameters are modelled together, with the
-    constant liar for parallel workers; seeded per trial (see :class:`_TrialSeededTPESampler`)."""
+    constant liar for parallel workers (every setting explicit: :func:`sampler_settings`),
+    its random stream restarted for every new trial (:class:`_TrialSeededTPESampler`)."""
+    settings = sampler_settings(seed, n_startup_trials, constant_liar)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         # constant_liar: a trial running in another worker counts as a poor result while its value is
         # unknown, so concurrent workers do not propose the same region (benchmarks/bench_constant_liar.py).
-        return _TrialSeededTPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials,
-                                      constant_liar=constant_liar)
+        return _TrialSeededTPESampler(**{k: v for k, v in settings.items() if k not in ("sampler", "optuna_version")})
 
 
 def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_epochs: int = 1

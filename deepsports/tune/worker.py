@@ -13,23 +13,12 @@ epoch and a pruned trial stops at once (its run ends KILLED). A trial whose trai
 checkpoint is bad is FAIL with the reason in the user attribute ``deepsports.failure_reason``, and the
 study goes on.
 
-Preemption (SIGUSR1/SIGTERM, ``stop_requested``) or Ctrl-C: training writes its checkpoint and ends
-the MLflow run KILLED (tag ``deepsports.interrupted``); the trial is *paused*: it goes back to
-WAITING with the same number and params, recording ``deepsports.paused_at``, ``deepsports.paused_by``
-(the SLURM task ``<array job>_<task>``), its checkpoint directory and MLflow run id, and
-:class:`PreemptedError` is raised (the CLI then requeues the SLURM task). Workers take waiting trials
-before sampling new ones, the requeued task its own paused trial first; resuming trains from the
-trial's checkpoint (``resume=auto``) into the same MLflow run, reports to Optuna only the epochs it
-does not know yet, and tells the trial's value once. A paused trial is not RUNNING, so heartbeat
-grace periods do not apply to it: however long the requeued task waits, the trial is neither failed
-nor duplicated, and if no worker of the study ever runs again it waits until the next ``deepsports
-tune`` of the study.
-
-Dead workers (SIGKILL, node failure): every RUNNING trial beats (``heartbeat_interval``, all
-storages); before asking for a trial each worker fails trials silent for ``grace_period`` and queues
-a retry with the same params that resumes the dead trial's checkpoint and MLflow run (see
-:mod:`deepsports.tune.recovery`). A worker that finds ``max_trials`` reached waits, at most one grace
-period, for other workers' RUNNING trials to prove alive, so that the last retry is not left behind.
+A stop (``stop_requested``, Ctrl-C) *pauses* the running trial and raises :class:`PreemptedError`;
+workers take waiting (paused, retried) trials before sampling new ones; a dead worker's trial is
+failed by the next sweep and retried. The protocol is told once, in docs/preemption.md ("What a
+stopped trial does", "Dead workers"); :mod:`deepsports.tune.recovery` implements it. A worker that
+finds ``max_trials`` reached waits, at most one grace period, for other workers' RUNNING trials to
+prove alive, so that the last retry is not left behind.
 
 Accounting (:mod:`deepsports.tune.accounting`, :mod:`deepsports.tune.status`): every attempt at a trial
 (a first run, a resume, a retry) is recorded in the trial's ``deepsports.attempts`` as it starts, after
@@ -72,6 +61,7 @@ from deepsports.tags import (
     RESUMED_ATTR,
     RESUMED_FROM_TAG,
     RUN_ATTR,
+    SAMPLER_ATTR,
     TASK_ATTR,
     WORKER_ATTR,
 )
@@ -93,6 +83,7 @@ from deepsports.tune.study import (
     make_sampler,
     open_storage,
     open_study,
+    sampler_settings,
     summarize,
     worker_label,
     worker_seed,
@@ -142,6 +133,8 @@ def tune(settings: TuneSettings, *, stop_requested: Callable[[], bool] | None = 
     study, _ = open_study(settings.study_name, storage, space, sampler=sampler, pruner=pruner,
                           overrides=settings.overrides, parent_tags=bookkeeping.parent_tags(settings),
                           parent_wait_s=settings.parent_wait_s)
+    if SAMPLER_ATTR not in study.user_attrs:  # the creator's settings (a joiner's seed differs by worker only)
+        study.set_user_attr(SAMPLER_ATTR, sampler_settings(settings.seed, settings.n_startup_trials))
     if settings.max_trials is not None and study.user_attrs.get(MAX_TRIALS_ATTR) != settings.max_trials:
         study.set_user_attr(MAX_TRIALS_ATTR, settings.max_trials)
     if settings.rerun_failed:
@@ -211,7 +204,11 @@ class _Worker:
                                                         self.label, heartbeat_s=self.settings.heartbeat_interval,
                                                         grace_s=self.settings.grace)
         state, value, failed = None, None, None
-        with heartbeat:
+        # Fencing (recovery.TrialLease): cut off from the study for longer than its lease, this process ends
+        # before a sweeper may fail the trial and a retry resume it.
+        lease = recovery.TrialLease(heartbeat, recovery.lease_seconds(self.settings.heartbeat_interval,
+                                                                      self.settings.grace), trial.number)
+        with heartbeat, lease:
             study_parent.mark_running(self.study, self.tracker)  # a reader may have settled it while no trial ran
             try:
                 value = self.objective(trial, lambda: self.stop_requested() or heartbeat.lost)
@@ -253,6 +250,7 @@ class _Worker:
         frozen = self._tell(trial, state, value)
         if frozen is not None:
             bookkeeping.record_trial(self.study, frozen, self.tracker, self.settings.storage)
+            bookkeeping.report_progress(self.study, frozen, self.settings, self.trials_run)
         self._stop_if_failing_alike(failed)
 
     def _stop_if_failing_alike(self, failed: BaseException | None) -> None:

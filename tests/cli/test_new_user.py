@@ -175,7 +175,7 @@ def test_submit_prints_what_it_resolved_and_warns_without_a_time_limit(tmp_path,
     job_id = proc.stdout.split("submitted tune job ")[1].split()[0]
     subprocess.run(["scancel", job_id], check=False)  # the job itself is not what this test is about
     assert f"study storage: {tmp_path / 'optuna-journal.log'} (the default: no --storage given)" in proc.stdout
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in proc.stdout
+    assert f"MLFLOW_TRACKING_URI=sqlite:///{tmp_path}/mlflow.db deepsports ui" in proc.stdout
     assert "$SLURM_SUBMIT_DIR" not in proc.stdout and f"tail -f {tmp_path}/slurm-logs/" in proc.stdout
     assert "sets no `time`" in proc.stderr and "USR1" in proc.stderr
 

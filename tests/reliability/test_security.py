@@ -98,8 +98,12 @@ def test_mlflow_ui_and_server_launched_by_our_scripts_listen_on_localhost_only()
     # `make ui`, as make would run it.
     dry = subprocess.run(["make", "-n", "-W", ".venv/.installed", "ui"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
-    launches = [line for line in dry.stdout.splitlines() if "mlflow ui" in line]
+    launches = [line for line in dry.stdout.splitlines() if "deepsports ui" in line]
     assert launches and all("--host 127.0.0.1" in line for line in launches), dry.stdout
+    # ... and `deepsports ui` starts mlflow ui on its --host, 127.0.0.1 by default.
+    from deepsports.tracking.ui import DEFAULT_HOST, ui_command
+
+    assert DEFAULT_HOST == "127.0.0.1" and ui_command("sqlite:///x.db")[-6:-3] == ["--host", "127.0.0.1", "--port"]
     # deploy/mlflow-server.sh: the host defaults to 127.0.0.1 and is what `mlflow server` gets.
     script = (REPO / "deploy" / "mlflow-server.sh").read_text()
     assert 'HOST="${DEEPSPORTS_MLFLOW_HOST:-127.0.0.1}"' in script
@@ -108,7 +112,7 @@ def test_mlflow_ui_and_server_launched_by_our_scripts_listen_on_localhost_only()
     from deepsports.slurm.jobs import watch_hints
     from deepsports.slurm.profile import load_profile
 
-    hints = [h for h in watch_hints("1", load_profile("local"), "sqlite:///x.db") if "mlflow ui" in h]
+    hints = [h for h in watch_hints("1", load_profile("local"), "sqlite:///x.db") if "deepsports ui" in h]
     assert hints and not [h for h in hints if "--host" in h and "--host 127.0.0.1" not in h], hints
 
 

@@ -42,6 +42,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 EARLY_WORKER = """
 import json, os, sys, time
 out, task = sys.argv[1], os.environ["SLURM_ARRAY_TASK_ID"]
+restart = os.environ.get("SLURM_RESTART_COUNT", "0")
 if task == "1":
     # Python runs, its handler is not installed yet (the imports of a real worker take 0.3 s to seconds): the
     # signal lands in the window after the batch shell's `trap ''` and the exec.
@@ -50,12 +51,17 @@ if task == "1":
     while not os.path.exists(f"{out}/sent_{task}") and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.5)
-from deepsports.signals import StopFlag
+from deepsports.errors import PreemptedError
+from deepsports.slurm.preemption import preemptible
 
-with StopFlag() as flag:
+try:
+    with preemptible() as stop:  # as every deepsports command: a stop, then requeue or not
+        if stop.requested():
+            raise PreemptedError("stopped")
+except PreemptedError:
     pass
-with open(f"{out}/task_{task}.json", "w") as f:
-    json.dump({"signal": flag.signal_name}, f)
+with open(f"{out}/task_{task}_{restart}.json", "w") as f:
+    json.dump({"signal": stop.flag.signal_name}, f)
 """
 
 
@@ -75,8 +81,10 @@ def _signal(task: str, name: str, times: int) -> None:
 
 def test_signals_before_python_runs_are_kept_and_handed_to_the_worker(slurm_cluster, tmp_path):
     """Task 0: the profile's warning signal (USR2 here: NCCL jobs keep USR1 for NCCL) five times while the batch
-    shell sets up, before Python runs. Task 1: SIGTERM after the exec, before Python's handler exists (the
-    window the template's ``trap ''`` once dropped signals in: now they stay blocked, pending, until it does)."""
+    shell sets up, before Python runs: the worker takes it as its time-limit warning and requeues the task.
+    Task 1: SIGTERM (not from SLURM's job control: the job stays RUNNING, so no requeue) after the exec, before
+    Python's handler exists (the window the template's ``trap ''`` once dropped signals in: now they stay
+    blocked, pending, until it does)."""
     (tmp_path / "worker.py").write_text(EARLY_WORKER)
     out = tmp_path / "out"
     out.mkdir()
@@ -85,8 +93,8 @@ def test_signals_before_python_runs_are_kept_and_handed_to_the_worker(slurm_clus
         "array_size": 2, "array_concurrency": 2, "logdir": str(tmp_path / "logs"), "signal": "USR2",
         # The batch shell's set-up (a venv, modules) before Python runs, here lasting until the template's
         # trap has noted a signal (at most 60 s): the signals land before Python however loaded the machine.
-        "setup_lines": ['[ "$SLURM_ARRAY_TASK_ID" = 1 ] || for _ in $(seq 600); do '
-                        '[ -n "$deepsports_early_signals" ] && break; sleep 0.1; done'],
+        "setup_lines": ['[ "$SLURM_ARRAY_TASK_ID" = 1 ] || [ "${SLURM_RESTART_COUNT:-0}" != 0 ] || '
+                        'for _ in $(seq 600); do [ -n "$deepsports_early_signals" ] && break; sleep 0.1; done'],
         "env": {"PYTHONPATH": str(REPO)}}, "test")
     script = render_script("tune", profile, [sys.executable, str(tmp_path / "worker.py"), str(out)],
                            job_name="test-early")
@@ -99,12 +107,17 @@ def test_signals_before_python_runs_are_kept_and_handed_to_the_worker(slurm_clus
     _wait(lambda: (out / "started_1").exists(), 60, "task 1's Python to start", job, logs)
     _signal(f"{job}_1", "TERM", 1)
     (out / "sent_1").touch()
-    _wait(lambda: not _active(job), 90, "the array to finish", job, logs)
+    _wait(lambda: not _active(job), 120, "the array to finish (task 0 after its requeue)", job, logs)
     tasks = _tasks(job)
-    for task in ("0", "1"):  # not FAILED with signal 12 / 15
-        assert (tasks[task]["JobState"], tasks[task]["ExitCode"]) == ("COMPLETED", "0:0"), tasks[task]
-    assert json.loads((out / "task_0.json").read_text()) == {"signal": "SIGUSR2"}
-    assert json.loads((out / "task_1.json").read_text()) == {"signal": "SIGTERM"}
+    for task, restarts in (("0", "1"), ("1", "0")):  # not FAILED with signal 12 / 15
+        assert (tasks[task]["JobState"], tasks[task]["ExitCode"], tasks[task]["Restarts"]) == (
+            "COMPLETED", "0:0", restarts), tasks[task]
+    assert json.loads((out / "task_0_0.json").read_text()) == {"signal": "SIGUSR2"}
+    assert json.loads((out / "task_0_1.json").read_text()) == {"signal": None}  # the requeued run
+    assert json.loads((out / "task_1_0.json").read_text()) == {"signal": "SIGTERM"}
+    text = "\n".join(p.read_text() for p in logs.glob("*.log"))
+    assert f"requeued SLURM task {job}_0 (stopped by SIGUSR2, the time-limit warning)" in text, text
+    assert f"SLURM task {job}_1 stopped by SIGTERM from outside SLURM" in text, text
 
 
 def _loader_workers(trial) -> int:
