@@ -35,7 +35,7 @@ STOPS = ["step:4:TERM", "step:9:USR1", "step:8:KILL", "-"]
 def _settings(directory: Path, cache_dir: Path) -> dict:
     (directory / "space.yaml").write_text(TUNE_SPACE)
     overrides = {k: v for k, v in {**TINY, "cache_dir": str(cache_dir), "epochs": 3, "evaluate": False,
-                                   "dropout": "0.3"}.items() if k != "learning_rate"}
+                                   "dropout": "0.3", "system_metrics_interval_s": 0}.items() if k != "learning_rate"}
     return {"search_space": str(directory / "space.yaml"), "study_name": "s", "storage": str(directory / "s.journal"),
             "max_trials": 4, "seed": 0, "pruner": "median", "pruner_startup_trials": 1, "pruner_warmup_epochs": 0,
             "heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, "checkpoint_root": str(directory / "ckpt"),
