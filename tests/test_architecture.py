@@ -278,6 +278,8 @@ OPTUNA_COMPAT = "deepsports.tune._optuna_compat"
 #: Other private attributes of an object not its own class's that a module reads, each with its reason.
 PRIVATE_ATTRIBUTES = {
     ("deepsports.signals", "_exit"): "os._exit: how a forked DataLoader worker leaves (the standard library's, public)",
+    ("deepsports.tune.recovery", "_exit"): "os._exit: how a fenced worker ends without writing anything more "
+                                           "(the standard library's, public)",
     ("deepsports.cli.studies", "_subparsers"): "argparse keeps the subcommand parsers there (no public accessor)",
     ("deepsports.cli.studies", "_group_actions"): "argparse keeps the subcommand parsers there (no public accessor)",
     ("deepsports.tracking.runs", "_log_batch"): "MetricBuffer sends through its RunTracker (one module, one writer)",
