@@ -26,6 +26,9 @@ INTERRUPTED_TAG = "deepsports.interrupted"           # "true": stopped by a sign
 
 # --- Run tags: training (train.loop, train.reporting, train.seeds, train.quality, train.checkpoint_eval) ---
 WORLD_SIZE_TAG = "deepsports.world_size"
+#: On a run resumed from a checkpoint: "true" when every resume so far continued the stopped run bit for bit.
+RESUME_EXACT_TAG = "deepsports.resume_exact"
+RESUME_INEXACT_TAG = "deepsports.resume_inexact_reason"  # "-", or why a resume was not exact ("; "-separated)
 BEST_EPOCH_TAG = "deepsports.best_epoch"
 DEVICE_TAG = "deepsports.device"
 TRAINABLE_PARAMS_TAG = "deepsports.trainable_params"

@@ -40,6 +40,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(config, hooks=TrainHooks(stop_requested=stop.requested))
     if not main_rank:
         return 0
+    if result.already_finished:
+        print(f"deepsports: run {result.run_id} already finished; nothing trained or logged (its checkpoints: "
+              f"{result.checkpoint_dir}; `deepsports evaluate` re-evaluates one)", file=sys.stderr)
     summary = {"run_id": result.run_id, "best_val_spearman": result.best_val_spearman, "best_epoch": result.best_epoch,
                "resumed_from_epoch": result.resumed_from_epoch, "checkpoint_dir": str(result.checkpoint_dir),
                **{f"test_{k}": v for k, v in result.test_metrics.items()}}

@@ -374,6 +374,10 @@ class RunTracker:
         history = self._call("get metric history", self.client.get_metric_history, self._require_run(), metric_key)
         return {int(m.step) for m in history}
 
+    def fetch_run(self, run_id: str | None = None) -> mlflow.entities.Run:
+        """The MLflow run ``run_id`` (default: the tracked one) as the store holds it now."""
+        return self._call("get run", self.client.get_run, run_id or self._require_run())
+
     def log_model(self, model, example_input, **kwargs: Any) -> str:
         """:func:`log_model` into this run; returns the model URI (also set as tag ``deepsports.model_uri``)."""
         kwargs.setdefault("retry", self.retry)
@@ -402,6 +406,9 @@ class NullTracker:
 
     def logged_steps(self, metric_key: str) -> set[int]:
         return set()
+
+    def fetch_run(self, run_id: str | None = None) -> None:
+        return None
 
     def log_model(self, model, example_input, **kwargs: Any) -> str:
         return ""

@@ -43,6 +43,7 @@ MAY_OVERRIDE = frozenset({"num_workers", "gpu", "cache_dir", "root_dir", "annota
                           "test_path", "loglevel", "batch_size", "experiment_name", "pretrained_model"})
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+_REGISTERED = re.compile(r"models:/[^/@]+(@[^/@]+|/[0-9]+)")
 
 
 @dataclass
@@ -73,10 +74,12 @@ def _source_run(tracker, run_id: str):
 
 
 def check_source_form(source: str) -> None:
-    """``source`` is an existing path or has the form of a run id (32 hex digits)."""
+    """``source`` is an existing path, has the form of a run id (32 hex digits), or names a registered model."""
+    if _REGISTERED.fullmatch(source):
+        return
     if not Path(source).expanduser().exists() and not _RUN_ID.fullmatch(source):
         raise ConfigError(f"evaluate: {source!r} is neither a checkpoint file or directory nor an MLflow run id "
-                          f"(32 hex digits)")
+                          f"(32 hex digits), nor a registered model (models:/NAME@ALIAS or models:/NAME/VERSION)")
 
 
 def resolve_checkpoint(source: str, tracker, download_dir: Path) -> tuple[Path, Any]:

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +103,20 @@ class CheckpointManager:
                 found.append((int(match.group(1)), match.group(2) is None, path))
         return sorted(found)
 
-    def save(self, epoch: int, state: dict[str, Any], is_best: bool = False) -> Path:
+    def save(self, epoch: int, state: dict[str, Any], is_best: bool = False,
+             written: Callable[[], None] | None = None) -> Path:
         """Write ``epoch-NNNN.pt`` (and ``best.pt`` when ``is_best``), then prune.
 
         Pruning keeps the newest ``keep_last`` complete checkpoints, drops partial checkpoints of
         epochs up to this one, and drops checkpoints of *later* epochs: they belong to an abandoned
         attempt (we resumed from an older one) and must not shadow this one in :meth:`latest_valid`.
+        ``written`` is called between the epoch file and ``best.pt`` (tests stop a run there).
         """
         with signals_held(f"the checkpoint of epoch {epoch} in {self.directory}"):  # epoch file, best.pt, pruning
             self._remove_stale_temp_files()
             path = save_checkpoint(self.epoch_path(epoch), state)
+            if written is not None:
+                written()
             if is_best:
                 _copy_file_atomic(path, self.best_path)
             complete = [p for e, done, p in self.checkpoints() if done and e <= epoch]
@@ -120,6 +125,12 @@ class CheckpointManager:
             for old in doomed:
                 old.unlink(missing_ok=True)
         return path
+
+    def restore_best(self, source: Path) -> Path:
+        """Copy ``source`` (the best epoch's checkpoint) to ``best.pt`` again: a stop between an epoch file
+        and its ``best.pt`` copy left the previous best there."""
+        self._remove_stale_temp_files()
+        return _copy_file_atomic(Path(source), self.best_path)
 
     def save_partial(self, epoch: int, state: dict[str, Any]) -> Path:
         """Write a mid-epoch checkpoint ``epoch-NNNN-partial.pt`` (replaced by the next save of that epoch)."""

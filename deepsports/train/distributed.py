@@ -124,6 +124,15 @@ def broadcast_object(env: DistEnv, obj: Any = None) -> Any:
     return box[0]
 
 
+def all_gather_object(env: DistEnv, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if not env.enabled:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(env: DistEnv, flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any (e.g. a preemption signal seen by one task)."""
     if not env.enabled:

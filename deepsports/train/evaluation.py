@@ -79,16 +79,27 @@ def _checked(iterator: Iterator[Any]) -> Iterator[Any]:
         yield batch
 
 
+def loader_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s training loader (its workers' seeds): a function of (seed, epoch) only."""
+    return (seed * 100_003 + epoch) * 2 + 1  # odd: never EpochSampler's seed for the same (seed, epoch)
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler: Sampler | None = None,
                 drop_last: bool = False, pin_memory: bool = False,
-                batch_sampler: Sampler[list[int]] | None = None) -> DataLoader:
+                batch_sampler: Sampler[list[int]] | None = None, seed: int = 0) -> DataLoader:
     """A DataLoader over ``dataset``; with ``batch_sampler`` (e.g. :class:`ShardedBatchSampler`) the
-    batches are its index lists and ``batch_size``/``sampler``/``drop_last`` are not used."""
+    batches are its index lists and ``batch_size``/``sampler``/``drop_last`` are not used.
+
+    The loader draws its workers' base seed from its own generator seeded with ``seed``, not from
+    torch's global RNG: creating a loader then leaves the global stream (dropout, drop-path) untouched,
+    so a run resumed mid-epoch continues that stream exactly where the checkpoint left it.
+    """
     prefetch = 4 if num_workers else None
     # Workers ignore the job's stop signals (SLURM sends them to every process): the main process
     # stops at the next step boundary, checkpoints and shuts the workers down.
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, prefetch_factor=prefetch,
-                  worker_init_fn=ignore_stop_signals if num_workers else None)
+                  worker_init_fn=ignore_stop_signals if num_workers else None,
+                  generator=torch.Generator().manual_seed(seed))
     if batch_sampler is not None:
         return _WorkerCheckedLoader(dataset, batch_sampler=batch_sampler, **common)
     return _WorkerCheckedLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,

@@ -33,13 +33,15 @@ from deepsports.tags import (
     DEVICE_TAG,
     FAILURE_REASON_TAG,
     INTERRUPTED_TAG,
+    RESUME_EXACT_TAG,
+    RESUME_INEXACT_TAG,
     TOTAL_PARAMS_TAG,
     TRAINABLE_PARAMS_TAG,
     WORLD_SIZE_TAG,
 )
 from deepsports.tracking.runs import NullTracker, RunTracker
 from deepsports.train import distributed
-from deepsports.train.checkpoints import CheckpointManager, load_checkpoint, restore_rng_state
+from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from deepsports.train.dir_lock import checkpoint_dir_lock
 from deepsports.train.distributed import (
     DistEnv,
@@ -49,12 +51,14 @@ from deepsports.train.distributed import (
     steps_per_epoch,
     wrap_ddp,
 )
-from deepsports.train.evaluation import EpochSampler, eval_loader, make_loader, predict
+from deepsports.train.evaluation import EpochSampler, eval_loader, loader_seed, make_loader, predict
 from deepsports.train.losses import aqa_loss
+from deepsports.train.metric_log import EpochMetricLog, LogOnce
 from deepsports.train.optim import build_optimizer, build_scheduler
-from deepsports.train.reporting import EpochMetricLog, log_config, log_final_artifacts
+from deepsports.train.reporting import log_config, log_final_artifacts
 from deepsports.train.runtime import seed_everything, select_runtime, setup_logging, warnings_only
 from deepsports.train.state import (
+    RESUME_FORMAT,
     BestResult,
     EpochReport,
     EpochTally,
@@ -79,6 +83,11 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "compile", "loglevel", "
                                "dist_backend", "system_metrics_interval_s"})
 
 
+#: Of :data:`RESUME_MAY_CHANGE`, the keys that change the maths of the epochs still to run: a resume
+#: with another value continues correctly but is not the run that was stopped.
+_CHANGES_THE_MATHS = frozenset({"epochs", "compile", "gpu"})
+
+
 @dataclass
 class TrainResult:
     run_id: str
@@ -89,6 +98,8 @@ class TrainResult:
     checkpoint_dir: Path
     resumed_from_epoch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The run had finished before this call: nothing was trained or logged (values from its checkpoint and MLflow).
+    already_finished: bool = False
 
 
 class _Progress:
@@ -168,10 +179,33 @@ def _find_resume(config: Config, env: DistEnv, ckpt_dir: Path | None) -> tuple[P
     return resume_path, resume_state, resume_run_id
 
 
+def _finished_result(config: Config, env: DistEnv, resume_state: dict | None, resume_run_id: str | None,
+                     ckpt_dir: Path | None) -> TrainResult | None:
+    """Rank 0: the result of the run this call would resume when that run has FINISHED (every epoch in the
+    checkpoint, status FINISHED in MLflow), else None. Test metrics come from the run as MLflow holds them."""
+    if not env.is_main or resume_state is None or resume_run_id is None or ckpt_dir is None:
+        return None
+    if int(resume_state["step"]) != 0 or int(resume_state["epoch"]) <= config.epochs:
+        return None  # epochs left to train (or more epochs asked for than were run)
+    run = RunTracker().fetch_run(resume_run_id)
+    if run.info.status != "FINISHED":
+        return None  # killed during its final evaluation: resume finishes it
+    best = BestResult.from_state(resume_state["best"])
+    test = {k[len("test_"):]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    return TrainResult(run_id=resume_run_id, best_val_spearman=best.val_spearman, best_epoch=best.epoch,
+                       test_metrics=test, history=list(resume_state["history"]), checkpoint_dir=ckpt_dir,
+                       resumed_from_epoch=int(resume_state["epoch"]) - 1, already_finished=True)
+
+
 def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_run_id: str | None,
                    tags: dict[str, str] | None) -> TrainResult:
     ckpt_dir = _resolve_checkpoint_dir(config)
     resume_path, resume_state, resume_run_id = _find_resume(config, env, ckpt_dir)
+    # A re-run of a finished run: every rank returns its result without a word to MLflow.
+    finished = distributed.broadcast_object(env, _finished_result(config, env, resume_state, resume_run_id, ckpt_dir))
+    if finished is not None:
+        log.info("run %s already finished: nothing trained or logged", finished.run_id)
+        return finished
     if env.is_main:
         tracker = RunTracker()
         run_id = tracker.start(experiment_name=config.experiment_name, run_name=config.run_name or None,
@@ -191,7 +225,7 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
     if resume_state is None and env.is_main:
         CheckpointManager(ckpt_dir).record_run(run_id, config.to_dict())
     try:
-        result = _train_tracked(config, env, tracker, run_id, ckpt_dir, resume_state, hooks)
+        result = _train_tracked(config, env, tracker, run_id, ckpt_dir, resume_path, resume_state, hooks)
     except PreemptedError:
         tracker.set_tags({INTERRUPTED_TAG: "true"})
         tracker.end("KILLED")
@@ -210,14 +244,14 @@ def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_ru
 
 
 def _train_tracked(config: Config, env: DistEnv, tracker: RunTracker, run_id: str, ckpt_dir: Path,
-                   resume_state: dict | None, hooks: TrainHooks) -> TrainResult:
+                   resume_path: Path | None, resume_state: dict | None, hooks: TrainHooks) -> TrainResult:
     run = _build_run(config, env, tracker, run_id, ckpt_dir, resume_state, hooks)
-    _restore(run, resume_state)
+    _restore(run, resume_path, resume_state)
     for epoch in range(run.start.epoch, config.epochs + 1):
         _report_epoch(run, _train_epoch(run, epoch))
 
-    tracker.set_tags({BEST_EPOCH_TAG: str(run.best.epoch)})
-    tracker.log_metrics({"best_val_spearman": run.best.val_spearman}, step=config.epochs)
+    run.tracker.set_tags({BEST_EPOCH_TAG: str(run.best.epoch)})
+    run.tracker.log_metrics({"best_val_spearman": run.best.val_spearman}, step=config.epochs)
     distributed.barrier(env)  # best.pt is on disk before every rank reads it
     test_metrics = log_final_artifacts(run)
     return TrainResult(run_id=run_id, best_val_spearman=run.best.val_spearman, best_epoch=run.best.epoch,
@@ -253,26 +287,28 @@ def _build_run(config: Config, env: DistEnv, tracker: RunTracker, run_id: str, c
     scheduler = build_scheduler(config, optimizer, n_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
     return Run(config=config, env=env, tracker=tracker, run_id=run_id, ckpt_dir=ckpt_dir, runtime=runtime, data=data,
-                model=model, global_model=global_model, net=net, optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, loss_fn=_loss_fn(config), manager=CheckpointManager(ckpt_dir), n_steps=n_steps, pin=pin,
+               model=model, global_model=global_model, net=net, optimizer=optimizer, scheduler=scheduler,
+               scaler=scaler, loss_fn=_loss_fn(config), manager=CheckpointManager(ckpt_dir), n_steps=n_steps, pin=pin,
                hooks=hooks)
 
 
-def _restore(run: Run, resume_state: dict | None) -> None:
+def _restore(run: Run, resume_path: Path | None, resume_state: dict | None) -> None:
     """Load the checkpoint into the run (or log the new run's params), then tag the run and log what MLflow missed."""
     config, tracker, model, data = run.config, run.tracker, run.model, run.data
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        run.optimizer.load_state_dict(resume_state["optimizer"])
-        run.scheduler.load_state_dict(resume_state["scheduler"])
-        run.scaler.load_state_dict(resume_state["scaler"])
-        restore_rng_state(resume_state["rng"])
-        run.history = list(resume_state["history"])
-        run.best = BestResult.from_state(resume_state["best"])
-        run.start = PartialEpoch(epoch=int(resume_state["epoch"]), step=int(resume_state["step"]),
-                                 tally=EpochTally.from_state(resume_state.get("partial")))
+        run.inexact = _restore_state(run, resume_state)
+        tracker.set_tags({RESUME_EXACT_TAG: str(not run.inexact).lower(),
+                          RESUME_INEXACT_TAG: "; ".join(run.inexact) or "-"})
+        if run.inexact:
+            log.warning("this resume is not exact: %s", "; ".join(run.inexact))
+        if resume_path is not None and run.env.is_main and run.start.step == 0 and run.best.epoch == run.start.epoch - 1:
+            # The resumed checkpoint is the best epoch's: a stop between its file and best.pt left an older best.pt.
+            run.manager.restore_best(resume_path)
+        if run.start.epoch > config.epochs:
+            # An earlier attempt may have logged part of the end of the run: log each point once.
+            run.tracker = tracker = LogOnce(tracker)
     else:
         log_config(tracker, config)
     tracker.set_tags({DEVICE_TAG: run.runtime.device_name,
@@ -291,6 +327,57 @@ def _restore(run: Run, resume_state: dict | None) -> None:
              run.runtime.device_name)
 
 
+def _restore_state(run: Run, state: dict) -> list[str]:
+    """Load a checkpoint's states into ``run``; returns why the continuation is not the stopped run's (empty: exact).
+
+    The reasons accumulate over the resumes of one run (the checkpoint carries the earlier ones).
+    """
+    env = run.env
+    reasons = [str(r) for r in state.get("inexact_resume") or []]
+    if int(state.get("resume_format", 1)) < RESUME_FORMAT:
+        reasons.append("the checkpoint was written by a version before exact resume (its loaders drew from the "
+                       "global RNG)")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    per_rank = state.get("rng_ranks")
+    rng = state.get("rng")
+    if per_rank is not None and len(per_rank) == env.world_size:
+        rng = per_rank[env.rank]
+    elif per_rank is not None:
+        reasons.append(f"the checkpoint was written by {len(per_rank)} process(es), resumed by {env.world_size}")
+    elif env.enabled and rng is not None:
+        reasons.append("the checkpoint holds one RNG state, not one per rank")
+    if rng is None:
+        reasons.append("the checkpoint holds no RNG state")
+    else:
+        saved_cuda = len(rng.get("cuda") or [])
+        if saved_cuda and saved_cuda != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            reasons.append(f"the checkpoint's {saved_cuda} CUDA RNG state(s) do not fit this process's devices")
+        restore_rng_state(rng)
+    run.history = list(state["history"])
+    run.best = BestResult.from_state(state["best"])
+    run.start = PartialEpoch(epoch=int(state["epoch"]), step=int(state["step"]),
+                             tally=EpochTally.from_state(state.get("partial")))
+    if run.start.step and state.get("partial") is None:
+        reasons.append("the mid-epoch checkpoint holds no epoch tally")
+    saved = build_config(state["config"]).to_dict()
+    changed = sorted(k for k, v in run.config.to_dict().items() if k in _CHANGES_THE_MATHS and saved.get(k) != v)
+    if changed:
+        reasons.append("config changed: " + ", ".join(f"{k} {saved.get(k)!r} -> {run.config.to_dict()[k]!r}"
+                                                      for k in changed))
+    if state.get("device_type", run.runtime.device.type) != run.runtime.device.type:
+        reasons.append(f"written on {state['device_type']}, resumed on {run.runtime.device.type}")
+    return list(dict.fromkeys(reasons))  # each reason once, oldest first
+
+
+def _checkpoint_state(run: Run, epoch: int, step: int, tally: EpochTally | None) -> dict | None:
+    """On every rank (a collective): rank 0's checkpoint contents with every rank's RNG state; None elsewhere."""
+    rng_ranks = distributed.all_gather_object(run.env, capture_rng_state())
+    return run.state(epoch, step, tally, rng_ranks) if run.env.is_main else None
+
+
 def _train_epoch(run: Run, epoch: int) -> TrainedEpoch:
     """The optimisation steps of one epoch (from the checkpoint's step when resuming mid-epoch).
 
@@ -301,11 +388,12 @@ def _train_epoch(run: Run, epoch: int) -> TrainedEpoch:
     resuming = epoch == run.start.epoch and run.start.step > 0
     first_step = run.start.step if resuming else 0
     tally = run.start.tally if resuming else EpochTally()
-    data.train.set_epoch(epoch)
+    data.train.set_epoch(epoch)  # augmentation and frame sampling: drawn per clip from (seed, epoch, clip index)
+    # Skipping the steps done: the epoch's order is a function of (seed, epoch), so the rest is the same.
     order = EpochSampler(len(data.train), config.seed, epoch, start=first_step * config.batch_size)
     batches = ShardedBatchSampler(list(order), config.batch_size, env, train=True)
     loader = make_loader(data.train, config.batch_size, config.num_workers, batch_sampler=batches,
-                         pin_memory=run.pin)
+                         pin_memory=run.pin, seed=loader_seed(config.seed, epoch))
     run.net.train()
     progress = _Progress(run.n_steps, f"epoch {epoch}/{config.epochs}", config.log_every_steps)
     tick = time.perf_counter()
@@ -339,7 +427,8 @@ def _train_epoch(run: Run, epoch: int) -> TrainedEpoch:
                 progress.update(float(loss.detach()), first_step)
             if _stop(env, hooks.stop_requested, runtime.device) and step < run.n_steps:
                 so_far = dataclasses.replace(tally, seconds=tally.seconds + time.perf_counter() - tick)
-                path = run.manager.save_partial(epoch, run.state(epoch, step, so_far)) if env.is_main else run.ckpt_dir
+                state = _checkpoint_state(run, epoch, step, so_far)
+                path = run.manager.save_partial(epoch, state) if state is not None else run.ckpt_dir
                 raise PreemptedError(f"stop requested at epoch {epoch} step {step}/{run.n_steps}; checkpoint {path}")
             asked = time.perf_counter()
     except torch.OutOfMemoryError as exc:
@@ -355,6 +444,7 @@ def _report_epoch(run: Run, trained: TrainedEpoch) -> None:
     """Validate, checkpoint, then log the epoch (in that order: nothing logged that is not on disk)."""
     config, env, runtime, hooks, epoch, tally = run.config, run.env, run.runtime, run.hooks, trained.epoch, trained.tally
     train_seconds = trained.train_seconds
+    hooks.fault("validate", epoch)
     val = predict(run.global_model, eval_loader(run.data.val, config.batch_size, config.num_workers, env, run.pin),
                   runtime, run.loss_fn, env)
     val_metrics = val.metrics()
@@ -369,17 +459,18 @@ def _report_epoch(run: Run, trained: TrainedEpoch) -> None:
     if is_best:
         run.best = BestResult(val_spearman=row["val_spearman"], epoch=epoch)
     hooks.fault("checkpoint", epoch)
-    if env.is_main:
-        run.manager.save(epoch, run.state(epoch + 1, 0, None), is_best=is_best)
+    state = _checkpoint_state(run, epoch + 1, 0, None)
+    if state is not None:
+        run.manager.save(epoch, state, is_best=is_best, written=lambda: hooks.fault("checkpoint_written", epoch))
     hooks.fault("log", epoch)
     run.epoch_log.log(row, epoch)  # once per step, also when resumed from an older checkpoint
     log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_spearman %.4f (%.1f clips/s, %.1f s, %.0f%% of it "
              "waiting for data)", epoch, config.epochs, row["train_loss"], row["val_loss"], row["val_spearman"],
              row["clips_per_s"], epoch_seconds, 100 * row["data_wait_fraction"])
+    if hooks.epoch_callback is not None:  # before a stop: a study's pruner sees every epoch when it ends
+        hooks.epoch_callback(EpochReport(epoch=epoch, metrics={k: row[k] for k in EPOCH_METRICS}, run_id=run.run_id))
     if _stop(env, hooks.stop_requested, runtime.device) and epoch < config.epochs:
         raise PreemptedError(f"stop requested after epoch {epoch}; checkpoint in {run.ckpt_dir}")
-    if hooks.epoch_callback is not None:
-        hooks.epoch_callback(EpochReport(epoch=epoch, metrics={k: row[k] for k in EPOCH_METRICS}, run_id=run.run_id))
 
 
 def _stop(env: DistEnv, stop_requested: Callable[[], bool] | None, device: torch.device) -> bool:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from deepsports.config import LOCATION_KEYS, Config
 from deepsports.tags import CONFIG_TAG_PREFIX
-from deepsports.tracking.runs import RunTracker
 from deepsports.train import plots, quality
 from deepsports.train.evaluation import eval_loader, make_loader, predict
 
@@ -69,6 +68,7 @@ def log_final_artifacts(run: Run) -> dict[str, float]:
                 log.info("test: spearman %s rel_l2 %.4f mse %.3f difficulty_mae %.4f",
                          quality.summary_line(report.prefixed("test")), metrics["rel_l2"], metrics["mse"],
                          metrics["difficulty_mae"])
+        run.hooks.fault("final", config.epochs)  # the metrics are logged, the files not yet
         if config.log_checkpoint and manager.best_path.exists():
             tracker.log_artifact(manager.best_path, "checkpoints")
         if config.log_model and env.is_main:
@@ -78,29 +78,3 @@ def log_final_artifacts(run: Run) -> dict[str, float]:
             tracker.log_model(model_cpu, example, serialization_format="pt2")
             model.to(runtime.device)
     return test_metrics
-
-
-class EpochMetricLog:
-    """Logs each per-epoch metric at most once per step, also across resumes.
-
-    MLflow cannot delete a metric point. A run resumed from an older checkpoint than its newest
-    logged epoch (the newest checkpoint was truncated, corrupt or deleted) trains those epochs again;
-    their first logged values stay and the re-run's are not logged (the log says so). An epoch the
-    checkpoint holds but MLflow missed (killed between checkpoint and logging) is logged on resume.
-    """
-
-    def __init__(self, tracker: RunTracker, keys: tuple[str, ...]):
-        self.tracker, self.keys = tracker, keys
-        # One query per key on a resumed run: any key may hold steps the others lack (an older version's
-        # logging, a failed batch); a fresh run answers with empty histories.
-        self.logged = {key: tracker.logged_steps(key) for key in keys}
-
-    def log(self, row: dict[str, float], epoch: int) -> None:
-        fresh = {key: row[key] for key in self.keys if epoch not in self.logged[key]}
-        if len(fresh) < len(self.keys):
-            log.info("epoch %d was logged before the checkpoint this run resumed from: keeping the values logged "
-                     "then for %d metric(s), not logging the re-run's", epoch, len(self.keys) - len(fresh))
-        if fresh:
-            self.tracker.log_metrics(fresh, step=epoch)
-            for key in fresh:
-                self.logged[key].add(epoch)

@@ -20,10 +20,14 @@ import torch
 from deepsports.config import Config
 from deepsports.data import DataBundle
 from deepsports.tracking.runs import NullTracker, RunTracker
-from deepsports.train.checkpoints import CheckpointManager, capture_rng_state
+from deepsports.train.checkpoints import CheckpointManager
 from deepsports.train.distributed import DistEnv, GlobalBatchModel
-from deepsports.train.reporting import EpochMetricLog
+from deepsports.train.metric_log import EpochMetricLog, LogOnce
 from deepsports.train.runtime import Runtime
+
+#: Version of what a checkpoint holds for an exact resume (2: one RNG state per rank, loaders seeded
+#: from (seed, epoch) instead of drawing from the global RNG). An older checkpoint resumes, tagged inexact.
+RESUME_FORMAT = 2
 
 #: ``(outputs, targets) -> (loss, its parts)``: :func:`deepsports.train.losses.aqa_loss` with the config's weights.
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
@@ -125,7 +129,7 @@ class Run:
 
     config: Config
     env: DistEnv
-    tracker: RunTracker | NullTracker
+    tracker: RunTracker | NullTracker | LogOnce
     run_id: str
     ckpt_dir: Path
     runtime: Runtime
@@ -146,11 +150,16 @@ class Run:
     epoch_log: EpochMetricLog | None = None  #: set by _restore: what MLflow already holds
 
     hooks: TrainHooks = field(default_factory=TrainHooks)
+    #: Why a resume of this run was not exact (all its resumes so far; empty: every one was exact).
+    inexact: list[str] = field(default_factory=list)
 
-    def state(self, epoch: int, step: int, tally: EpochTally | None) -> dict[str, Any]:
-        """The checkpoint's contents: training resumes at ``epoch`` from ``step`` with ``tally`` (None: a fresh epoch)."""
+    def state(self, epoch: int, step: int, tally: EpochTally | None, rng_ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint's contents: training resumes at ``epoch`` from ``step`` with ``tally`` (None: a fresh
+        epoch). ``rng_ranks``: every rank's :func:`~deepsports.train.checkpoints.capture_rng_state`, in rank order."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": capture_rng_state(), "config": self.config.to_dict(), "mlflow_run_id": self.run_id,
+                "rng": rng_ranks[0], "rng_ranks": rng_ranks, "world_size": self.env.world_size,
+                "device_type": self.runtime.device.type, "resume_format": RESUME_FORMAT,
+                "inexact_resume": list(self.inexact), "config": self.config.to_dict(), "mlflow_run_id": self.run_id,
                 "epoch": epoch, "step": step, "partial": None if tally is None else tally.to_state(),
                 "history": self.history, "best": self.best.to_state()}

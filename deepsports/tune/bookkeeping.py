@@ -18,6 +18,7 @@ from deepsports.errors import StorageError
 from deepsports.slurm.env import ClusterEnv
 from deepsports.tags import (
     CKPT_ATTR,
+    FAILURE_REASON_TAG,
     OPTUNA_MAX_TRIALS_TAG,
     OPTUNA_PARAM_TAG_PREFIX,
     OPTUNA_PRUNER_TAG,
@@ -107,6 +108,19 @@ def record_trial(study: optuna.Study, trial: FrozenTrial, tracker: RunTracker, s
     except StorageError as exc:  # bookkeeping must not stop the study
         log.warning("could not record trial %d in MLflow: %s", trial.number, exc)
     publish(study, run_id, trial.number, tracker, storage)
+
+
+def end_pruned_run(study: optuna.Study, trial: FrozenTrial, tracker: RunTracker) -> None:
+    """End the run of a trial pruned before its training resumed, as ``train`` ends a pruned one (KILLED)."""
+    try:
+        run_id = recovery.find_trial_run(study, trial, tracker)
+        if run_id:
+            call_with_retry("tag pruned trial run", tracker.uri, tracker.client.set_tag, run_id, FAILURE_REASON_TAG,
+                            "PrunedTrial: pruned on resume")
+            call_with_retry("end pruned trial run", tracker.uri, tracker.client.set_terminated, run_id,
+                            status="KILLED")
+    except StorageError as exc:
+        log.warning("could not end the run of pruned trial %d: %s", trial.number, exc)
 
 
 def publish(study: optuna.Study, run_id: str | None, number: int, tracker: RunTracker, storage: str) -> None:

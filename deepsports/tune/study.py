@@ -33,7 +33,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from deepsports.config import config_fields
 from deepsports.errors import ConfigError, SearchSpaceError, StorageError
@@ -57,7 +57,7 @@ from deepsports.tags import (
 from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
 from deepsports.tracking.uris import redact_uri, tracking_uri
-from deepsports.tune.accounting import retried_from  # noqa: F401 (re-exported; retry lineage is accounting's)
+from deepsports.tune.accounting import is_extra, retried_from  # noqa: F401 (retried_from re-exported)
 from deepsports.tune.search_space import SearchSpace
 from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
 
@@ -136,6 +136,29 @@ def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}" + (f" slurm {slurm}" if slurm else "")
 
 
+class _TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random stream for a new trial restarts from ``(seed, k)``, ``k`` the trial's index among the
+    study's original trials (retries and re-runs, which sample nothing, do not count).
+
+    A plain seeded sampler draws on from wherever its process left off: a worker restarted after a pause,
+    or another worker taking over, would propose other parameters for the next trial than the worker
+    never stopped. This way a seeded study's proposals depend only on the seed and on the trials so far.
+    """
+
+    def __init__(self, seed: int | None, **kwargs: Any):
+        super().__init__(seed=seed, **kwargs)
+        self._study_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        if self._study_seed is None:
+            return
+        index = sum(t.number < trial.number and not is_extra(t) for t in study.get_trials(deepcopy=False))
+        seed = (self._study_seed * 1_000_003 + index) % 2**32
+        self._rng.rng.seed(seed)  # Optuna keeps its generators private; reseeding them is the one way in
+        self._random_sampler._rng.rng.seed(seed)
+
+
 def sampler_settings(seed: int | None, n_startup_trials: int = 10, constant_liar: bool = True) -> dict[str, Any]:
     """Every TPE setting DeepSports chooses, explicitly, so that a new Optuna's defaults never change a
     study silently (Optuna 5 changed ``constant_liar`` and ``multivariate``). Recorded on the study
@@ -151,14 +174,14 @@ def sampler_settings(seed: int | None, n_startup_trials: int = 10, constant_liar
 def make_sampler(seed: int | None, n_startup_trials: int = 10, constant_liar: bool = True
                  ) -> optuna.samplers.TPESampler:
     """TPE, multivariate with groups so that conditional parameters are modelled together, with the
-    constant liar for parallel workers (every setting explicit: :func:`sampler_settings`)."""
+    constant liar for parallel workers (every setting explicit: :func:`sampler_settings`),
+    its random stream restarted for every new trial (:class:`_TrialSeededTPESampler`)."""
     settings = sampler_settings(seed, n_startup_trials, constant_liar)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         # constant_liar: a trial running in another worker counts as a poor result while its value is
         # unknown, so concurrent workers do not propose the same region (benchmarks/bench_constant_liar.py).
-        return optuna.samplers.TPESampler(**{k: v for k, v in settings.items()
-                                             if k not in ("sampler", "optuna_version")})
+        return _TrialSeededTPESampler(**{k: v for k, v in settings.items() if k not in ("sampler", "optuna_version")})
 
 
 def make_pruner(name: str, epochs: int | None, startup_trials: int = 3, warmup_epochs: int = 1

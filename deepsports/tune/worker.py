@@ -354,7 +354,12 @@ class _Worker:
             raise
         trial.set_user_attr(CONFIG_ATTR, config.to_dict())  # what `deepsports best` exports
         tags = bookkeeping.trial_run_tags(self.settings, self.space, trial, retry_of)
-        tags.update(self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir)))
+        resume_tags, missed = self._report_checkpointed_epochs(trial, frozen, Path(checkpoint_dir))
+        tags.update(resume_tags)
+        if missed and trial.should_prune():
+            # Training stopped after an epoch before its callback could ask the pruner: ask now, as then.
+            bookkeeping.end_pruned_run(self.study, frozen, self.tracker)
+            raise PrunedTrial(f"pruned after epoch {missed[-1]} (asked on resume)")
         tags.update(recovery.keep_run_of_lost_checkpoint(trial, frozen, Path(checkpoint_dir), config, self.ledger))
         parent = self.study.user_attrs[PARENT_RUN_ATTR]  # re-read: an adopter may have replaced it
         known = set(frozen.intermediate_values)
@@ -392,23 +397,26 @@ class _Worker:
         given = {**self.space.base_values, **self.space.fixed}
         return {key: False for key in ("log_checkpoint", "log_model") if key not in given}
 
-    def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial, ckpt_dir: Path) -> dict[str, str]:
+    def _report_checkpointed_epochs(self, trial: optuna.Trial, frozen: FrozenTrial,
+                                    ckpt_dir: Path) -> tuple[dict[str, str], list[int]]:
         """A resumed trial (paused, or a dead trial's retry): report to Optuna the checkpointed epochs it
         does not know yet (training stopped after an epoch before its callback ran), and record where
-        training resumes. Returns the MLflow tags to add."""
+        training resumes. Returns the MLflow tags to add and the epochs reported."""
         found = CheckpointManager(ckpt_dir).latest_valid() if ckpt_dir.is_dir() else None
         if found is None:
-            return {}
+            return {}, []
         path, state = found
+        missed = []
         for row in state.get("history", []):
             epoch, value = int(row["epoch"]), float(row["val_spearman"])
             if epoch not in frozen.intermediate_values:
                 trial.report(value, epoch)
+                missed.append(epoch)
         resumed = {"checkpoint": str(path), "epoch": int(state["epoch"]), "step": int(state["step"])}
         trial.set_user_attr(RESUMED_ATTR, resumed)
         self.ledger.record["resumed_epoch"] = resumed["epoch"]  # written with the attempt's next record
         log.info("trial %d resumes from %s (epoch %d, step %d)", trial.number, path, resumed["epoch"], resumed["step"])
-        return {RESUMED_FROM_TAG: f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}
+        return {RESUMED_FROM_TAG: f"{path.name} (epoch {resumed['epoch']}, step {resumed['step']})"}, missed
 
     def _over_budget(self, trials: list[FrozenTrial], number: int) -> bool:
         """Race-free: numbers are unique and increasing, so every original trial up to ours is visible."""

@@ -68,9 +68,8 @@ def _faulty_train(tmp_path: Path, cache_dir: Path):
         if number == 2:
             private = tmp_path / "trial-2-cache"  # this trial's own copy, so the garbage stays with it
             shutil.copytree(cache_dir, private)
-            return train(config.replace(cache_dir=str(private), num_workers=1),
-                         hooks=dataclasses.replace(kwargs.pop("hooks"), fault_hook=_garbage_clips_after_step_0(private)),
-                         **kwargs)
+            hooks = dataclasses.replace(kwargs.pop("hooks"), fault_hook=_garbage_clips_after_step_0(private))
+            return train(config.replace(cache_dir=str(private), num_workers=1), hooks=hooks, **kwargs)
         return train(config, **kwargs)
     return train_fn
 
