@@ -76,7 +76,7 @@ def _platform(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class Config:
-    """The training configuration (see the README's argument table)."""
+    """The training configuration (see the argument table in docs/configuration.md)."""
 
     # --- the original train.py's arguments (same names, same meaning) -------------------------
     loglevel: str = _opt("INFO", "Logging level.", choices=LOGLEVELS)

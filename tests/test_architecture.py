@@ -18,7 +18,7 @@ from tests.e2e_helpers import REPO, subprocess_env
 PACKAGE = REPO / "deepsports"
 
 #: Who may import whom, by room (the first name below ``deepsports``); a room may import itself.
-#: README "Code layout" draws the same picture.
+#: docs/development.md ("Code layout") draws the same picture.
 ALLOWED = {
     "cli": {"tune", "train", "slurm", "data", "tracking", "config", "errors"},
     "tune": {"train", "tracking", "slurm", "config", "errors"},

@@ -1,6 +1,6 @@
-"""Generated documentation: the README's argument table comes from the config fields.
+"""Generated documentation: the argument table of docs/configuration.md comes from the config fields.
 
-``python -m deepsports.cli.docs`` prints it; ``tests/cli/test_docs.py`` checks the README holds it verbatim.
+``python -m deepsports.cli.docs`` prints it; ``tests/cli/test_docs.py`` checks docs/configuration.md holds it verbatim.
 """
 
 from __future__ import annotations

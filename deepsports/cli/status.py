@@ -19,7 +19,7 @@ def add_status_parser(sub) -> None:
     p.add_argument("study", help="study name")
     p.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
                    help=f"Optuna storage of the study [${STORAGE_ENV} or {DEFAULT_STORAGE}]")
-    p.add_argument("--json", action="store_true", help="one JSON document (keys: README, Watching a study)")
+    p.add_argument("--json", action="store_true", help="one JSON document (keys: docs/studies.md, Watching a study)")
     p.set_defaults(func=_cmd_status)
 
 

@@ -130,7 +130,7 @@ def rel_l2_rows(pred: np.ndarray, true: np.ndarray, axis: int = -1) -> np.ndarra
     return np.where(span[..., 0] > 0, value, math.nan)
 
 
-#: Bootstrap settings of every logged interval (stated in the run's tags and the README).
+#: Bootstrap settings of every logged interval (stated in the run's tags and docs/model-quality.md).
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0

@@ -3,7 +3,7 @@
 :func:`study_status` builds it from the study alone (trial states, user attributes and the attempt
 ledger of :mod:`deepsports.tune.accounting`); :func:`render_text` is the screen, :func:`render_markdown`
 the parent run's ``study_status.md``; :func:`publish_status` puts counts, JSON and markdown on the
-study's MLflow parent run. The JSON keys are listed in the README ("Watching a study") and do not change:
+study's MLflow parent run. The JSON keys are listed in docs/studies.md ("Watching a study") and do not change:
 new keys may be added, none is renamed or removed.
 """
 
@@ -49,7 +49,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 def study_status(study: optuna.Study, storage_label: str = "", now: float | None = None) -> dict[str, Any]:
-    """The whole account of a study as one JSON-ready document (keys: README "Watching a study")."""
+    """The whole account of a study as one JSON-ready document (keys: docs/studies.md, "Watching a study")."""
     now = time.time() if now is None else now
     trials = study.get_trials(deepcopy=False)
     attrs = study.user_attrs

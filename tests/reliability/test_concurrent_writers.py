@@ -3,7 +3,7 @@
 8 writer processes log through :class:`deepsports.tracking.RunTracker` to one ``sqlite:///`` MLflow
 store; 8 processes run short Optuna trials on one journal file and on one SQLite file; and
 ``deepsports tune --workers 2`` trains real (tiny) trials into one study and one MLflow store.
-The figures printed here (``pytest -s``) are the ones quoted in README.md (Reliability).
+The figures printed here (``pytest -s``) are the ones quoted in docs/reliability.md.
 """
 
 from __future__ import annotations
