@@ -301,7 +301,7 @@ def test_private_attributes_of_other_objects_only_where_named():
              for module, (_path, tree) in _modules().items() if module != OPTUNA_COMPAT}
     assert {module: lines for module, lines in found.items() if lines} == {}
     compat = {attr for _line, attr in _foreign_privates(_modules()[OPTUNA_COMPAT][1])}
-    assert compat == {"_storage", "_study_id", "_trial_id"}  # the finder sees them there
+    assert compat == {"_rng", "_random_sampler", "_storage", "_study_id", "_trial_id"}  # the finder sees them there
     tree = ast.parse("a = study._storage\nb = self._x\nc = t._trial_id\nd = x.__class__\ne = cls._y")
     assert _foreign_privates(tree) == [(1, "_storage"), (3, "_trial_id")]
 

@@ -1,11 +1,12 @@
 """Optuna's private API, in one module, behind named functions.
 
-The study code needs what Optuna's public API does not give: the storage of a study (to write a study
-attribute or add a trial without a ``Study`` method that would load every trial, to claim a WAITING
-trial atomically, to beat and sweep), and the storage id of a trial. Optuna keeps these as
+The study code needs what Optuna's public API does not give: a sampler's random generators (to reseed
+them per trial), the storage of a study (to write a study attribute or add a trial without a ``Study``
+method that would load every trial, to claim a WAITING trial atomically, to beat and sweep), and the
+storage id of a trial. Optuna keeps these as ``TPESampler._rng`` and ``_random_sampler._rng``,
 ``Study._storage``, ``Study._study_id`` and ``Trial._trial_id`` / ``FrozenTrial._trial_id`` (read in
-Optuna 4.x). When a release renames them, this module is the one place to change; tests/test_architecture.py
-fails on a private attribute of another library's object anywhere else.
+Optuna 4.x). When a release renames them, this module is the one place to change;
+tests/test_architecture.py fails on a private attribute of another library's object anywhere else.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from __future__ import annotations
 import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
+
+
+def reseed_tpe_sampler(sampler: optuna.samplers.TPESampler, seed: int) -> None:
+    """Reseed a TPE sampler's generators (its own and its start-up random sampler's): Optuna keeps them
+    private, and reseeding them is the one way to make a trial's sample depend on its index alone."""
+    sampler._rng.rng.seed(seed)
+    sampler._random_sampler._rng.rng.seed(seed)
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:

@@ -41,7 +41,7 @@ from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
 from deepsports.tracking.uris import absolute_uri, redact_uri, sqlite_path, tracking_uri
 from deepsports.tune import accounting
-from deepsports.tune.recovery import last_sign_of_life
+from deepsports.tune.accounting import last_sign_of_life
 
 log = logging.getLogger(__name__)
 

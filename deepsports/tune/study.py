@@ -57,9 +57,10 @@ from deepsports.tags import (
 from deepsports.tracking.runs import RunTracker
 from deepsports.tracking.store import call_with_retry
 from deepsports.tracking.uris import redact_uri, tracking_uri
-from deepsports.tune.accounting import is_extra, retried_from  # noqa: F401 (retried_from re-exported)
+from deepsports.tune._optuna_compat import reseed_tpe_sampler
+from deepsports.tune.accounting import is_extra
 from deepsports.tune.search_space import SearchSpace
-from deepsports.tune.settings import DEFAULT_STORAGE, PRUNERS  # noqa: F401 (re-exported)
+from deepsports.tune.settings import PRUNERS
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,7 @@ class _TrialSeededTPESampler(optuna.samplers.TPESampler):
             return
         index = sum(t.number < trial.number and not is_extra(t) for t in study.get_trials(deepcopy=False))
         seed = (self._study_seed * 1_000_003 + index) % 2**32
-        self._rng.rng.seed(seed)  # Optuna keeps its generators private; reseeding them is the one way in
-        self._random_sampler._rng.rng.seed(seed)
+        reseed_tpe_sampler(self, seed)
 
 
 def sampler_settings(seed: int | None, n_startup_trials: int = 10, constant_liar: bool = True) -> dict[str, Any]:

@@ -319,7 +319,7 @@ class _Worker:
                 return True
             if not trials:
                 return False
-            beats = {trial_id_of(t): recovery.last_sign_of_life(t) for t in trials}
+            beats = {trial_id_of(t): accounting.last_sign_of_life(t) for t in trials}
             if seen and all(seen.get(tid, -1.0) != beat for tid, beat in beats.items()):
                 return False  # every running trial beat since we looked: their workers are alive
             seen = {**beats, **seen}

@@ -19,8 +19,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from deepsports.tune.accounting import is_extra
-from deepsports.tune.study import open_storage, retried_from
+from deepsports.tune.accounting import is_extra, retried_from
+from deepsports.tune.study import open_storage
 from tests.e2e_helpers import TINY, TUNE_SPACE, copy_store, subprocess_env
 from tests.reliability import forked_attempts
 
