@@ -19,6 +19,7 @@ Layout of a :class:`CheckpointManager` directory (one writer per directory)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -128,9 +129,14 @@ class CheckpointManager:
 
     def restore_best(self, source: Path) -> Path:
         """Copy ``source`` (the best epoch's checkpoint) to ``best.pt`` again: a stop between an epoch file
-        and its ``best.pt`` copy left the previous best there."""
+        and its ``best.pt`` copy left the previous best there. A ``best.pt`` written after ``source`` is that
+        copy already and is left alone (a resume needs no room for a second copy)."""
+        source, best = Path(source), self.best_path
+        with contextlib.suppress(FileNotFoundError):
+            if best.stat().st_mtime_ns >= source.stat().st_mtime_ns and best.stat().st_size == source.stat().st_size:
+                return best
         self._remove_stale_temp_files()
-        return _copy_file_atomic(Path(source), self.best_path)
+        return _copy_file_atomic(source, best)
 
     def save_partial(self, epoch: int, state: dict[str, Any]) -> Path:
         """Write a mid-epoch checkpoint ``epoch-NNNN-partial.pt`` (replaced by the next save of that epoch)."""
