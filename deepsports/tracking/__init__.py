@@ -1,4 +1,5 @@
-"""Tracking: MLflow runs (runs.py) and the tracking store's URIs, WAL and retries (store.py).
+"""Tracking: MLflow runs (runs.py), logged models (models.py), the tracking store's WAL and retries (store.py)
+and URIs (uris.py).
 
 The public names below load their module on first use (PEP 562), so importing the package stays
 cheap: ``deepsports --help`` imports neither torch nor mlflow.
@@ -19,7 +20,7 @@ _EXPORTS = {
     'enable_sqlite_wal': 'store',
     'environment_tags': 'runs',
     'is_transient': 'store',
-    'log_model': 'runs',
+    'log_model': 'models',
     'redact_uri': 'uris',
     'sqlite_path': 'uris',
     'tracking_uri': 'uris',

@@ -1,7 +1,7 @@
 """The model registry: a run's logged model as a version of a registered model, and the ``champion`` alias.
 
 ``deepsports best STUDY --retrain --register NAME`` registers the retrained run's model (logged with
-torch.export, see :func:`deepsports.tracking.runs.log_model`), tags the version with the study, the
+torch.export, see :func:`deepsports.tracking.models.log_model`), tags the version with the study, the
 trial and the run's metrics, and moves the alias ``champion`` to it only when its validation
 Spearman (``best_val_spearman``) beats the current champion's: a retraining that came out worse never
 replaces the model users load as ``models:/NAME@champion``.
@@ -67,9 +67,9 @@ def register_run_model(run_id: str, name: str, *, tags: Mapping[str, str] | None
     version_tags = {**dict(tags or {}), VERSION_RUN_TAG: run_id,
                     **{f"{VERSION_METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items() if not k.startswith("system/")}}
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
-    from deepsports.tracking.runs import _global_tracking_uri
+    from deepsports.tracking.models import global_tracking_uri
 
-    with _global_tracking_uri(uri):  # MLflow resolves the models:/ source through the process-wide URI
+    with global_tracking_uri(uri):  # MLflow resolves the models:/ source through the process-wide URI
         version = call_with_retry("create model version", uri, client.create_model_version, name, model_uri,
                                   run_id=run_id, tags=version_tags, model_id=model_id)
     champion = _champion(client, uri, name)

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
-import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 
 from deepsports.errors import PreemptedError, StorageError
@@ -51,7 +50,6 @@ from deepsports.tags import (
     RESUMES_TAG,
     VERSION_TAG,
 )
-from deepsports.tracking import uris
 from deepsports.tracking.store import RetryPolicy, call_with_retry, default_retry_policy, enable_sqlite_wal
 from deepsports.tracking.system_metrics import start_system_metrics
 from deepsports.tracking.uris import allow_file_store, check_store_folder, redact_uri, sqlite_path, tracking_uri
@@ -379,8 +377,11 @@ class RunTracker:
         return self._call("get run", self.client.get_run, run_id or self._require_run())
 
     def log_model(self, model, example_input, **kwargs: Any) -> str:
-        """:func:`log_model` into this run; returns the model URI (also set as tag ``deepsports.model_uri``)."""
+        """:func:`deepsports.tracking.models.log_model` into this run; returns the model URI (also set as
+        tag ``deepsports.model_uri``)."""
         kwargs.setdefault("retry", self.retry)
+        from deepsports.tracking.models import log_model
+
         uri = log_model(model, example_input, self._require_run(), tracking_uri=self.uri, **kwargs)
         self.set_tags({MODEL_URI_TAG: uri})
         return uri
@@ -417,73 +418,3 @@ class NullTracker:
         return None
 
     log_params = log_metrics = set_tags = log_artifact = log_artifacts = log_text = log_dict = _ignore
-
-
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str):
-    """MLflow's model logging reads the process-wide tracking URI; point it at ``uri``, then restore.
-
-    ``mlflow.set_tracking_uri`` mirrors its value into ``$MLFLOW_TRACKING_URI``, so the variable holds
-    the previous setting, and ``set_tracking_uri(None)`` returns MLflow to "unset".
-    """
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
-def _default_pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import mlflow.pytorch
-
-    pins = list(mlflow.pytorch.get_default_pip_requirements())
-    for package in ("numpy", "einops", "timm"):
-        with contextlib.suppress(PackageNotFoundError):
-            pins.append(f"{package}=={version(package)}")
-    return pins
-
-
-def log_model(model, example_input, run_id: str, *, tracking_uri: str | None = None, name: str = "model",
-              serialization_format: str = "pt2", pip_requirements: list[str] | None = None,
-              code_paths: list[str] | None = None, retry: RetryPolicy | None = None) -> str:
-    """Log ``model`` (an ``nn.Module`` on the CPU, in eval mode) with ``mlflow.pytorch.log_model``.
-
-    ``example_input``: a ``(1, C, T, H, W)`` tensor or float32 array; the signature is inferred from it
-    and the model's ``(1, 2)`` output, with a variable batch dimension. Returns the model URI
-    (``models:/<id>``), loadable with ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model``.
-
-    ``serialization_format``: "pt2" (default; torch.export: loads without unpickling and without our
-    code, dynamic batch; ~6 s more than pickle on the tiny model, 2 loaded cores) or "pickle" (loading
-    unpickles, so it can run arbitrary code, and MLflow warns so; the model's classes must be
-    importable: pass ``code_paths=[<deepsports package dir>]`` to ship them).
-    Explicit ``pip_requirements`` (default: MLflow's torch pins + numpy/einops/timm) skip MLflow's
-    requirement inference, which re-imports the model in a subprocess.
-    No fluent run is opened: the LoggedModel is created in the run's experiment with ``model_id``.
-    """
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
-
-    uri = tracking_uri or uris.tracking_uri()
-    example = example_input.detach().cpu().float().numpy() if hasattr(example_input, "detach") \
-        else np.asarray(example_input, dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).detach().cpu().float().numpy()
-    signature = infer_signature(example, output)
-    if serialization_format == "pt2" and example.shape[0] == 1:
-        # torch.export turns a size-1 dimension into a constant; two rows keep the batch size free.
-        example = np.concatenate([example, example])
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    run = call_with_retry("get run", uri, client.get_run, run_id, policy=retry)
-    logged = call_with_retry("create logged model", uri, client.create_logged_model, run.info.experiment_id,
-                             name=name, source_run_id=run_id, params=dict(run.data.params), policy=retry)
-    with _global_tracking_uri(uri):
-        info = call_with_retry("log model", uri, mlflow.pytorch.log_model, model, name=name, signature=signature,
-                               input_example=example, model_id=logged.model_id, run_id=run_id,
-                               serialization_format=serialization_format,
-                               pip_requirements=pip_requirements or _default_pip_requirements(),
-                               code_paths=code_paths, policy=retry)
-    return info.model_uri

@@ -209,6 +209,16 @@ def constant(space: SearchSpace, overrides: Mapping[str, Any], key: str) -> Any:
 # Creating or joining a study
 # --------------------------------------------------------------------------------------------
 
+def _create_or_load(name: str, backend: optuna.storages.BaseStorage, sampler: optuna.samplers.BaseSampler,
+                    pruner: optuna.pruners.BasePruner) -> tuple[optuna.Study, bool]:
+    """The study ``name`` and whether this call created it."""
+    try:
+        return optuna.create_study(storage=backend, study_name=name, direction="maximize", sampler=sampler,
+                                   pruner=pruner), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner), False
+
+
 def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sampler: optuna.samplers.BaseSampler,
                pruner: optuna.pruners.BasePruner, overrides: Mapping[str, Any] | None = None,
                parent_tags: Mapping[str, str] | None = None, parent_wait_s: float = 60.0,
@@ -222,13 +232,7 @@ def open_study(name: str, storage: str | os.PathLike, space: SearchSpace, *, sam
     label = storage_label(storage)
     backend = storage if isinstance(storage, optuna.storages.BaseStorage) else open_storage(storage)
     experiment = constant(space, overrides or {}, "experiment_name")
-    try:
-        study = optuna.create_study(storage=backend, study_name=name, direction="maximize", sampler=sampler,
-                                    pruner=pruner)
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
-        created = False
+    study, created = _create_or_load(name, backend, sampler, pruner)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise StorageError(f"study {name!r} in {label} minimises; DeepSports studies maximise validation "
                            "Spearman: choose another study name")
