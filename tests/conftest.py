@@ -58,6 +58,21 @@ def clone_stays_clean(tmp_path_factory: pytest.TempPathFactory):
                     + ", ".join(new[:20]), pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def package_logger_restored():
+    """The ``deepsports`` logger as each test found it: an in-process command configures it once
+    (its own handler, no propagation), after which pytest's ``caplog`` (on the root logger) would see
+    nothing of the tests that follow."""
+    import logging
+
+    logger = logging.getLogger("deepsports")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    logger.handlers[:] = saved[2]
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """A running local SLURM cluster (deploy/slurm-local.sh start; idempotent: a running one is used as it is).

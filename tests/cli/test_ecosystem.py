@@ -82,11 +82,10 @@ def test_the_commands_run_on_a_file_store_with_one_warning_each_and_no_pickle(fi
     model_uri = client.get_run(run_id).data.tags["deepsports.model_uri"]
     import mlflow
 
-    mlflow.set_tracking_uri(file_store["uri"])
-    try:
+    from deepsports.tracking.models import global_tracking_uri
+
+    with global_tracking_uri(file_store["uri"]):  # restores the session's URI (None would mean ./mlflow.db)
         info = mlflow.models.get_model_info(model_uri)
-    finally:
-        mlflow.set_tracking_uri(None)
     files = [f.path for f in client.list_logged_model_artifacts(model_uri.removeprefix("models:/"), "data")]
     assert files == ["data/model.pt2"]  # torch.export's program: no model.pth pickle
     assert info.signature is not None and info.saved_input_example_info is not None
@@ -168,11 +167,10 @@ def test_best_registers_the_retrained_model_and_evaluate_loads_the_champion(file
                                            dtype=np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(clip)).numpy()
-    mlflow.set_tracking_uri(file_store["uri"])
-    try:
+    from deepsports.tracking.models import global_tracking_uri
+
+    with global_tracking_uri(file_store["uri"]):  # restores the session's URI (None would mean ./mlflow.db)
         predicted = np.asarray(mlflow.pyfunc.load_model("models:/aqa@champion").predict(clip))
-    finally:
-        mlflow.set_tracking_uri(None)
     assert predicted.shape == (3, 2) and (predicted == expected).all()
 
 
