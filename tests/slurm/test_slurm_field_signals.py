@@ -109,13 +109,13 @@ def test_signals_before_python_runs_are_kept_and_handed_to_the_worker(slurm_clus
     (out / "sent_1").touch()
     _wait(lambda: not _active(job), 120, "the array to finish (task 0 after its requeue)", job, logs)
     tasks = _tasks(job)
+    text = "\n".join(p.read_text() for p in logs.glob("*.log"))
     for task, restarts in (("0", "1"), ("1", "0")):  # not FAILED with signal 12 / 15
         assert (tasks[task]["JobState"], tasks[task]["ExitCode"], tasks[task]["Restarts"]) == (
-            "COMPLETED", "0:0", restarts), tasks[task]
+            "COMPLETED", "0:0", restarts), f"{tasks[task]}\n{text}"
     assert json.loads((out / "task_0_0.json").read_text()) == {"signal": "SIGUSR2"}
     assert json.loads((out / "task_0_1.json").read_text()) == {"signal": None}  # the requeued run
     assert json.loads((out / "task_1_0.json").read_text()) == {"signal": "SIGTERM"}
-    text = "\n".join(p.read_text() for p in logs.glob("*.log"))
     assert f"requeued SLURM task {job}_0 (stopped by SIGUSR2, the time-limit warning)" in text, text
     assert f"SLURM task {job}_1 stopped by SIGTERM from outside SLURM" in text, text
 
