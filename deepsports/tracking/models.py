@@ -18,15 +18,18 @@ from deepsports.tracking.store import RetryPolicy, call_with_retry
 def global_tracking_uri(uri: str):
     """MLflow's model logging reads the process-wide tracking URI; point it at ``uri``, then restore.
 
-    ``mlflow.set_tracking_uri`` mirrors its value into ``$MLFLOW_TRACKING_URI``, so the variable holds
-    the previous setting, and ``set_tracking_uri(None)`` returns MLflow to "unset".
+    ``mlflow.set_tracking_uri`` mirrors its value into ``$MLFLOW_TRACKING_URI``. Afterwards MLflow's own
+    setting is unset again and the variable holds what it held before, so ``mlflow.get_tracking_uri()``
+    answers as it did (a setting left behind would shadow a later change of the variable).
     """
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(None)  # unsets the variable too
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def _default_pip_requirements() -> list[str]:
