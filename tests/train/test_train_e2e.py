@@ -35,7 +35,9 @@ def project_run(tmp_path_factory, tiny_cache_dir, migrated_store):
     """`mlflow run . --env-manager local` with a couple of epochs on a tiny synthetic set."""
     tmp_path = tmp_path_factory.mktemp("project")
     uri = copy_store(migrated_store, tmp_path)
-    params = tiny_overrides(tmp_path, epochs=EPOCHS, log_model="true", evaluate="true", cache_dir=tiny_cache_dir)
+    # `mlflow run` runs the entry point in the project folder (the clone): the checkpoints go to tmp_path.
+    params = tiny_overrides(tmp_path, epochs=EPOCHS, log_model="true", evaluate="true", cache_dir=tiny_cache_dir,
+                            checkpoint_dir=tmp_path / "ckpt")
     cmd = [str(PYTHON_BIN / "mlflow"), "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
