@@ -195,6 +195,17 @@ def field(lab: Lab, tiny_cache_dir, tmp_path_factory) -> dict[str, Scenario]:
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = lab.env["SLURM_CONF"]
     try:
+        # The lab's first step (docs/multinode.md): the experiment exists before the first array. Tasks racing
+        # to create it meet MLflow's auth app granting the creator MANAGE only after its reply: in that window
+        # another task's runs/create is refused (403; seen once in three clean-clone runs).
+        from deepsports.tracking.runs import RunTracker
+
+        lab.client("alice")  # her credentials in this process's environment, for the tracker
+        try:
+            RunTracker(lab.tracking_uri).ensure_experiment("deepsports")
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+            os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
         d = tmp_path_factory.mktemp("pg-study")
         scenarios["pg"] = Scenario("pgstudy", d, lab.optuna_url)
         _submit_tune(lab, scenarios["pg"], tiny_cache_dir, tasks=4, trials=4)
