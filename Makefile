@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 TORCHSORT_PIN := torchsort==0.1.10
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: much of the suite waits on SLURM, servers and single training processes. Tests that
+# share a cluster run in one worker, a module's tests together (tests/conftest.py). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 # The tracking store is mlflow.db in the working tree unless the user says otherwise.
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
@@ -27,7 +31,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 demo: install
 	@$(BIN)/deepsports demo

@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: Groups of tests that share a server or a cluster: under pytest-xdist (`make test` runs two workers) each
+#: group runs in one worker, one test after another, as the tests expect of the cluster they submit to.
+_SHARED_RESOURCES = (("multinode", "multinode"), ("slurm", "slurm-local"))
+#: The longest groups (about 1.5-3 min each on 2 cores), handed out first so that no worker is left with one
+#: of them at the end while the other idles. A module not named here runs as one unit in collection order.
+_LONG_FIRST = ("slurm-local", "multinode", "tests/reliability/test_exact_resume.py", "tests/cli/test_ecosystem.py",
+               "tests/train/test_ddp.py", "tests/reliability/test_concurrent_writers.py",
+               "tests/reliability/test_group_signals.py", "tests/train/test_seeds.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell that starts `make test` in the background (`make test &`, a CI runner without job control) hands
+    # it SIGINT ignored, and every child would inherit that: the Ctrl-C tests would test nothing. Python's own
+    # handler here makes children start with the default disposition, as from a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _group(item: pytest.Item) -> str:
+    for marker, group in _SHARED_RESOURCES:
+        if item.get_closest_marker(marker) or f"{marker}_cluster" in getattr(item, "fixturenames", ()):
+            return group
+    return item.nodeid.split("::", 1)[0]  # its module: module fixtures are made once
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test in one xdist group: its shared resource's or its module's (``--dist loadgroup``), longest first."""
+    if config.getoption("dist", "no") == "no" and not hasattr(config, "workerinput"):
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    rank = {group: index for index, group in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
