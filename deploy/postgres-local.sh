@@ -43,6 +43,8 @@ START_TIMEOUT_S="${DEEPSPORTS_PG_START_TIMEOUT:-60}"
 
 say() { printf 'postgres-local: %s\n' "$*"; }
 die() { printf 'postgres-local: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=deploy/_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
 case "$PORT" in ''|*[!0-9]*) die "DEEPSPORTS_PG_PORT=$PORT: expected a port number" ;; esac
 [[ "$ROLE" =~ ^[a-z_][a-z0-9_]*$ ]] || die "DEEPSPORTS_PG_USER=$ROLE: expected a lower-case SQL identifier ([a-z_][a-z0-9_]*)"
@@ -76,23 +78,7 @@ install_packages() {
         return 0
     fi
     [ "$(id -u)" -eq 0 ] || die "PostgreSQL is not installed: run '$0 install' as root (or apt-get install postgresql)"
-    command -v apt-get >/dev/null 2>&1 ||
-        die "PostgreSQL is not installed and apt-get is missing: install it by hand and set DEEPSPORTS_PG_BINDIR"
-    say "installing postgresql with apt-get"
-    # The package's maintainer scripts would start Debian's own cluster on 5432; we start ours, so keep
-    # invoke-rc.d quiet unless the machine already has a policy.
-    local own_policy=0 rc=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        own_policy=1
-    fi
-    {
-        DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql
-    } || rc=$?
-    [ "$own_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-    [ "$rc" -eq 0 ] || die "apt-get failed (exit $rc) while installing postgresql"
+    apt_install postgresql
     bindir="$(find_bindir)"
     [ -n "$bindir" ] && [ -x "$bindir/initdb" ] || die "postgresql installed but no initdb in ${bindir:-/usr/lib/postgresql/*/bin} (check DEEPSPORTS_PG_BINDIR)"
 }

@@ -48,6 +48,8 @@ MARKER="# Written by deepsports deploy/slurm-cluster.sh"
 
 say() { printf 'slurm-cluster: %s\n' "$*"; }
 die() { printf 'slurm-cluster: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=deploy/_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
 [[ "$NAME" =~ ^[a-z][a-z0-9]{0,5}$ ]] || die "DEEPSPORTS_CLUSTER_NAME=$NAME: expected 1-6 lower-case letters/digits"
 [[ "$NET" =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "DEEPSPORTS_CLUSTER_NET=$NET: expected three octets, e.g. 10.77.0"
@@ -80,22 +82,7 @@ install_packages() {
     done
     command -v nsenter >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || missing=1
     [ "$missing" -eq 0 ] && return 0
-    command -v apt-get >/dev/null 2>&1 ||
-        die "SLURM is not installed and apt-get is missing: install slurm-wlm, munge, iproute2 and util-linux by hand"
-    say "installing slurm-wlm, munge and iproute2 with apt-get"
-    # Keep the packages' maintainer scripts from starting the distribution's daemons (we start our own).
-    local own_policy=0 rc=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        own_policy=1
-    fi
-    {
-        DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge iproute2 util-linux
-    } || rc=$?
-    [ "$own_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-    [ "$rc" -eq 0 ] || die "apt-get failed (exit $rc) while installing slurm-wlm and munge"
+    apt_install slurm-wlm munge iproute2 util-linux
 }
 
 sbin() { command -v "$1" 2>/dev/null || echo "/usr/sbin/$1"; }

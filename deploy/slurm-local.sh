@@ -24,6 +24,8 @@ NODE="$(hostname -s)"
 
 say() { printf 'local-cluster: %s\n' "$*"; }
 die() { printf 'local-cluster: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=deploy/_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
 need_root() { [ "$(id -u)" -eq 0 ] || die "'$1' needs root (it manages /etc/slurm, /etc/munge and system daemons)"; }
 
@@ -42,24 +44,7 @@ install_packages() {
         command -v "$cmd" >/dev/null 2>&1 || missing=1
     done
     [ "$missing" -eq 0 ] && return 0
-    command -v apt-get >/dev/null 2>&1 ||
-        die "SLURM is not installed and apt-get is missing: install slurm-wlm and munge by hand"
-    say "installing slurm-wlm and munge with apt-get"
-    # The packages' maintainer scripts would start the daemons with the distribution's config; we start
-    # them ourselves, so keep invoke-rc.d quiet unless the machine already has a policy.
-    local own_policy=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        own_policy=1
-    fi
-    local rc=0
-    {
-        DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge
-    } || rc=$?
-    [ "$own_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
-    [ "$rc" -eq 0 ] || die "apt-get failed (exit $rc) while installing slurm-wlm and munge"
+    apt_install slurm-wlm munge
 }
 
 setup_munge() {

@@ -57,6 +57,12 @@ def subprocess_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def local_env(tracking_uri: str, **extra: str) -> dict[str, str]:
+    """:func:`subprocess_env` of a command started by hand on this machine: no ``SLURM_*`` variable, even when the
+    tests themselves run inside a SLURM job (the command would take itself for a task of that job)."""
+    return {k: v for k, v in subprocess_env(tracking_uri, **extra).items() if not k.startswith("SLURM_")}
+
+
 def deepsports_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "deepsports.cli", *args]
 

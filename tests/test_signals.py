@@ -57,11 +57,9 @@ def test_prepare_stops_on_a_signal_that_came_before_it_began(tmp_path):
     noted before Python ran, handed over in $DEEPSPORTS_EARLY_SIGNAL. Exit 75, nothing prepared."""
     import subprocess
 
-    from tests.e2e_helpers import deepsports_cmd, subprocess_env
+    from tests.e2e_helpers import deepsports_cmd, local_env
 
-    env = subprocess_env(f"sqlite:///{tmp_path / 'unused.db'}", DEEPSPORTS_EARLY_SIGNAL="TERM")
-    for var in [v for v in env if v.startswith("SLURM_")]:  # the tests may run inside a SLURM job
-        env.pop(var)
+    env = local_env(f"sqlite:///{tmp_path / 'unused.db'}", DEEPSPORTS_EARLY_SIGNAL="TERM")
     proc = subprocess.run(deepsports_cmd("prepare", f"cache_dir={tmp_path / 'cache'}", "synth_clips=8"), env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 75, proc.stderr

@@ -22,7 +22,7 @@ from deepsports.tags import PAUSED_BY_ATTR
 from deepsports.tracking.runs import RunTracker
 from deepsports.train.checkpoints import load_checkpoint
 from deepsports.tune.study import open_storage
-from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, subprocess_env, tiny_overrides
+from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, local_env, subprocess_env, tiny_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -125,10 +125,7 @@ def test_a_tune_worker_stops_on_a_full_disk_and_its_trial_waits(tmp_path, small_
     sets = [arg for key, value in settings.items() if key != "learning_rate" for arg in ("--set", f"{key}={value}")]
     cmd = deepsports_cmd("tune", str(tmp_path / "space.yaml"), "--study", "s", "--storage", storage, "--n-trials", "3",
                          "--pruner", "none", "--seed", "0", *sets)
-    env = subprocess_env(uri)
-    for var in [v for v in env if v.startswith("SLURM_")]:
-        env.pop(var)
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=local_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 6, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("deepsports: error:")]
     assert len(errors) == 1 and "no space left writing checkpoint epoch-0001.pt" in errors[0], proc.stderr[-4000:]

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from deepsports.tags import INTERRUPTED_TAG, PAUSED_BY_ATTR, RUN_ATTR
 from deepsports.train.checkpoints import load_checkpoint
 from deepsports.tune.study import open_storage
-from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, subprocess_env, tiny_overrides
+from tests.e2e_helpers import TINY, TUNE_SPACE, as_args, deepsports_cmd, local_env, tiny_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -45,10 +45,7 @@ def cache_dir(tiny_cache_dir) -> Path:
 
 
 def _env(uri: str) -> dict[str, str]:
-    env = subprocess_env(uri, OMP_NUM_THREADS="1")
-    for var in [v for v in env if v.startswith("SLURM_")]:  # the tests may run inside a SLURM job
-        env.pop(var)
-    return env
+    return local_env(uri, OMP_NUM_THREADS="1")
 
 
 def _signal_during_write(proc: subprocess.Popen, ckpt: Path, sig: int) -> Path:

@@ -29,7 +29,7 @@ from deepsports.tags import (
 )
 from deepsports.tune.parent import check_same_store, parent_state, store_label, study_store
 from deepsports.tune.study import open_storage
-from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
+from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, local_env
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 GRACE = 120.0
@@ -83,10 +83,7 @@ def _tune_cmd(tmp_path: Path, storage: str, *sets: str) -> list[str]:
 
 
 def _env(uri: str) -> dict[str, str]:
-    env = subprocess_env(uri, OMP_NUM_THREADS="1")
-    for var in [v for v in env if v.startswith("SLURM_")]:  # the tests may run inside a SLURM job
-        env.pop(var)
-    return env
+    return local_env(uri, OMP_NUM_THREADS="1")
 
 
 def _parent(storage: str, uri: str):

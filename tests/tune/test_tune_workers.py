@@ -30,7 +30,7 @@ from deepsports.tags import (
 )
 from deepsports.tune.accounting import retried_from
 from deepsports.tune.study import open_storage
-from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, subprocess_env
+from tests.e2e_helpers import TINY, TUNE_SPACE, deepsports_cmd, local_env
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -52,10 +52,8 @@ def _start(tmp_path: Path, cache_dir: Path, storage: str, *, max_trials: int, ep
     sets = [arg for key, value in settings.items() if key != "learning_rate" for arg in ("--set", f"{key}={value}")]
     cmd = deepsports_cmd("tune", str(tmp_path / "space.yaml"), "--study", "s", "--storage", storage, "--workers", "2",
                          "--max-trials", str(max_trials), "--pruner", "none", "--seed", "0", *extra, *sets)
-    env = subprocess_env(uri, OMP_NUM_THREADS="1")
-    for var in [v for v in env if v.startswith("SLURM_")]:  # the tests may run inside a SLURM job
-        env.pop(var)
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=local_env(uri, OMP_NUM_THREADS="1"), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     return proc, uri
 
 
