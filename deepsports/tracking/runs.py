@@ -57,6 +57,12 @@ from deepsports.tracking.uris import allow_file_store, check_store_folder, redac
 log = logging.getLogger(__name__)
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+#: MLflow's basic-auth app grants an experiment's creator MANAGE only after its create call has answered: another
+#: task of the same user that finds the new experiment in that moment (or loses the race to create it) is refused
+#: its first run (403). A refusal on an experiment younger than NEW_EXPERIMENT_S is retried for GRANT_WAIT_S;
+#: on an older one (a user without permission) it is an error at once.
+NEW_EXPERIMENT_S = 60.0
+GRANT_WAIT_S = 10.0
 #: Tags of the experiments DeepSports creates: MLflow's UI opens a model-training experiment on its runs
 #: table (one without a kind opens on the GenAI overview, "Traces 0").
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -295,8 +301,7 @@ class RunTracker:
             self.experiment_id = self.ensure_experiment(experiment_name, artifact_location)
             if parent_run_id is not None:
                 context["mlflow.parentRunId"] = parent_run_id
-            run = self._call("create run", self.client.create_run, self.experiment_id, tags=context,
-                             run_name=run_name)
+            run = self._create_run(context, run_name)
             self.run_id = run.info.run_id
             new_tags = {RESUMES_TAG: "0"}
         self.set_tags({**new_tags, **environment_tags(cluster), **dict(tags or {})})
@@ -305,6 +310,30 @@ class RunTracker:
             self._system_metrics = start_system_metrics(self.run_id, self.uri, system_metrics_interval_s,
                                                         resumed=run_id is not None)
         return self.run_id
+
+    def _create_run(self, tags: dict[str, str], run_name: str | None):
+        """``create_run`` in the tracked experiment; a refusal (403) on a new experiment is waited out (see
+        :data:`GRANT_WAIT_S`)."""
+        deadline = time.monotonic() + GRANT_WAIT_S
+        while True:
+            try:
+                return self._call("create run", self.client.create_run, self.experiment_id, tags=tags,
+                                  run_name=run_name)
+            except StorageError as exc:
+                if getattr(exc.__cause__, "error_code", "") != "PERMISSION_DENIED":
+                    raise
+                try:
+                    created_ms = self._call("get experiment", self.client.get_experiment, self.experiment_id).creation_time
+                except StorageError:  # not even readable (NO_PERMISSIONS): no grant is on its way
+                    created_ms = None
+                age_s = time.time() - (created_ms or 0) / 1000
+                if age_s > NEW_EXPERIMENT_S or time.monotonic() >= deadline:
+                    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+                    raise StorageError(f"{exc} ({user} may not write to experiment {self.experiment_id}: its owner or "
+                                       f"an admin can grant EDIT)") from exc.__cause__
+                log.info("create run refused on experiment %s, created %.1f s ago: waiting for the server to grant "
+                         "its creator's permission", self.experiment_id, age_s)
+                time.sleep(0.5)
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush buffered metrics and set the final status (FINISHED, FAILED or KILLED)."""

@@ -568,3 +568,52 @@ def test_security_no_credentials_read_only_users_and_no_password_anywhere(lab, f
     # ... while the job scripts do name the credentials files (the check above would catch a copy).
     script = (field["pg"].directory / "job.sbatch").read_text()
     assert f'DEEPSPORTS_MLFLOW_CREDENTIALS="{lab.credentials["alice"]}"' in script
+
+
+def test_a_run_refused_on_a_new_experiment_waits_for_the_grant_and_an_old_refusal_is_immediate(lab, monkeypatch):
+    """MLflow's auth app grants an experiment's creator MANAGE only after its create call answered, so a second
+    task that finds the new experiment first is refused its run (the 403 once seen here). The tracker waits such a
+    refusal out on a young experiment (deepsports.tracking.runs.GRANT_WAIT_S) and no longer; on an old experiment
+    (bob, READ on alice's) the refusal is an error at once."""
+    from mlflow.server.auth.routes import GRANT_USER_PERMISSION
+
+    from deepsports.errors import StorageError
+    from deepsports.tracking import runs as tracking_runs
+
+    admin = ("admin", lab.admin_password)
+    created = requests.post(f"{lab.tracking_uri}/api/2.0/mlflow/experiments/create", auth=admin, timeout=30,
+                            json={"name": "granted-late"})
+    assert created.status_code == 200, created.text
+    experiment_id = created.json()["experiment_id"]
+    grant_after_s = 2.0
+
+    def grant() -> None:  # the creator's grant arriving late (here: an admin's, for alice, who has READ by default)
+        time.sleep(grant_after_s)
+        granted = requests.post(f"{lab.tracking_uri}{GRANT_USER_PERMISSION}", auth=admin, timeout=30,
+                                json={"username": "alice", "resource_type": "experiment", "resource_id": experiment_id,
+                                      "permission": "EDIT"})
+        assert granted.status_code == 200, granted.text
+
+    lab.client("alice")  # alice's credentials in this process's environment, for the tracker
+    granter = threading.Thread(target=grant)
+    started = time.monotonic()
+    granter.start()
+    tracker = tracking_runs.RunTracker(lab.tracking_uri)
+    run_id = tracker.start("granted-late", run_name="after-the-grant")
+    waited_s = time.monotonic() - started
+    granter.join()
+    tracker.end()
+    assert grant_after_s <= waited_s < grant_after_s + tracking_runs.GRANT_WAIT_S, waited_s
+    run = lab.client("alice").get_run(run_id)
+    assert run.info.experiment_id == experiment_id and run.info.status == "FINISHED"
+
+    # bob is never granted: refused after GRANT_WAIT_S on the young experiment, at once on an old one.
+    lab.client("bob")
+    monkeypatch.setattr(tracking_runs, "GRANT_WAIT_S", 3.0)
+    for new_experiment_s, least_s, most_s in ((60.0, 3.0, 8.0), (0.0, 0.0, 2.0)):
+        monkeypatch.setattr(tracking_runs, "NEW_EXPERIMENT_S", new_experiment_s)
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="create run failed.*403") as refused:
+            tracking_runs.RunTracker(lab.tracking_uri).start("granted-late")
+        assert least_s <= time.monotonic() - started < most_s, (new_experiment_s, refused.value)
+    assert [r.info.run_id for r in lab.client("alice").search_runs([experiment_id])] == [run_id]
