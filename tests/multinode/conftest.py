@@ -2,7 +2,8 @@
 bridge address) running PostgreSQL and an MLflow server with authentication, compute nodes node1..node3
 reaching them over the network.
 
-Brought up once per session and shared by every scenario; scenarios submit their jobs at once (see
+Brought up once for tests/multinode (package scope: the tests after it find this process's environment as it
+was) and shared by every scenario; scenarios submit their jobs at once (see
 test_field.py) so that their waits overlap.
 """
 
@@ -39,7 +40,7 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600
     return proc.stdout
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def multinode_cluster() -> dict[str, str]:
     """The 4-node cluster (``up`` is idempotent: a running one is used as it is); the environment for its
     commands (``SLURM_CONF``). `.ci/run` brings it up before the tests and down after them."""
@@ -80,10 +81,10 @@ def _mlflow_program(directory: Path) -> str:
     return str(wrapper)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def lab(multinode_cluster, tmp_path_factory) -> Lab:
     """PostgreSQL and the MLflow server (basic auth, runs in PostgreSQL, artifacts proxied) on the login node's
-    cluster address, each on a free port with its own state; stopped at the end of the session."""
+    cluster address, each on a free port with its own state; stopped after the last test of tests/multinode."""
     base = Path("/var/tmp") / f"deepsports-multinode-{os.getpid()}"
     shutil.rmtree(base, ignore_errors=True)
     (base / "mlflow").mkdir(parents=True)
