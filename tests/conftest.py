@@ -28,11 +28,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # handler here makes children start with the default disposition, as from a terminal.
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    # An xdist worker (and every process it starts) computes on its share of the cores: two workers each spinning
-    # all the cores' OpenMP threads run several times slower than one thread each. Before torch is imported.
+    # An xdist worker computes in its own process on its share of the cores: two workers each spinning all the
+    # cores' OpenMP threads run several times slower than one thread each. Not OMP_NUM_THREADS: the processes a
+    # test starts (SLURM jobs among them) keep their own defaults, which their tests' timing windows were set by.
     workers = getattr(config, "workerinput", {}).get("workercount")
-    if workers:
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def _group(item: pytest.Item) -> str:
