@@ -315,6 +315,7 @@ class RunTracker:
         """``create_run`` in the tracked experiment; a refusal (403) on a new experiment is waited out (see
         :data:`GRANT_WAIT_S`)."""
         deadline = time.monotonic() + GRANT_WAIT_S
+        created_s: float | None = None  # the experiment's creation time, read at the first refusal
         while True:
             try:
                 return self._call("create run", self.client.create_run, self.experiment_id, tags=tags,
@@ -322,11 +323,9 @@ class RunTracker:
             except StorageError as exc:
                 if getattr(exc.__cause__, "error_code", "") != "PERMISSION_DENIED":
                     raise
-                try:
-                    created_ms = self._call("get experiment", self.client.get_experiment, self.experiment_id).creation_time
-                except StorageError:  # not even readable (NO_PERMISSIONS): no grant is on its way
-                    created_ms = None
-                age_s = time.time() - (created_ms or 0) / 1000
+                if created_s is None:
+                    created_s = self._experiment_created_s()
+                age_s = time.time() - created_s
                 if age_s > NEW_EXPERIMENT_S or time.monotonic() >= deadline:
                     user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
                     raise StorageError(f"{exc} ({user} may not write to experiment {self.experiment_id}: its owner or "
@@ -334,6 +333,14 @@ class RunTracker:
                 log.info("create run refused on experiment %s, created %.1f s ago: waiting for the server to grant "
                          "its creator's permission", self.experiment_id, age_s)
                 time.sleep(0.5)
+
+    def _experiment_created_s(self) -> float:
+        """When the tracked experiment was created (epoch seconds); 0 when this user cannot even read it."""
+        try:
+            created_ms = self._call("get experiment", self.client.get_experiment, self.experiment_id).creation_time
+        except StorageError:  # not even readable (NO_PERMISSIONS): no grant is on its way
+            return 0.0
+        return (created_ms or 0) / 1000
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush buffered metrics and set the final status (FINISHED, FAILED or KILLED)."""
