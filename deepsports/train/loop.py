@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from deepsports.config import Config, build_config, check_installed
+from deepsports.config import Config, check_installed
 from deepsports.data import build_datasets
-from deepsports.errors import CheckpointError, ConfigError, NonFiniteLossError, PreemptedError, TrainingError
+from deepsports.errors import ConfigError, NonFiniteLossError, PreemptedError, TrainingError
 from deepsports.model import build_model
 from deepsports.slurm.env import run_tags
 from deepsports.tags import (
@@ -41,7 +41,7 @@ from deepsports.tags import (
 )
 from deepsports.tracking.runs import NullTracker, RunTracker
 from deepsports.train import distributed
-from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from deepsports.train.checkpoints import CheckpointManager, capture_rng_state, load_checkpoint
 from deepsports.train.dir_lock import checkpoint_dir_lock
 from deepsports.train.distributed import (
     DistEnv,
@@ -56,14 +56,13 @@ from deepsports.train.losses import aqa_loss
 from deepsports.train.metric_log import EpochMetricLog, LogOnce
 from deepsports.train.optim import build_optimizer, build_scheduler
 from deepsports.train.reporting import log_config, log_final_artifacts
+from deepsports.train.resume import find_resume, restore_state
 from deepsports.train.runtime import seed_everything, select_runtime, setup_logging, warnings_only
 from deepsports.train.state import (
-    RESUME_FORMAT,
     BestResult,
     EpochReport,
     EpochTally,
     LossFn,
-    PartialEpoch,
     Run,
     TrainedEpoch,
     TrainHooks,
@@ -74,18 +73,6 @@ log = logging.getLogger(__name__)
 #: Metric keys logged once per epoch (step = epoch, counted from 1).
 EPOCH_METRICS = ("train_loss", "val_loss", "val_spearman", "val_rel_l2", "val_mse", "val_difficulty_mae",
                  "learning_rate", "epoch_seconds", "clips_per_s", "data_wait_fraction")
-
-
-#: Keys that may differ between a checkpoint and the config resuming it (they do not change the maths
-#: of the epochs already done): more epochs, other workers, logging and the final evaluation.
-RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "compile", "loglevel", "log_every_steps", "gpu", "evaluate",
-                               "log_model", "log_checkpoint", "run_name", "resume", "checkpoint_dir", "cache_dir",
-                               "dist_backend", "system_metrics_interval_s"})
-
-
-#: Of :data:`RESUME_MAY_CHANGE`, the keys that change the maths of the epochs still to run: a resume
-#: with another value continues correctly but is not the run that was stopped.
-_CHANGES_THE_MATHS = frozenset({"epochs", "compile", "gpu"})
 
 
 @dataclass
@@ -160,25 +147,6 @@ def train(config: Config, *, parent_run_id: str | None = None, tags: dict[str, s
             distributed.teardown(env)
 
 
-def _find_resume(config: Config, env: DistEnv, ckpt_dir: Path | None) -> tuple[Path | None, dict | None, str | None]:
-    """Rank 0: the checkpoint to resume from, its state and the MLflow run to continue (each may be None)."""
-    resume_path, resume_state, resume_run_id = None, None, None
-    if env.is_main and ckpt_dir is not None and config.resume == "auto":
-        manager = CheckpointManager(ckpt_dir)
-        found = manager.latest_valid()
-        if found is not None:
-            resume_path, resume_state = found
-            log.info("resuming from %s", resume_path)
-            _check_same_config(resume_path, resume_state["config"], config)
-            resume_run_id = resume_state.get("mlflow_run_id")
-        elif (record := manager.recorded_run()) is not None:
-            # Killed before the first checkpoint: continue its MLflow run from epoch 1, not a second run.
-            _check_same_config(manager.run_record_path, record.get("config") or {}, config)
-            resume_run_id = record["mlflow_run_id"]
-            log.info("restarting MLflow run %s from epoch 1 (no checkpoint yet)", resume_run_id)
-    return resume_path, resume_state, resume_run_id
-
-
 def _finished_result(config: Config, env: DistEnv, resume_state: dict | None, resume_run_id: str | None,
                      ckpt_dir: Path | None) -> TrainResult | None:
     """Rank 0: the result of the run this call would resume when that run has FINISHED (every epoch in the
@@ -200,7 +168,7 @@ def _finished_result(config: Config, env: DistEnv, resume_state: dict | None, re
 def _train_process(config: Config, env: DistEnv, hooks: TrainHooks, *, parent_run_id: str | None,
                    tags: dict[str, str] | None) -> TrainResult:
     ckpt_dir = _resolve_checkpoint_dir(config)
-    resume_path, resume_state, resume_run_id = _find_resume(config, env, ckpt_dir)
+    resume_path, resume_state, resume_run_id = find_resume(config, env, ckpt_dir)
     # A re-run of a finished run: every rank returns its result without a word to MLflow.
     finished = distributed.broadcast_object(env, _finished_result(config, env, resume_state, resume_run_id, ckpt_dir))
     if finished is not None:
@@ -298,7 +266,7 @@ def _restore(run: Run, resume_path: Path | None, resume_state: dict | None) -> N
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     if resume_state is not None:
-        run.inexact = _restore_state(run, resume_state)
+        run.inexact = restore_state(run, resume_state)
         tracker.set_tags({RESUME_EXACT_TAG: str(not run.inexact).lower(),
                           RESUME_INEXACT_TAG: "; ".join(run.inexact) or "-"})
         if run.inexact:
@@ -325,51 +293,6 @@ def _restore(run: Run, resume_path: Path | None, resume_state: dict | None) -> N
     log.info("run %s: %d train / %d val / %d test clips, %s trainable of %s parameters, device %s", run.run_id,
              len(data.train), len(data.val), len(data.test), f"{trainable:,}", f"{total_params:,}",
              run.runtime.device_name)
-
-
-def _restore_state(run: Run, state: dict) -> list[str]:
-    """Load a checkpoint's states into ``run``; returns why the continuation is not the stopped run's (empty: exact).
-
-    The reasons accumulate over the resumes of one run (the checkpoint carries the earlier ones).
-    """
-    env = run.env
-    reasons = [str(r) for r in state.get("inexact_resume") or []]
-    if int(state.get("resume_format", 1)) < RESUME_FORMAT:
-        reasons.append("the checkpoint was written by a version before exact resume (its loaders drew from the "
-                       "global RNG)")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    per_rank = state.get("rng_ranks")
-    rng = state.get("rng")
-    if per_rank is not None and len(per_rank) == env.world_size:
-        rng = per_rank[env.rank]
-    elif per_rank is not None:
-        reasons.append(f"the checkpoint was written by {len(per_rank)} process(es), resumed by {env.world_size}")
-    elif env.enabled and rng is not None:
-        reasons.append("the checkpoint holds one RNG state, not one per rank")
-    if rng is None:
-        reasons.append("the checkpoint holds no RNG state")
-    else:
-        saved_cuda = len(rng.get("cuda") or [])
-        if saved_cuda and saved_cuda != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
-            reasons.append(f"the checkpoint's {saved_cuda} CUDA RNG state(s) do not fit this process's devices")
-        restore_rng_state(rng)
-    run.history = list(state["history"])
-    run.best = BestResult.from_state(state["best"])
-    run.start = PartialEpoch(epoch=int(state["epoch"]), step=int(state["step"]),
-                             tally=EpochTally.from_state(state.get("partial")))
-    if run.start.step and state.get("partial") is None:
-        reasons.append("the mid-epoch checkpoint holds no epoch tally")
-    saved = build_config(state["config"]).to_dict()
-    changed = sorted(k for k, v in run.config.to_dict().items() if k in _CHANGES_THE_MATHS and saved.get(k) != v)
-    if changed:
-        reasons.append("config changed: " + ", ".join(f"{k} {saved.get(k)!r} -> {run.config.to_dict()[k]!r}"
-                                                      for k in changed))
-    if state.get("device_type", run.runtime.device.type) != run.runtime.device.type:
-        reasons.append(f"written on {state['device_type']}, resumed on {run.runtime.device.type}")
-    return list(dict.fromkeys(reasons))  # each reason once, oldest first
 
 
 def _checkpoint_state(run: Run, epoch: int, step: int, tally: EpochTally | None) -> dict | None:
@@ -486,14 +409,6 @@ def _mean_target(dataset) -> torch.Tensor:
     from deepsports.data.dataset import clip_target
 
     return torch.stack([clip_target(c.final_score, c.difficulty) for c in dataset.clips]).mean(0)
-
-
-def _check_same_config(path: Path, saved_values: dict, config: Config) -> None:
-    saved = build_config(saved_values).to_dict()
-    diff = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE)
-    if diff:
-        raise CheckpointError(f"{path}: the checkpoint was written with a different config "
-                              f"({', '.join(diff)} differ); use another checkpoint_dir or resume=never")
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
